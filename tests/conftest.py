@@ -1,0 +1,28 @@
+"""Shared test setup: 8 simulated CPU devices and the optional real-data directory.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence at the top of conftest.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def real_data_dir() -> pathlib.Path:
+    """The shared real-data folder; skips the test with the reason when it is not configured."""
+    value = os.environ.get("FLAN_JAX_DATA_DIR", "")
+    if not value:
+        pytest.skip("FLAN_JAX_DATA_DIR is not set: real-data tests need the shared data folder")
+    path = pathlib.Path(value)
+    if not path.is_dir():
+        pytest.skip(f"FLAN_JAX_DATA_DIR={value} is not a directory")
+    return path
