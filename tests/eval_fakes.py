@@ -52,3 +52,41 @@ def bigram_log_likelihood(table: np.ndarray, prompt: list[int], target: list[int
     """Sum of log p(target_i | previous token), computed independently of flan_jax."""
     tokens = prompt + target
     return float(sum(log_softmax(table[tokens[i - 1]])[tokens[i]] for i in range(len(prompt), len(tokens))))
+
+
+def greedy_bigram_generate(model, prompts, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, **unused):
+    """The contract of flan_jax.model.generate.generate, for BigramModel: argmax of table[last token]."""
+    assert temperature == 0.0
+    table = np.asarray(model.table[...])
+    outputs = []
+    for prompt in prompts:
+        token, new = prompt[-1], []
+        for _ in range(max_new_tokens):
+            token = int(table[token].argmax())
+            new.append(token)
+            if token == eos_id:
+                break
+        outputs.append(new)
+    return outputs
+
+
+class FakeTask:
+    """A registered task as the evaluator sees it (docs/design.md §1-2), with fixed examples."""
+
+    def __init__(self, name, cluster, metrics, splits):
+        self.name, self.cluster, self.metrics, self._splits = name, cluster, list(metrics), splits
+        self.splits = tuple(splits)
+        self.calls = []
+
+    def get_dataset(self, split, *, seed=0, shuffle=True, template_set="train", num_shots=0):
+        self.calls.append({"split": split, "shuffle": shuffle, "template_set": template_set, "num_shots": num_shots})
+        return [
+            {"task": self.name, "references": [ex["targets"]], "options": [], **ex,
+             "inputs": "example. " * num_shots + ex["inputs"]}
+            for ex in self._splits[split]
+        ]
+
+
+class FakeMixture:
+    def __init__(self, name, tasks):
+        self.name, self.tasks = name, tasks

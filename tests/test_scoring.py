@@ -30,14 +30,16 @@ def test_score_targets_matches_hand_computed_log_likelihoods_whatever_the_packin
         assert not any(s.truncated for s in scores)
 
 
-def test_score_targets_cuts_the_prompt_first():
+def test_score_targets_cuts_the_middle_of_the_prompt_first():
     table = np.random.default_rng(1).normal(size=(TOK.vocab_size, TOK.vocab_size))
     prompt = [BOS, *_ids("abcdefghij")]
     target = [*_ids("xyz"), EOS]
-    (score,) = scoring.score_targets(BigramModel(table), [(prompt, target)], max_len=6)
+    (score,) = scoring.score_targets(BigramModel(table), [(prompt, target)], max_len=8)
     assert score.truncated and score.num_tokens == 4
-    # 6 inputs: BOS + last 2 prompt characters + 3 target tokens (the last target is only predicted).
-    assert score.log_likelihood == pytest.approx(bigram_log_likelihood(table, [BOS, *_ids("ij")], target), rel=1e-5)
+    # 8 inputs: BOS + first 2 and last 2 prompt characters + 3 target tokens (the last is only predicted).
+    kept = [BOS, *_ids("abij")]
+    assert scoring.cut_prompt(prompt, 5) == kept
+    assert score.log_likelihood == pytest.approx(bigram_log_likelihood(table, kept, target), rel=1e-5)
 
 
 def _preference_table():

@@ -57,11 +57,11 @@ def _next_power_of_two(n: int) -> int:
 
 
 def _fit(prompt: Sequence[int], target: Sequence[int], max_len: int) -> tuple[list[int], list[int], bool]:
-    """Cuts the sequence so that prompt + target - 1 model inputs fit in max_len.
+    """Cuts the sequence so that its len(prompt) + len(target) - 1 model inputs fit in max_len.
 
-    The target is what we measure, so the prompt gives way first: its oldest tokens after BOS
-    are dropped (the instruction's end, next to the answer, matters most). Only a target that
-    alone does not fit is cut, at its end.
+    The target is what we measure, so the prompt gives way first, and like the training features
+    (flan_jax.data.features) it loses its *middle*: the task description at its start and the
+    answer cue at its end both survive. Only a target that alone does not fit is cut, at its end.
     """
     prompt, target = list(prompt), list(target)
     if not prompt:
@@ -72,16 +72,17 @@ def _fit(prompt: Sequence[int], target: Sequence[int], max_len: int) -> tuple[li
         return prompt, target, False
     if len(target) >= max_len:
         return prompt[:1], target[:max_len], True
-    keep = max_len + 1 - len(target) - 1  # prompt tokens after BOS that still fit
-    return [prompt[0], *prompt[len(prompt) - keep:]] if keep > 0 else prompt[:1], target, True
+    return cut_prompt(prompt, max_len - len(target) + 1), target, True
 
 
-@dataclasses.dataclass
-class _Placement:
-    row: int
-    offset: int
-    prompt_len: int
-    target_len: int
+def cut_prompt(prompt: Sequence[int], max_tokens: int) -> list[int]:
+    """BOS + the first and last parts of the instruction, `max_tokens` tokens in all."""
+    prompt = list(prompt)
+    if len(prompt) <= max_tokens:
+        return prompt
+    keep = max(max_tokens - 1, 0)
+    head = keep // 2
+    return [prompt[0], *prompt[1:1 + head], *prompt[len(prompt) - (keep - head):]] if keep else prompt[:1]
 
 
 def _pack(lengths: Sequence[int], row_len: int) -> tuple[list[int], list[int]]:

@@ -1,0 +1,116 @@
+"""Aggregating per-task metrics (per cluster, per mixture, overall) and writing them to DIR/eval/.
+
+FLAN and T0 report the *macro* average: every task counts once, whatever its number of
+examples, so a large task cannot hide a weak cluster. A metric is averaged over the tasks that
+report it (a cluster of classification tasks has no ROUGE-L).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+# Column order of the Markdown table; other metrics follow alphabetically.
+_PREFERRED_ORDER = ("exact_match", "rouge_l", "rank_classification", "gsm8k_accuracy", "loss", "perplexity")
+
+
+def macro_average(per_task: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Mean of each metric over the tasks that report it, plus `num_tasks`."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    num_tasks = 0
+    for metrics in per_task:
+        num_tasks += 1
+        for name, value in metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+    averaged = {name: sums[name] / counts[name] for name in sorted(sums)}
+    averaged["num_tasks"] = num_tasks
+    return averaged
+
+
+def aggregate(tasks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-cluster, per-mixture and overall macro averages of `{task: {"metrics", "cluster", "mixtures"}}`."""
+    by_cluster: dict[str, list[Mapping[str, float]]] = {}
+    by_mixture: dict[str, list[Mapping[str, float]]] = {}
+    for result in tasks.values():
+        by_cluster.setdefault(result["cluster"] or "(none)", []).append(result["metrics"])
+        for mixture in result["mixtures"]:
+            by_mixture.setdefault(mixture, []).append(result["metrics"])
+    return {
+        "clusters": {name: macro_average(group) for name, group in sorted(by_cluster.items())},
+        "mixtures": {name: macro_average(group) for name, group in sorted(by_mixture.items())},
+        "overall": macro_average(result["metrics"] for result in tasks.values()),
+    }
+
+
+def summary(results: Mapping[str, Any]) -> dict[str, float]:
+    """Flat `"overall/exact_match"`-style keys (for logs, TensorBoard and `keep_best_metric`)."""
+    flat = {f"overall/{k}": v for k, v in results["overall"].items() if k != "num_tasks"}
+    for section, prefix in (("mixtures", "mixture"), ("clusters", "cluster")):
+        for name, metrics in results[section].items():
+            flat.update({f"{prefix}/{name}/{k}": v for k, v in metrics.items() if k != "num_tasks"})
+    for name, result in results["tasks"].items():
+        flat.update({f"task/{name}/{k}": v for k, v in result["metrics"].items()})
+    return flat
+
+
+def _columns(rows: Iterable[Mapping[str, float]]) -> list[str]:
+    names = {name for row in rows for name in row if name != "num_tasks"}
+    return [n for n in _PREFERRED_ORDER if n in names] + sorted(names - set(_PREFERRED_ORDER))
+
+
+def _cell(value: float | None) -> str:
+    if value is None:
+        return ""
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.2f}"
+
+
+def _table(title: str, first_column: str, rows: Sequence[tuple[str, Mapping[str, float]]], extra: str) -> list[str]:
+    columns = _columns(metrics for _, metrics in rows)
+    lines = [f"### {title}", "", "| " + " | ".join([first_column, extra, *columns]) + " |"]
+    lines.append("|" + "---|" * (len(columns) + 2))
+    for name, metrics in rows:
+        count = metrics.get("num_tasks", metrics.get("num_examples", ""))
+        lines.append("| " + " | ".join([name, str(count), *(_cell(metrics.get(c)) for c in columns)]) + " |")
+    return [*lines, ""]
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """Human-readable tables: overall and mixtures, clusters, then every task."""
+    header = f"## Evaluation at step {results['step']} ({results['num_shots']}-shot, split {results['split']!r})"
+    lines = [header, ""]
+    lines += _table("Overall and per mixture (macro average over tasks)", "group", [
+        ("overall", results["overall"]), *results["mixtures"].items()], "tasks")
+    lines += _table("Per cluster", "cluster", list(results["clusters"].items()), "tasks")
+    task_rows = [
+        (f"{name} ({r['cluster']})", {**r["metrics"], "num_examples": r["num_examples"]})
+        for name, r in results["tasks"].items()
+    ]
+    lines += _table("Per task", "task (cluster)", task_rows, "examples")
+    lines.append("Accuracies and ROUGE-L are percentages; loss is nats per target token.")
+    return "\n".join(lines) + "\n"
+
+
+def write(workdir: str | pathlib.Path, step: int, results: Mapping[str, Any], predictions: Iterable[Mapping]) -> pathlib.Path:
+    """Writes DIR/eval/step_<N>.json, step_<N>.md and predictions_<N>.jsonl; returns the folder.
+
+    Files are written under a temporary name and renamed, so a reader never sees half a file.
+    """
+    folder = pathlib.Path(workdir) / "eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    outputs = {
+        f"step_{step}.json": json.dumps(results, indent=2, sort_keys=False) + "\n",
+        f"step_{step}.md": markdown(results),
+        f"predictions_{step}.jsonl": "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+    }
+    for name, text in outputs.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(folder / name)
+    return folder

@@ -1,0 +1,125 @@
+"""The evaluator end to end on stand-in tasks and a bigram model whose answers are known in advance."""
+
+import json
+
+import numpy as np
+import pytest
+from eval_fakes import EOS, BigramModel, CharTokenizer, FakeMixture, FakeTask, bigram_log_likelihood, greedy_bigram_generate
+
+from flan_jax import default_config
+from flan_jax.eval import evaluator, scoring
+
+TOK = CharTokenizer()
+
+
+def _table():
+    """Greedy answers: after 'x' -> "y" then stop; after 'q' -> "z" then stop."""
+    table = np.zeros((TOK.vocab_size, TOK.vocab_size))
+    x, y, z, q = TOK.encode("xyzq")
+    table[x, y] = table[y, EOS] = 10.0
+    table[q, z] = table[z, EOS] = 10.0
+    return table
+
+
+def _registry():
+    copy = FakeTask("copy", "gen", ["exact_match", "rouge_l"], {"validation": [
+        {"inputs": "ax", "targets": "y"},  # predicted "y": right
+        {"inputs": "bx", "targets": "Y."},  # right after normalization
+        {"inputs": "cq", "targets": "y"},  # predicted "z": wrong
+        {"inputs": "dq", "targets": "w"},  # wrong
+    ]})
+    choice = FakeTask("choice", "cls", ["rank_classification"], {"validation": [
+        {"inputs": "x", "targets": "y", "options": ["y", "a"]},  # the model prefers "y": right
+        {"inputs": "x", "targets": "a", "options": ["a", "y"]},  # wrong
+    ]})
+    only_test = FakeTask("only_test", "cls", ["exact_match"], {"test": [{"inputs": "x", "targets": "y"}]})
+    entries = {t.name: t for t in (copy, choice, only_test)}
+    entries["mix_a"] = FakeMixture("mix_a", [copy, choice])
+    entries["mix_b"] = FakeMixture("mix_b", ["only_test", "copy"])  # names resolve through the registry too
+    return entries
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    entries = _registry()
+    monkeypatch.setattr(evaluator, "_lookup", lambda name: entries[name])
+    return entries
+
+
+def _config(num_shots=0):
+    config = default_config.get_config()
+    config.data.seq_len = 64
+    config.eval.mixtures = ("mix_a", "mix_b")
+    config.eval.max_new_tokens = 4
+    config.eval.batch_size = 4
+    config.eval.num_shots = num_shots
+    return config
+
+
+def test_evaluate_hand_computed_metrics_and_files(registry, tmp_path):
+    model = BigramModel(_table())
+    results = evaluator.evaluate(model, TOK, _config(), workdir=str(tmp_path), step=7, generate_fn=greedy_bigram_generate)
+    tasks = results["tasks"]
+    assert tasks["copy"]["metrics"]["exact_match"] == pytest.approx(50.0)
+    assert tasks["copy"]["metrics"]["rouge_l"] == pytest.approx(50.0)
+    assert tasks["choice"]["metrics"]["rank_classification"] == pytest.approx(50.0)
+    assert tasks["only_test"]["metrics"]["exact_match"] == pytest.approx(100.0)
+    assert tasks["only_test"]["split"] == "test"  # no validation split: fell back to test
+    assert tasks["copy"]["mixtures"] == ["mix_a", "mix_b"]
+
+    # Loss (an extra metric for every task) by hand: mean NLL per target token incl. EOS.
+    table = _table()
+    choice_examples = registry["choice"]._splits["validation"]
+    nll = -sum(
+        bigram_log_likelihood(table, scoring.encode_prompt(TOK, e["inputs"]), scoring.encode_target(TOK, e["targets"]))
+        for e in choice_examples
+    )
+    assert tasks["choice"]["metrics"]["loss"] == pytest.approx(nll / 4, rel=1e-5)
+
+    # Macro averages: each task counts once, metrics over the tasks that have them.
+    assert results["clusters"]["cls"]["exact_match"] == pytest.approx(100.0)
+    assert results["clusters"]["cls"]["num_tasks"] == 2
+    assert results["overall"]["exact_match"] == pytest.approx(75.0)
+    assert results["overall"]["rouge_l"] == pytest.approx(50.0)
+    assert results["mixtures"]["mix_b"]["exact_match"] == pytest.approx(75.0)
+    assert results["summary"]["overall/exact_match"] == pytest.approx(75.0)
+
+    # Evaluation asks for the unshuffled eval-template split.
+    assert registry["copy"].calls[0]["shuffle"] is False
+    assert registry["copy"].calls[0]["num_shots"] == 0
+
+    written = json.loads((tmp_path / "eval" / "step_7.json").read_text())
+    assert written["tasks"] == json.loads(json.dumps(tasks)) and written["step"] == 7
+    assert written["config"]["eval"]["max_new_tokens"] == 4
+    table_md = (tmp_path / "eval" / "step_7.md").read_text()
+    assert "| copy (gen) | 4 | 50.00 | 50.00 |" in table_md
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions_7.jsonl").read_text().splitlines()]
+    assert len(records) == 4 + 2 + 1
+    by_inputs = {(r["task"], r["inputs"]): r for r in records}
+    assert by_inputs[("copy", "cq")]["prediction"] == "z"
+    assert by_inputs[("copy", "bx")]["references"] == ["Y."]
+    assert by_inputs[("choice", "x")]["rank_prediction"] == "y"
+
+
+def test_few_shot_uses_the_same_task_definition(registry, tmp_path):
+    results = evaluator.evaluate(
+        BigramModel(_table()), TOK, _config(num_shots=2), workdir=str(tmp_path), step=0, generate_fn=greedy_bigram_generate
+    )
+    assert results["num_shots"] == 2
+    assert registry["copy"].calls[-1]["num_shots"] == 2
+    records = (tmp_path / "eval" / "predictions_0.jsonl").read_text()
+    assert '"inputs": "example. example. ax"' in records
+
+
+def test_unknown_metric_fails_naming_the_task(registry, tmp_path):
+    registry["copy"].metrics = ["bleu"]
+    with pytest.raises(ValueError, match="'copy'.*bleu"):
+        evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=greedy_bigram_generate)
+
+
+def test_generate_texts_batches_keep_the_order():
+    prompts = ["x", "aaaaaaq", "bx", "q", "ccx"]
+    texts = evaluator.generate_texts(
+        BigramModel(_table()), TOK, prompts, max_new_tokens=3, max_len=32, batch_size=2, generate_fn=greedy_bigram_generate
+    )
+    assert texts == ["y", "z", "y", "z", "y"]
