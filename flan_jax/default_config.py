@@ -48,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.d_ff = 768
     model.max_positions = 2048
     model.rope_theta = 10_000.0
-    model.tie_embeddings = False
+    # None: the family's default (tied for gemma and gpt2, untied otherwise).
+    model.tie_embeddings = ml_collections.config_dict.placeholder(bool)
+    model.norm_eps = ml_collections.config_dict.placeholder(float)  # None: the family's default
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)

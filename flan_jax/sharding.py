@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
+    ("positions", None),  # learned position embeddings (GPT-2): replicated rows
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),

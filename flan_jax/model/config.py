@@ -1,0 +1,189 @@
+"""`ModelConfig`: every architecture switch of the one decoder-only transformer.
+
+One frozen (hashable) dataclass describes Llama 2/3, Mistral, Qwen2, Gemma and GPT-2: they differ
+only in a handful of switches (norm kind, MLP gating and activation, position encoding, biases,
+embedding scaling, tied head). `for_family` fills the switches of a family; sizes come from the
+caller. The dataclass is frozen because NNX keeps it in the module's static graph definition,
+which `jax.jit` hashes.
+
+Three ways to build one:
+  ModelConfig.from_config(config.model)     # the ml_collections section of an experiment config
+  ModelConfig.for_family("gemma", d_model=..., ...)
+  ModelConfig.from_hf_config(json.load(open("config.json")))   # a Hugging Face checkpoint
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+
+# Fields that say how to run a model rather than what the model is: an experiment config may
+# change them for a converted checkpoint (see `ModelConfig.with_runtime`).
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str = "llama"
+    vocab_size: int = 8000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int = 64
+    d_ff: int = 768
+    max_positions: int = 2048
+
+    # Normalization: "rms" (Llama family) or "layer" (GPT-2, with bias).
+    norm: str = "rms"
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    norm_scale_plus_one: bool = False  # Gemma: y = norm(x) * (1 + w), w initialised at 0
+
+    # Feed-forward: gated = act(x W_gate) * (x W_up) (SwiGLU / GeGLU), else act(x W_up).
+    gated_mlp: bool = True
+    activation: str = "silu"  # silu | gelu_tanh | gelu (exact erf)
+
+    # Positions: "rope" (rotate-half convention of HF checkpoints) or "learned" (GPT-2).
+    position: str = "rope"
+    rope_theta: float = 10_000.0
+    rope_scaling: str = "none"  # none | llama3 | linear
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_positions: int = 8192  # llama3 only
+
+    qkv_bias: bool = False  # Qwen2, GPT-2
+    out_bias: bool = False  # GPT-2 (attention output projection)
+    mlp_bias: bool = False  # GPT-2
+    embed_scale: bool = False  # Gemma: embeddings multiplied by sqrt(d_model)
+    tie_embeddings: bool = False  # output head = embedding matrix transposed
+    sliding_window: int = 0  # Mistral-style local attention over the last N tokens; 0 = off
+    init_std: float = 0.02
+
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; logits are always float32
+    remat: str = "none"  # none | full | dots
+    attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | reference
+
+    def __post_init__(self) -> None:
+        checks = {
+            "family": (self.family, FAMILIES),
+            "norm": (self.norm, ("rms", "layer")),
+            "activation": (self.activation, ("silu", "gelu_tanh", "gelu")),
+            "position": (self.position, ("rope", "learned")),
+            "rope_scaling": (self.rope_scaling, ("none", "llama3", "linear")),
+            "remat": (self.remat, ("none", "full", "dots")),
+            "attention": (self.attention, ("xla", "cudnn", "reference")),
+            "param_dtype": (self.param_dtype, ("float32", "bfloat16", "float16")),
+            "dtype": (self.dtype, ("float32", "bfloat16", "float16")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def for_family(cls, family: str, **overrides: Any) -> ModelConfig:
+        """The architecture switches of `family`, then `overrides` (sizes, dtypes, ...)."""
+        if family not in _FAMILY_DEFAULTS:
+            raise ValueError(f"Unknown model family {family!r}; expected one of {FAMILIES}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"ModelConfig has no field(s) {unknown}")
+        return cls(**{"family": family, **_FAMILY_DEFAULTS[family], **overrides})
+
+    @classmethod
+    def from_config(cls, model_section: Any) -> ModelConfig:
+        """From the `config.model` section of an experiment config (an ml_collections ConfigDict).
+
+        Every field of the section that ModelConfig knows is used, except that a field left at
+        None (an ml_collections placeholder, e.g. `tie_embeddings`) keeps the family default.
+        """
+        values = dict(model_section.to_dict() if hasattr(model_section, "to_dict") else model_section)
+        family = values.pop("family", "llama")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"config.model has fields ModelConfig does not know: {unknown}")
+        overrides = {k: v for k, v in values.items() if v is not None}
+        return cls.for_family(family, **overrides)
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+        """From a Hugging Face `config.json` dict (transformers 4.x or 5.x layout)."""
+        from flan_jax.model import hf_config  # local import: keeps this module dependency-free
+
+        return hf_config.from_hf(cls, hf, **overrides)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_runtime(self, model_section: Any) -> ModelConfig:
+        """This architecture run as `config.model` asks (dtypes, remat, attention kernel).
+
+        Used with `checkpoint.init_from`: the architecture comes from the converted checkpoint,
+        how to run it from the experiment config.
+        """
+        get = model_section.get if hasattr(model_section, "get") else model_section.__getitem__
+        return self.replace(**{name: get(name) for name in RUNTIME_FIELDS if get(name) is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"model config has unknown fields {unknown}")
+        return cls(**values)
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def num_params(self) -> int:
+        """Parameter count (embeddings included)."""
+        d, h, kv, hd, f = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff
+        norm = d * (2 if self.norm_bias else 1)
+        attn = d * hd * (h + 2 * kv) + h * hd * d
+        attn += (h + 2 * kv) * hd * self.qkv_bias + d * self.out_bias
+        mlp = d * f * (3 if self.gated_mlp else 2) + (f + d) * self.mlp_bias
+        total = self.n_layers * (attn + mlp + 2 * norm) + norm + self.vocab_size * d
+        total += 0 if self.tie_embeddings else d * self.vocab_size
+        total += self.max_positions * d if self.position == "learned" else 0
+        return total
+
+    @property
+    def embed_multiplier(self) -> float:
+        return math.sqrt(self.d_model) if self.embed_scale else 1.0
+
+
+_LLAMA = dict(
+    norm="rms", norm_eps=1e-5, gated_mlp=True, activation="silu", position="rope",
+    qkv_bias=False, out_bias=False, mlp_bias=False, embed_scale=False, tie_embeddings=False,
+)
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": {**_LLAMA, "norm_eps": 1e-6, "qkv_bias": True, "rope_theta": 1_000_000.0},
+    "gemma": {
+        **_LLAMA, "norm_eps": 1e-6, "norm_scale_plus_one": True, "activation": "gelu_tanh",
+        "embed_scale": True, "tie_embeddings": True,
+    },
+    "gpt2": dict(
+        norm="layer", norm_eps=1e-5, norm_bias=True, gated_mlp=False, activation="gelu_tanh",
+        position="learned", qkv_bias=True, out_bias=True, mlp_bias=True, embed_scale=False,
+        tie_embeddings=True,
+    ),
+}

@@ -1,0 +1,202 @@
+"""The transformer: packing isolation, prefix-LM, padding, attention paths, axes, dtypes, remat."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flan_jax import default_config, sharding
+from flan_jax import model as fm
+
+TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_positions=64)
+
+
+def tiny(family: str = "llama", **overrides) -> fm.ModelConfig:
+    return fm.ModelConfig.for_family(family, **{**TINY, "attention": "reference", **overrides})
+
+
+def make(cfg: fm.ModelConfig, seed: int = 0) -> fm.Transformer:
+    return fm.Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def packed_row(lengths: list[int], total: int, seed: int = 0):
+    """One packed row of random tokens: segments 1..n with restarting positions, then padding."""
+    rng = np.random.default_rng(seed)
+    tokens = np.zeros((1, total), np.int32)
+    segments = np.zeros((1, total), np.int32)
+    positions = np.zeros((1, total), np.int32)
+    start = 0
+    for i, n in enumerate(lengths):
+        tokens[0, start:start + n] = rng.integers(1, TINY["vocab_size"], n)
+        segments[0, start:start + n] = i + 1
+        positions[0, start:start + n] = np.arange(n)
+        start += n
+    return tokens, positions, segments
+
+
+@pytest.mark.parametrize("family", fm.FAMILIES)
+def test_packed_segments_equal_separate_sequences(family):
+    # Mistral with a window shorter than a segment also checks the sliding window mask.
+    cfg = tiny(family, sliding_window=4 if family == "mistral" else 0)
+    model = make(cfg)
+    lengths = [5, 7, 3]
+    tokens, positions, segments = packed_row(lengths, total=18)
+    packed = model(jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    assert packed.dtype == jnp.float32 and packed.shape == (1, 18, TINY["vocab_size"])
+    assert np.isfinite(np.asarray(packed)).all(), "padding tokens must not produce NaN/inf"
+    start = 0
+    for n in lengths:
+        alone = model(jnp.asarray(tokens[:, start:start + n]))
+        np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_sliding_window_changes_attention():
+    tokens, positions, segments = packed_row([12], total=12)
+    full = make(tiny("mistral"))(jnp.asarray(tokens))
+    windowed = make(tiny("mistral", sliding_window=4))(jnp.asarray(tokens))
+    np.testing.assert_allclose(full[:, :4], windowed[:, :4], atol=1e-6)
+    assert np.abs(np.asarray(full[:, 4:] - windowed[:, 4:])).max() > 1e-4
+
+
+def test_causal_and_prefix_lm_visibility():
+    model = make(tiny())
+    tokens = jnp.asarray(np.arange(1, 9, dtype=np.int32)[None])
+    changed = tokens.at[0, 2].set(40)  # change token 2 only
+    prefix = jnp.asarray([[1, 1, 1, 1, 0, 0, 0, 0]])
+
+    causal_a, causal_b = model(tokens), model(changed)
+    np.testing.assert_allclose(causal_a[:, :2], causal_b[:, :2], atol=1e-6)  # the past cannot see the future
+
+    prefix_a = model(tokens, prefix_mask=prefix)
+    prefix_b = model(changed, prefix_mask=prefix)
+    # Inside the prefix, earlier tokens now see token 2 ...
+    assert np.abs(np.asarray(prefix_a[:, :2] - prefix_b[:, :2])).max() > 1e-4
+    # ... but a change after the prefix is still invisible to the prefix.
+    late = tokens.at[0, 6].set(40)
+    np.testing.assert_allclose(prefix_a[:, :6], model(late, prefix_mask=prefix)[:, :6], atol=1e-6)
+
+
+def test_prefix_does_not_cross_segments():
+    model = make(tiny())
+    tokens, positions, segments = packed_row([4, 4], total=8)
+    prefix = jnp.ones((1, 8), jnp.int32)
+    args = dict(positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments), prefix_mask=prefix)
+    out = model(jnp.asarray(tokens), **args)
+    other = tokens.copy()
+    other[0, 5] = 1 if other[0, 5] != 1 else 2  # a token of segment 2
+    np.testing.assert_allclose(out[:, :4], model(jnp.asarray(other), **args)[:, :4], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_xla_attention_matches_reference(family):
+    tokens, positions, segments = packed_row([6, 5], total=14, seed=3)
+    args = dict(positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    ref = make(tiny(family))(jnp.asarray(tokens), **args)
+    xla = make(tiny(family, attention="xla"))(jnp.asarray(tokens), **args)
+    np.testing.assert_allclose(ref, xla, atol=1e-5, rtol=1e-5)
+
+
+def test_all_padding_row_is_finite():
+    model = make(tiny(attention="xla"))
+    zeros = jnp.zeros((2, 8), jnp.int32)
+    out = model(zeros, positions=zeros, segment_ids=zeros)
+    assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("family", fm.FAMILIES)
+def test_every_param_has_known_logical_axes(family):
+    model = make(tiny(family))
+    state = nnx.state(model, nnx.Param)
+    axes = fm.logical_axes(model)
+    known = {name for name, _ in sharding.DEFAULT_RULES}
+    pairs = jax.tree.leaves(
+        jax.tree.map(lambda names, p: (names, p.shape), axes, state, is_leaf=lambda x: isinstance(x, tuple))
+        , is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], tuple))
+    assert len(pairs) == len(jax.tree.leaves(state))
+    for names, shape in pairs:
+        assert len(names) == len(shape)
+        assert set(names) <= known, names
+    # Every spec resolves against the default rules on a real mesh.
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    for names, shape in pairs:
+        sharding.named_sharding(mesh, names, sharding.DEFAULT_RULES, shape)
+
+
+def test_param_count_matches_config():
+    for family in fm.FAMILIES:
+        cfg = tiny(family, tie_embeddings=family == "qwen2")
+        model = make(cfg)
+        assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) == cfg.num_params
+
+
+def test_bf16_compute_fp32_params():
+    tokens, positions, segments = packed_row([8], total=8)
+    fp32 = make(tiny(attention="xla"))(jnp.asarray(tokens))
+    model = make(tiny(attention="xla", dtype="bfloat16"))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    bf16 = model(jnp.asarray(tokens))
+    assert bf16.dtype == jnp.float32
+    np.testing.assert_allclose(bf16, fp32, atol=3e-2)
+    half_params = make(tiny(param_dtype="bfloat16", dtype="bfloat16"))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(nnx.state(half_params, nnx.Param)))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_gradients(remat):
+    tokens, positions, segments = packed_row([5, 6], total=12)
+
+    def loss(model):
+        logits = model(jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+    plain = nnx.grad(loss)(make(tiny()))
+    rematted = jax.jit(nnx.grad(loss))(make(tiny(remat=remat)))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_sharded_forward_matches_single_device():
+    cfg = tiny(attention="xla")
+    model = make(cfg)
+    tokens, positions, segments = packed_row([7, 9], total=16)
+    batch = [jnp.asarray(np.repeat(a, 4, axis=0)) for a in (tokens, positions, segments)]
+    expected = model(batch[0], positions=batch[1], segment_ids=batch[2])
+
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    graphdef, state = nnx.split(model)
+    axes = fm.logical_axes(model)
+    shardings = jax.tree.map(
+        lambda names, p: sharding.named_sharding(mesh, names, sharding.DEFAULT_RULES, p.shape),
+        axes, nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, tuple))
+    state = jax.device_put(state, shardings)
+
+    @jax.jit
+    def forward(state, tokens, positions, segments):
+        with sharding.use_rules(mesh, sharding.DEFAULT_RULES):
+            return nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segments)
+
+    with jax.set_mesh(mesh):
+        got = forward(state, *batch)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_config_constructors_and_validation():
+    config = default_config.get_config()
+    cfg = fm.ModelConfig.from_config(config.model)
+    assert (cfg.family, cfg.d_model, cfg.n_layers, cfg.vocab_size) == ("llama", 256, 4, 8000)
+    config.model.family = "gemma"
+    gemma = fm.ModelConfig.from_config(config.model)
+    assert gemma.embed_scale and gemma.norm_scale_plus_one and gemma.tie_embeddings
+    assert fm.ModelConfig.from_dict(gemma.to_dict()) == gemma
+    runtime = cfg.with_runtime({"dtype": "bfloat16", "param_dtype": "float32", "remat": "dots", "attention": "xla"})
+    assert (runtime.dtype, runtime.remat, runtime.d_model) == ("bfloat16", "dots", 256)
+    with pytest.raises(ValueError, match="family"):
+        fm.ModelConfig.for_family("bert")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        fm.ModelConfig(n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="attention"):
+        fm.ModelConfig(attention="flash")
