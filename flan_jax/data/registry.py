@@ -1,0 +1,513 @@
+"""Tasks, mixtures and the name registry that configs look them up in.
+
+A `Task` is a data source + templates + preprocessors + metrics + metadata. Its `get_dataset()`
+returns a grain `MapDataset` of rendered examples (design.md §1): records are preprocessed once per
+split (filtered counts logged), shuffled by a seed, optionally repeated (reshuffled each epoch), and
+rendered lazily, per example, with a template chosen from (seed, position in the stream).
+
+A `Mixture` combines tasks (or other mixtures) with rates: explicit numbers or FLAN's
+examples-proportional rates with a cap and a temperature. Member names are resolved when the rates
+are needed, so `tasks/` modules can declare mixtures before or after their tasks.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import logging
+import random
+import re
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Union
+
+import grain
+
+from flan_jax.data import mixing
+from flan_jax.data.errors import DataError
+from flan_jax.data.sources import Records, Source
+from flan_jax.data.templates import (
+    DEFAULT_OPTION_STYLES,
+    OPTION_STYLES,
+    OPTIONS_FIELD,
+    FewShot,
+    Template,
+    as_templates,
+    choose,
+    render_options,
+)
+
+Preprocessor = Callable[[dict], Union[dict, None]]
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]*\Z")
+_SALT_OPTIONS, _SALT_SHOTS = 1, 2
+
+
+def _check_name(name: str, kind: str) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise DataError(f"invalid {kind} name {name!r}: use letters, digits and _ . : / -")
+
+
+class Task:
+    """A named dataset with templates; `get_dataset(split)` yields rendered example dicts.
+
+    Args:
+      name: registry name (letters, digits, `_ . : / -`).
+      source: a `Source` (JsonlSource, TsvSource, FunctionSource, ...).
+      templates: Template(s) or (inputs, targets) pairs used for training; one per example is chosen.
+      eval_templates: templates for `template_set="eval"` (e.g. held-out wordings); default: `templates`.
+      preprocessors: functions record -> record (or None to drop it); drops are counted and logged.
+      metrics: metric names for evaluation (flan_jax.eval).
+      cluster: task cluster/category (FLAN's held-out-cluster evaluation groups by it).
+      references_field: record field (str or list of str) with acceptable answers; default [targets].
+      options_field: record field with the answer options (list of str); templates show them
+        with the `{options}` placeholder, in a style chosen per example from `option_styles`.
+      few_shot: `FewShot` formatting for `get_dataset(num_shots=k)`; default `FewShot()`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        source: Source,
+        templates: Template | tuple[str, str] | Sequence[Template | tuple[str, str]],
+        *,
+        eval_templates: Template | Sequence[Template | tuple[str, str]] | None = None,
+        preprocessors: Sequence[Preprocessor] = (),
+        metrics: Sequence[str] = ("exact_match",),
+        cluster: str = "",
+        references_field: str | None = None,
+        options_field: str | None = None,
+        option_styles: Sequence[str] = DEFAULT_OPTION_STYLES,
+        few_shot: FewShot | None = None,
+        description: str = "",
+    ):
+        _check_name(name, "task")
+        if not isinstance(source, Source):
+            raise TypeError(f"task {name!r}: source must be a flan_jax.data Source, got {type(source).__name__}")
+        unknown_styles = [s for s in option_styles if s not in OPTION_STYLES]
+        if unknown_styles or not option_styles:
+            raise DataError(f"task {name!r}: option_styles {list(option_styles)}; known: {', '.join(OPTION_STYLES)}")
+        self.name = name
+        self.source = source
+        self.templates = as_templates(templates, "t")
+        if not self.templates:
+            raise DataError(f"task {name!r} has no templates")
+        self.eval_templates = as_templates(eval_templates, "eval") if eval_templates is not None else self.templates
+        self.preprocessors = tuple(preprocessors)
+        self.metrics = tuple(metrics)
+        self.cluster = cluster
+        self.references_field = references_field
+        self.options_field = options_field
+        self.option_styles = tuple(option_styles)
+        self.few_shot = few_shot or FewShot()
+        self.description = description
+        self.filtered: dict[str, int] = {}  # split -> records dropped by preprocessors
+        self._records_cache: dict[str, Records] = {}
+        self._lock = threading.Lock()
+
+    _FIELDS = (
+        "name", "source", "templates", "eval_templates", "preprocessors", "metrics", "cluster",
+        "references_field", "options_field", "option_styles", "few_shot", "description",
+    )
+
+    def replace(self, **changes: Any) -> Task:
+        """A copy with some arguments changed, e.g. `task.replace(name="x_heldout", templates=other)`."""
+        unknown = sorted(set(changes) - set(self._FIELDS))
+        if unknown:
+            raise TypeError(f"Task.replace: unknown argument(s) {unknown}; known: {', '.join(self._FIELDS)}")
+        kwargs = {field: getattr(self, field) for field in self._FIELDS}
+        if "templates" in changes and "eval_templates" not in changes and self.eval_templates is self.templates:
+            kwargs["eval_templates"] = None  # eval templates keep following the templates
+        kwargs.update(changes)
+        return Task(kwargs.pop("name"), kwargs.pop("source"), kwargs.pop("templates"), **kwargs)
+
+    # ------------------------------------------------------------------ data
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return self.source.splits
+
+    def records(self, split: str) -> Records:
+        """Preprocessed records of a split (loaded and preprocessed once, then cached)."""
+        with self._lock:
+            if split not in self._records_cache:
+                self._records_cache[split] = self._preprocess(split)
+            return self._records_cache[split]
+
+    def num_examples(self, split: str) -> int:
+        return len(self.records(split))
+
+    def _preprocess(self, split: str) -> Records:
+        raw = self.source.records(split)
+        if not self.preprocessors:
+            self.filtered[split] = 0
+            return raw
+        kept: list[dict] = []
+        for index, record in enumerate(raw):
+            record = dict(record)  # preprocessors may modify it; the source's cache stays intact
+            for preprocess in self.preprocessors:
+                try:
+                    record = preprocess(record)
+                except DataError:
+                    raise
+                except Exception as error:
+                    raise DataError(
+                        f"preprocessor {getattr(preprocess, '__name__', preprocess)!r} failed: {error!r}",
+                        task=self.name, record=index, file=f"split {split}",
+                    ) from error
+                if record is None:
+                    break
+            if record is not None:
+                kept.append(record)
+        self.filtered[split] = len(raw) - len(kept)
+        if self.filtered[split]:
+            logging.warning(
+                "task %r split %r: preprocessors dropped %d of %d records", self.name, split, self.filtered[split], len(raw)
+            )
+        return Records(kept, f"{self.name}:{split}")
+
+    def get_dataset(
+        self,
+        split: str,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        template_set: str = "train",
+        num_shots: int = 0,
+        num_epochs: int | None = 1,
+    ) -> grain.MapDataset:
+        """Rendered examples of a split: {"inputs", "targets", "task", "references", "options"}.
+
+        `num_epochs=None` repeats forever (each epoch reshuffled); the template (and options style,
+        few-shot exemplars) of stream position k is a function of (seed, k).
+        """
+        if template_set not in ("train", "eval"):
+            raise ValueError(f"template_set must be 'train' or 'eval', got {template_set!r}")
+        if num_shots < 0:
+            raise ValueError(f"num_shots must be >= 0, got {num_shots}")
+        records = self.records(split)
+        templates = self.templates if template_set == "train" else self.eval_templates
+        if len(records) == 0:
+            if num_epochs == 1:
+                return grain.MapDataset.source(records)
+            raise DataError(f"split {split!r} has no examples to repeat (empty files: {self.source.empty_files})", task=self.name)
+        exemplars = self.records(self.few_shot.split) if num_shots else None
+        renderer = _Renderer(self, records, templates, seed, num_shots, exemplars, exclude_self=split == self.few_shot.split)
+        renderer.check(records[0])  # fail early, before a training run starts, on template/field mismatches
+        ds = grain.MapDataset.range(len(records))
+        if shuffle:
+            ds = ds.shuffle(seed=mixing.stable_seed(seed, self.name))
+        if num_epochs != 1:
+            ds = ds.repeat(num_epochs)
+        return ds.map_with_index(renderer)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {self.source!r}, templates={[t.name for t in self.templates]})"
+
+
+class _Renderer:
+    """Renders (stream position, record index) into an example dict. A class, so grain workers can pickle it."""
+
+    def __init__(self, task: Task, records, templates, seed, num_shots, exemplars, exclude_self):
+        self.task_name = task.name
+        self.records = records
+        self.templates = templates
+        self.seed = seed
+        self.options_field = task.options_field
+        self.option_styles = task.option_styles
+        self.references_field = task.references_field
+        self.num_shots = num_shots
+        self.exemplars = exemplars
+        self.exclude_self = exclude_self
+        self.few_shot = task.few_shot
+
+    def check(self, record: dict) -> None:
+        for template in self.templates:
+            template.render(self._fields(record, self.option_styles[0], 0)[0], task=self.task_name)
+
+    def _fields(self, record: dict, style: str, index: int) -> tuple[dict, list[str]]:
+        if self.options_field is None:
+            return record, []
+        options = record.get(self.options_field)
+        if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
+            raise DataError(
+                f"options must be a list of str, got {type(options).__name__}",
+                task=self.task_name, record=index, field=self.options_field,
+            )
+        fields = dict(record)
+        fields[OPTIONS_FIELD] = render_options(options, style)
+        return fields, list(options)
+
+    def __call__(self, position: int, index: int) -> dict:
+        record = self.records[index]
+        template = self.templates[choose(self.seed, position, len(self.templates))]
+        style = self.option_styles[choose(self.seed, position, len(self.option_styles), _SALT_OPTIONS)]
+        fields, options = self._fields(record, style, index)
+        inputs, targets = template.render(fields, task=self.task_name)
+        if self.num_shots:
+            inputs = self._with_exemplars(inputs, position, index, template, style)
+        return {
+            "inputs": inputs,
+            "targets": targets,
+            "task": self.task_name,
+            "references": self._references(record, targets, index),
+            "options": options,
+        }
+
+    def _references(self, record: dict, targets: str, index: int) -> list[str]:
+        if self.references_field is None:
+            return [targets]
+        value = record.get(self.references_field)
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise DataError(
+            f"references must be a str or a list of str, got {type(value).__name__}",
+            task=self.task_name, record=index, field=self.references_field,
+        )
+
+    def _with_exemplars(self, inputs: str, position: int, index: int, template: Template, style: str) -> str:
+        pool = len(self.exemplars)
+        candidates = pool - 1 if self.exclude_self else pool
+        k = min(self.num_shots, max(candidates, 0))
+        rng = random.Random(choose(self.seed, position, 2**62, _SALT_SHOTS))
+        drawn = rng.sample(range(candidates), k)
+        if self.exclude_self:
+            drawn = [i + 1 if i >= index else i for i in drawn]  # skip the query itself
+        shots = []
+        for i in drawn:
+            fields, _ = self._fields(self.exemplars[i], style, i)
+            shots.append(template.render(fields, task=self.task_name))
+        return self.few_shot.join(shots, inputs)
+
+
+# ---------------------------------------------------------------------------- mixtures
+
+Rate = Union[float, int, Callable[[Task], float]]
+
+
+class _ExamplesProportional:
+    """Rate callable: min(num_examples(split), cap) ** (1 / temperature)."""
+
+    def __init__(self, cap: int | None, temperature: float, split: str):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if cap is not None and cap <= 0:
+            raise ValueError(f"cap must be > 0, got {cap}")
+        self.cap, self.temperature, self.split = cap, temperature, split
+
+    def __call__(self, task: Task) -> float:
+        n = task.num_examples(self.split) if self.split in task.splits else 0
+        if self.cap is not None:
+            n = min(n, self.cap)
+        return float(n) ** (1.0 / self.temperature) if n > 0 else 0.0
+
+    def __repr__(self) -> str:
+        return f"examples_proportional(cap={self.cap}, temperature={self.temperature}, split={self.split!r})"
+
+
+class Mixture:
+    """Tasks and/or mixtures with rates. A rate is a number, or a callable Task -> number applied to every leaf task."""
+
+    def __init__(self, name: str, members: Sequence[tuple[str | Task | Mixture, Rate]], *, description: str = ""):
+        _check_name(name, "mixture")
+        members = list(members)
+        if not members:
+            raise DataError(f"mixture {name!r} has no members")
+        for member in members:
+            if not (isinstance(member, tuple) and len(member) == 2):
+                raise DataError(f"mixture {name!r}: members are (name, rate) pairs, got {member!r}")
+            target, rate = member
+            if not isinstance(target, (str, Task, Mixture)):
+                raise DataError(f"mixture {name!r}: member {target!r} is not a name, Task or Mixture")
+            if not callable(rate) and not (isinstance(rate, (int, float)) and rate >= 0):
+                raise DataError(f"mixture {name!r}: rate of {_member_name(target)!r} must be >= 0, got {rate!r}")
+        self.name = name
+        self.members = members
+        self.description = description
+
+    @classmethod
+    def proportional(
+        cls,
+        name: str,
+        names: Iterable[str | Task | Mixture],
+        *,
+        cap: int | None = None,
+        temperature: float = 1.0,
+        split: str = "train",
+        description: str = "",
+    ) -> Mixture:
+        """FLAN's examples-proportional mixing: rate_i ∝ min(n_i, cap) ** (1 / temperature) over leaf tasks."""
+        rate = _ExamplesProportional(cap, temperature, split)
+        return cls(name, [(n, rate) for n in names], description=description)
+
+    def _weighted_leaves(self, visiting: tuple[str, ...] = ()) -> list[tuple[Task, float]]:
+        if self.name in visiting:
+            raise DataError(f"mixture cycle: {' -> '.join(visiting + (self.name,))}")
+        visiting = visiting + (self.name,)
+        out: list[tuple[Task, float]] = []
+        for target, rate in self.members:
+            member = _resolve(target)
+            if isinstance(member, Task):
+                out.append((member, float(rate(member)) if callable(rate) else float(rate)))
+            elif callable(rate):  # a rate rule applies to each leaf of the nested mixture
+                out.extend((task, float(rate(task))) for task in member._leaves(visiting))
+            else:
+                sub = mixing.normalise(_sum_by_name(member._weighted_leaves(visiting)))
+                by_name = {task.name: task for task in member._leaves(visiting)}
+                out.extend((by_name[n], float(rate) * r) for n, r in sub.items())
+        return out
+
+    def _leaves(self, visiting: tuple[str, ...] = ()) -> list[Task]:
+        if self.name in visiting:
+            raise DataError(f"mixture cycle: {' -> '.join(visiting + (self.name,))}")
+        visiting = visiting + (self.name,)
+        seen: dict[str, Task] = {}
+        for target, _ in self.members:
+            member = _resolve(target)
+            for task in [member] if isinstance(member, Task) else member._leaves(visiting):
+                seen.setdefault(task.name, task)
+        return list(seen.values())
+
+    @property
+    def tasks(self) -> list[Task]:
+        """Leaf tasks (nested mixtures flattened), without loading any data."""
+        return self._leaves()
+
+    def rates(self) -> dict[str, float]:
+        """Normalised rate per leaf task name (tasks with rate 0, e.g. empty ones, are left out and logged)."""
+        raw = _sum_by_name(self._weighted_leaves())
+        zero = sorted(name for name, rate in raw.items() if rate == 0)
+        if zero:
+            logging.warning("mixture %r: %d task(s) get rate 0 and are left out: %s", self.name, len(zero), ", ".join(zero))
+        try:
+            return mixing.normalise(raw)
+        except DataError as error:
+            raise DataError(f"mixture {self.name!r}: {error.bare_message}") from None
+
+    def get_dataset(
+        self,
+        split: str = "train",
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        template_set: str = "train",
+        num_shots: int = 0,
+    ) -> grain.MapDataset:
+        """The INFINITE training stream: every task shuffled and repeated, interleaved by rate (deterministic)."""
+        rates = self.rates()
+        by_name = {task.name: task for task in self.tasks}
+        datasets = {
+            name: by_name[name].get_dataset(
+                split, seed=seed, shuffle=shuffle, template_set=template_set, num_shots=num_shots, num_epochs=None
+            )
+            for name in rates
+        }
+        return mixing.mix(datasets, rates)
+
+    def __repr__(self) -> str:
+        return f"Mixture({self.name!r}, {[(_member_name(t), r) for t, r in self.members]!r})"
+
+
+def _member_name(target: str | Task | Mixture) -> str:
+    return target if isinstance(target, str) else target.name
+
+
+def _sum_by_name(weighted: Iterable[tuple[Task, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for task, rate in weighted:
+        out[task.name] = out.get(task.name, 0.0) + rate
+    return out
+
+
+def _resolve(target: str | Task | Mixture) -> Task | Mixture:
+    return get(target) if isinstance(target, str) else target
+
+
+# ---------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Task | Mixture] = {}
+_tasks_imported = False
+
+
+class UnknownNameError(DataError, LookupError):
+    """No task or mixture is registered under this name."""
+
+
+def _register(item: Task | Mixture, replace: bool) -> Task | Mixture:
+    existing = _REGISTRY.get(item.name)
+    if existing is not None and existing is not item and not replace:
+        raise DataError(
+            f"{type(item).__name__.lower()} name {item.name!r} is already registered "
+            f"({type(existing).__name__}); pass replace=True to override it"
+        )
+    _REGISTRY[item.name] = item
+    return item
+
+
+def register_task(task: Task, *, replace: bool = False) -> Task:
+    """Registers a task under `task.name` (a duplicate name raises unless replace=True). Returns the task."""
+    if not isinstance(task, Task):
+        raise TypeError(f"register_task needs a Task, got {type(task).__name__}")
+    return _register(task, replace)
+
+
+def register_mixture(mixture: Mixture, *, replace: bool = False) -> Mixture:
+    """Registers a mixture under `mixture.name` (same namespace as tasks). Returns the mixture."""
+    if not isinstance(mixture, Mixture):
+        raise TypeError(f"register_mixture needs a Mixture, got {type(mixture).__name__}")
+    return _register(mixture, replace)
+
+
+def unregister(name: str) -> None:
+    """Removes a name (tests use it to clean up)."""
+    _REGISTRY.pop(name, None)
+
+
+def _import_tasks() -> None:
+    """Imports the `tasks` package once, so that its modules register their tasks and mixtures."""
+    global _tasks_imported
+    if _tasks_imported:
+        return
+    _tasks_imported = True  # set first: tasks modules may call get() while being imported
+    try:
+        importlib.import_module("tasks")
+    except ModuleNotFoundError as error:
+        if error.name != "tasks":
+            _tasks_imported = False
+            raise
+        logging.info("no `tasks` package on the path; only explicitly registered tasks are known")
+    except BaseException:
+        _tasks_imported = False
+        raise
+
+
+def get(name: str) -> Task | Mixture:
+    """The task or mixture registered under `name`; unknown names raise with close matches."""
+    if name not in _REGISTRY:
+        _import_tasks()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(_REGISTRY)} names are registered (data.list_names())"
+        raise UnknownNameError(f"no task or mixture named {name!r}{hint}") from None
+
+
+def get_task(name: str) -> Task:
+    item = get(name)
+    if not isinstance(item, Task):
+        raise DataError(f"{name!r} is a {type(item).__name__}, not a Task")
+    return item
+
+
+def get_mixture(name: str) -> Mixture:
+    """The mixture `name`; a task name gives a one-task mixture, so trainers can take either."""
+    item = get(name)
+    return item if isinstance(item, Mixture) else Mixture(item.name, [(item, 1.0)])
+
+
+def list_names(kind: str | None = None) -> list[str]:
+    """Sorted registered names; kind="task" or "mixture" to filter."""
+    _import_tasks()
+    types = {None: (Task, Mixture), "task": (Task,), "mixture": (Mixture,)}[kind]
+    return sorted(name for name, item in _REGISTRY.items() if isinstance(item, types))
