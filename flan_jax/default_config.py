@@ -111,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
     ev.max_new_tokens = 64
     ev.batch_size = 16
     ev.num_shots = 0  # few-shot exemplars drawn from the training split
+    ev.extra_metrics = ("loss",)  # computed for every task on top of the task's own `metrics`
+    # Rank classification: False scores an option by the SUM of its token log-probs (T0/FLAN);
+    # True by their mean, which removes the sum's bias towards short options.
+    ev.length_normalized_options = False
 
     # ---------------------------------------------------------------- multi-host
     config.distributed = dist = ml_collections.ConfigDict()
