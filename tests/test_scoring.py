@@ -96,3 +96,23 @@ def test_target_loss_is_the_token_weighted_mean():
     tokens = 2 + 5  # targets plus EOS
     assert result["loss"] == pytest.approx(-total / tokens, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(-total / tokens), rel=1e-5)
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_packed_scoring_of_the_real_transformer_equals_one_sequence_at_a_time(prefix_lm):
+    """Packing many sequences per row must not let them see each other (segment_ids, positions)."""
+    from flax import nnx
+
+    from flan_jax import model as fm
+
+    cfg = fm.ModelConfig.for_family(
+        "llama", vocab_size=TOK.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48,
+        max_positions=128,
+    )
+    model = fm.Transformer(cfg, rngs=nnx.Rngs(0))
+    # Model-input lengths 14, 18, 17, 5 in rows of 32: two rows holding two sequences each.
+    texts = [("what is 2+2?", "4"), ("name a colour", "blue"), ("x", "a longer answer"), ("abc", "d")]
+    sequences = [(scoring.encode_prompt(TOK, p), scoring.encode_target(TOK, t)) for p, t in texts]
+    packed = scoring.score_targets(model, sequences, max_len=64, batch_rows=4, prefix_lm=prefix_lm)
+    alone = [scoring.score_targets(model, [s], max_len=64, prefix_lm=prefix_lm)[0] for s in sequences]
+    assert [s.log_likelihood for s in packed] == pytest.approx([s.log_likelihood for s in alone], rel=1e-4, abs=1e-4)
