@@ -1,0 +1,201 @@
+"""Rendered example -> token features for a decoder-only model, with a counted over-long policy.
+
+An example becomes `tokens = [BOS] + encode(inputs) + encode(targets) + [EOS]` and then the shifted pair
+`input_tokens = tokens[:-1]`, `target_tokens = tokens[1:]` (docs/design.md §4). Per position:
+
+  loss_weights  1 where the *target* token is part of the response (targets and EOS), else 0;
+                1 everywhere with `loss_on_inputs`.
+  prefix_mask   1 on BOS + instruction tokens (the part a prefix-LM attends to bidirectionally).
+
+Over-long examples (more than `seq_len` features) follow `overlong`:
+
+  "drop"      the example is skipped (and counted).
+  "truncate"  the response is kept whole and the *middle* of the instruction is cut: its first and last
+              halves survive. FLAN/T0 prompts put the task description at the start and the question or
+              answer cue ("Answer:", "The sentiment is") at the end; cutting the middle keeps both.
+              The instruction always keeps at least a quarter of the row (or all of itself when shorter),
+              so a response is never trained on without its prompt; a response longer than the rest is cut
+              at its end and then gets no EOS (the model must not learn to stop mid-answer).
+
+Every truncation and drop is counted per task in `FeatureStats`, which the loader logs and checkpoints
+and `inspect_mixture` reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from flan_jax.data.tokenizer import Tokenizer
+
+FEATURE_KEYS = ("input_tokens", "target_tokens", "loss_weights", "prefix_mask")
+FEATURE_DTYPES = {
+    "input_tokens": np.int32,
+    "target_tokens": np.int32,
+    "loss_weights": np.float32,
+    "prefix_mask": np.int32,
+}
+OVERLONG_POLICIES = ("truncate", "drop")
+
+
+class Outcome(str, enum.Enum):
+    """What happened to one example on its way to features."""
+
+    KEPT = "kept"
+    TRUNCATED = "truncated"  # instruction cut (response whole)
+    RESPONSE_TRUNCATED = "response_truncated"  # the response itself was cut too
+    DROPPED = "dropped"
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    seq_len: int
+    loss_on_inputs: bool = False
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"config.data.overlong={self.overlong!r}: expected one of {OVERLONG_POLICIES}")
+        if self.seq_len < 8:
+            raise ValueError(f"config.data.seq_len={self.seq_len} is too short to hold an example")
+
+    @classmethod
+    def from_data_config(cls, data_config: Any) -> FeatureConfig:
+        return cls(
+            seq_len=int(data_config.seq_len),
+            loss_on_inputs=bool(data_config.loss_on_inputs),
+            overlong=str(data_config.overlong),
+        )
+
+
+def _cut_middle(ids: Sequence[int], keep: int) -> Sequence[int]:
+    """The first `keep // 2` and the last `keep - keep // 2` ids."""
+    if keep >= len(ids):
+        return ids
+    head = keep // 2
+    tail = keep - head
+    return list(ids[:head]) + (list(ids[len(ids) - tail :]) if tail else [])
+
+
+def build_features(
+    input_ids: Sequence[int],
+    target_ids: Sequence[int],
+    *,
+    bos_id: int,
+    eos_id: int,
+    config: FeatureConfig,
+) -> tuple[dict[str, np.ndarray] | None, Outcome]:
+    """Features of one tokenized example (None when dropped) and what was done to fit it."""
+    budget = config.seq_len - 1  # BOS + inputs + targets + EOS gives len(inputs) + len(targets) + 1 features
+    outcome = Outcome.KEPT
+    add_eos = True
+    if len(input_ids) + len(target_ids) > budget:
+        if config.overlong == "drop":
+            return None, Outcome.DROPPED
+        min_inputs = min(len(input_ids), budget // 4)
+        if len(target_ids) <= budget - min_inputs:
+            outcome = Outcome.TRUNCATED
+            keep_inputs = budget - len(target_ids)
+        else:  # without EOS, instruction + response may fill all seq_len features
+            outcome = Outcome.RESPONSE_TRUNCATED
+            keep_inputs = min_inputs
+            target_ids = target_ids[: config.seq_len - min_inputs]
+            add_eos = False
+        input_ids = _cut_middle(input_ids, keep_inputs)
+
+    num_inputs = len(input_ids)
+    tokens = np.empty(2 + num_inputs + len(target_ids), dtype=np.int32)
+    tokens[0] = bos_id
+    tokens[1 : 1 + num_inputs] = input_ids
+    tokens[1 + num_inputs : 1 + num_inputs + len(target_ids)] = target_ids
+    if add_eos:
+        tokens[-1] = eos_id
+    else:
+        tokens = tokens[:-1]
+    length = len(tokens) - 1
+
+    loss_weights = np.ones(length, dtype=np.float32)
+    if not config.loss_on_inputs:
+        loss_weights[:num_inputs] = 0.0  # targets 0..num_inputs-1 are instruction tokens
+    prefix_mask = np.zeros(length, dtype=np.int32)
+    prefix_mask[: num_inputs + 1] = 1  # BOS + instruction
+    features = {
+        "input_tokens": tokens[:-1],
+        "target_tokens": tokens[1:],
+        "loss_weights": loss_weights,
+        "prefix_mask": prefix_mask,
+    }
+    return features, outcome
+
+
+def featurize(
+    example: Mapping[str, Any], tokenizer: Tokenizer, config: FeatureConfig
+) -> tuple[dict[str, np.ndarray] | None, Outcome]:
+    """Tokenizes a rendered example (docs/design.md §1) and builds its features."""
+    input_ids, target_ids = tokenizer.encode_batch([example["inputs"], example["targets"]])
+    return build_features(
+        input_ids, target_ids, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, config=config
+    )
+
+
+@dataclasses.dataclass
+class TaskCounts:
+    examples: int = 0  # examples seen (kept, truncated or dropped)
+    tokens: int = 0  # features kept (after truncation)
+    truncated: int = 0  # instruction cut, response whole
+    response_truncated: int = 0  # response cut too
+    dropped: int = 0
+
+    @property
+    def overlong(self) -> int:
+        return self.truncated + self.response_truncated + self.dropped
+
+
+class FeatureStats:
+    """Per-task counts of examples, kept tokens, truncations and drops. JSON-friendly for checkpoints."""
+
+    def __init__(self):
+        self.by_task: dict[str, TaskCounts] = {}
+
+    def add(self, task: str, outcome: Outcome, num_tokens: int) -> None:
+        counts = self.by_task.get(task)
+        if counts is None:
+            counts = self.by_task[task] = TaskCounts()
+        counts.examples += 1
+        counts.tokens += num_tokens
+        if outcome is Outcome.TRUNCATED:
+            counts.truncated += 1
+        elif outcome is Outcome.RESPONSE_TRUNCATED:
+            counts.response_truncated += 1
+        elif outcome is Outcome.DROPPED:
+            counts.dropped += 1
+
+    def total(self) -> TaskCounts:
+        total = TaskCounts()
+        for counts in self.by_task.values():
+            for field in dataclasses.fields(TaskCounts):
+                setattr(total, field.name, getattr(total, field.name) + getattr(counts, field.name))
+        return total
+
+    def merge(self, other: FeatureStats) -> None:
+        for task, counts in other.by_task.items():
+            mine = self.by_task.setdefault(task, TaskCounts())
+            for field in dataclasses.fields(TaskCounts):
+                setattr(mine, field.name, getattr(mine, field.name) + getattr(counts, field.name))
+
+    def to_dict(self) -> dict[str, dict[str, int]]:
+        return {task: dataclasses.asdict(counts) for task, counts in sorted(self.by_task.items())}
+
+    def load_dict(self, state: Mapping[str, Mapping[str, int]]) -> None:
+        self.by_task = {task: TaskCounts(**counts) for task, counts in state.items()}
+
+    def summary(self) -> str:
+        total = self.total()
+        return (
+            f"{total.examples:,} examples: {total.truncated:,} instruction-truncated, "
+            f"{total.response_truncated:,} response-truncated, {total.dropped:,} dropped"
+        )

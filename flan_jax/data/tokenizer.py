@@ -1,0 +1,311 @@
+"""Tokenizers with explicit BOS/EOS/PAD ids: sentencepiece `.model` files and HF `tokenizer.json`.
+
+The rest of the pipeline needs only `encode`, `encode_batch`, `decode`, `bos_id`, `eos_id`, `pad_id` and
+`vocab_size` (docs/design.md §3), so both kinds sit behind one small interface.
+
+`pad_id` is always 0. Padding positions are masked out by `segment_ids == 0` and zero loss weights, so
+what id 0 means in an external vocabulary (often `<unk>`) never matters. Tokenizers trained here put
+`<pad>` at 0, `<unk>` at 1, `<s>` (BOS) at 2 and `</s>` (EOS) at 3.
+
+A tokenizer trained here round-trips text exactly (`decode(encode(s)) == s`): newlines, tabs and
+repeated spaces survive (JAX_STACK_NOTES gotcha 8), unseen characters fall back to bytes, and no
+dummy prefix space is added, so `encode(inputs) + encode(targets)` decodes to `inputs + targets`.
+
+Train one from a registered mixture:
+
+  python -m flan_jax.data.tokenizer --mixture=NAME --vocab_size=8000 --out=/tmp/tok.model
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+import os
+import pathlib
+import tempfile
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3
+
+# Tokens tried, in order, when an HF tokenizer.json does not say which token is BOS / EOS
+# (tokenizer.json has no such field; it lives in tokenizer_config.json when that file exists).
+_HF_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|endoftext|>")
+_HF_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>")
+
+# Fixed seed for sentencepiece's internal sampling, so the same texts always give the same model.
+_TRAINING_SEED = 1234
+
+
+class Tokenizer:
+    """The tokenizer interface the data pipeline, trainer and evaluator rely on."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int = PAD_ID
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS (the features stage adds those)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`encode` for several texts in one native call (much faster than a Python loop)."""
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; PAD/BOS/EOS ids are dropped."""
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (`.model` file or serialized proto bytes)."""
+
+    def __init__(self, model: str | os.PathLike | bytes, *, name: str = ""):
+        if isinstance(model, bytes):
+            self._sp = spm.SentencePieceProcessor(model_proto=model)
+            self.name = name or "<in-memory sentencepiece model>"
+        else:
+            path = pathlib.Path(model)
+            if not path.is_file():
+                raise FileNotFoundError(f"sentencepiece model {path} does not exist")
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+            self.name = name or str(path)
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id = self._sp.bos_id()
+        self.eos_id = self._sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"sentencepiece model {self.name} has no BOS or EOS piece (bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}); train it with bos_id/eos_id set, e.g. with train_sentencepiece()"
+            )
+        self._special = {self.pad_id, self.bos_id, self.eos_id}
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self._sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) not in self._special])
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, read with the `tokenizers` library (no transformers needed).
+
+    BOS/EOS come from `bos_token`/`eos_token` when given, else from a `tokenizer_config.json` beside the
+    file, else from the usual names (`<s>`, `<|endoftext|>`, ...). Models without a BOS token (GPT-2)
+    use their EOS token as BOS, as they were trained.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, bos_token: str = "", eos_token: str = ""):
+        import tokenizers  # local import: only needed for this kind
+
+        path = pathlib.Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"HF tokenizer file {path} does not exist")
+        self.name = str(path)
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        named = _special_tokens_from_config(path.parent / "tokenizer_config.json")
+        self.bos_id = self._find_token(bos_token or named.get("bos_token"), _HF_BOS_CANDIDATES, "BOS")
+        self.eos_id = self._find_token(eos_token or named.get("eos_token"), _HF_EOS_CANDIDATES, "EOS")
+        self._special = {self.pad_id, self.bos_id, self.eos_id}
+
+    def _find_token(self, wanted: str | None, candidates: Sequence[str], role: str) -> int:
+        names = [wanted] if wanted else list(candidates)
+        for token in names:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        raise ValueError(
+            f"HF tokenizer {self.name}: no {role} token found (tried {names}); "
+            f"set config.data.tokenizer.{role.lower()}_token"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=False)
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+
+def _special_tokens_from_config(path: pathlib.Path) -> dict[str, str]:
+    """bos_token / eos_token from an HF tokenizer_config.json (strings or AddedToken dicts)."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from error
+    found = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            found[key] = value
+    return found
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """Trains a unigram sentencepiece model on `texts` and returns its serialized bytes.
+
+    Deterministic: the same texts in the same order give byte-identical models (single thread, no input
+    sampling or shuffling, fixed seed). Settings keep text exact (gotcha 8), split digits and fall back to
+    bytes for unseen characters. `vocab_size` is an upper bound: a small corpus gives a smaller vocabulary
+    rather than an error (check `Tokenizer.vocab_size`).
+    """
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small: 256 byte pieces + 4 special ids need room")
+    spm.set_random_generator_seed(_TRAINING_SEED)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(t for t in texts if t),
+        model_writer=model,
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        add_dummy_prefix=False,
+        byte_fallback=True,
+        split_digits=True,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_piece="<pad>",
+        unk_piece="<unk>",
+        bos_piece="<s>",
+        eos_piece="</s>",
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=1 << 16,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def mixture_texts(mixture: str, *, split: str = "train", num_examples: int, seed: int = 0) -> list[str]:
+    """Inputs and targets of the first `num_examples` examples of a registered task or mixture."""
+    from flan_jax import data  # local import: the registry imports tasks/, which may import this module
+
+    dataset = data.get(mixture).get_dataset(split, seed=seed, shuffle=True)
+    texts = []
+    for example in itertools.islice(iter(dataset), num_examples):
+        texts.append(example["inputs"])
+        texts.append(example["targets"])
+    if not texts:
+        raise ValueError(f"mixture {mixture!r} split {split!r} has no examples to train a tokenizer on")
+    return texts
+
+
+def write_atomically(path: pathlib.Path, content: bytes) -> None:
+    """Writes `content` so that a reader never sees a half-written file (rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", delete=False) as handle:
+        handle.write(content)
+        temporary = handle.name
+    os.replace(temporary, path)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(
+    tok_config: Any,
+    *,
+    workdir: str | os.PathLike | None = None,
+    train_texts: Iterable[str] | None = None,
+    train_mixture: str = "",
+    train_split: str = "train",
+) -> Tokenizer:
+    """The tokenizer `config.data.tokenizer` describes (see flan_jax/default_config.py).
+
+    With an empty `tok_config.path`, a sentencepiece model is trained into `workdir/tokenizer.model`
+    (reused when already there, so a resumed run keeps its vocabulary) from `train_texts`, or else
+    from the first `tok_config.train_examples` examples of `train_mixture`.
+    `config.data` itself may be passed instead of `config.data.tokenizer`: its `train_mixture` and
+    `train_split` are then used.
+    """
+    if "tokenizer" in tok_config:  # the whole data config
+        train_mixture = train_mixture or tok_config.train_mixture
+        train_split = tok_config.get("train_split", train_split)
+        tok_config = tok_config.tokenizer
+    kind = tok_config.kind
+    if kind not in ("sentencepiece", "hf"):
+        raise ValueError(f"config.data.tokenizer.kind={kind!r}: expected 'sentencepiece' or 'hf'")
+    if tok_config.path:
+        if kind == "hf":
+            return HFTokenizer(
+                tok_config.path,
+                bos_token=tok_config.get("bos_token", ""),
+                eos_token=tok_config.get("eos_token", ""),
+            )
+        return SentencePieceTokenizer(tok_config.path)
+
+    if kind != "sentencepiece":
+        raise ValueError("config.data.tokenizer.path is empty: only a sentencepiece tokenizer can be trained")
+    if workdir is None:
+        raise ValueError("config.data.tokenizer.path is empty and no workdir was given to train a tokenizer into")
+    path = pathlib.Path(workdir) / "tokenizer.model"
+    if path.is_file():
+        logging.info("Reusing the tokenizer trained earlier in %s", path)
+        return SentencePieceTokenizer(path)
+    if train_texts is None:
+        if not train_mixture:
+            raise ValueError("no tokenizer path, no training texts and no mixture to train a tokenizer on")
+        train_texts = mixture_texts(train_mixture, split=train_split, num_examples=tok_config.train_examples)
+    logging.info("Training a %d-piece sentencepiece tokenizer into %s", tok_config.vocab_size, path)
+    write_atomically(path, train_sentencepiece(train_texts, tok_config.vocab_size))
+    return SentencePieceTokenizer(path)
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    del argv
+    FLAGS = flags.FLAGS
+    texts = mixture_texts(FLAGS.mixture, split=FLAGS.split, num_examples=FLAGS.train_examples, seed=FLAGS.seed)
+    out = pathlib.Path(FLAGS.out)
+    write_atomically(out, train_sentencepiece(texts, FLAGS.vocab_size))
+    tokenizer = SentencePieceTokenizer(out)
+    print(f"Wrote {out}: {tokenizer.vocab_size} pieces from {len(texts) // 2} examples of {FLAGS.mixture!r}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("mixture", None, "registered task or mixture to read texts from", required=True)
+    flags.DEFINE_integer("vocab_size", 8000, "upper bound on the number of pieces")
+    flags.DEFINE_string("out", None, "path of the .model file to write", required=True)
+    flags.DEFINE_integer("train_examples", 50_000, "examples (inputs and targets) to train on")
+    flags.DEFINE_string("split", "train", "split of the mixture")
+    flags.DEFINE_integer("seed", 0, "seed of the mixture's example order")
+    app.run(main)
