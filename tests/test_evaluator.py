@@ -123,3 +123,50 @@ def test_generate_texts_batches_keep_the_order():
         BigramModel(_table()), TOK, prompts, max_new_tokens=3, max_len=32, batch_size=2, generate_fn=greedy_bigram_generate
     )
     assert texts == ["y", "z", "y", "z", "y"]
+
+
+@pytest.fixture
+def registered_task():
+    """A real flan_jax.data task: eval templates differ from training ones, answer options, a train split for shots."""
+    from flan_jax import data
+
+    records = {
+        "train": [{"q": f"tr{i}", "a": "y", "choices": ["y", "a"]} for i in range(5)],
+        "validation": [{"q": f"va{i}x", "a": "y", "choices": ["a", "y"]} for i in range(3)],
+    }
+    task = data.Task(
+        "eval_test_registered",
+        data.InMemorySource(records),
+        [("train template {q}", "{a}")],
+        eval_templates=[("held-out template {q}", "{a}")],
+        metrics=("exact_match", "rank_classification"),
+        cluster="testing",
+        options_field="choices",
+    )
+    data.register_task(task, replace=True)
+    yield task
+    data.unregister(task.name)
+
+
+def test_zero_and_few_shot_from_the_same_registered_task(registered_task, tmp_path):
+    config = _config()
+    config.eval.mixtures = (registered_task.name,)
+    model = BigramModel(_table())
+    zero = evaluator.evaluate(model, TOK, config, workdir=str(tmp_path), step=1, generate_fn=greedy_bigram_generate)
+    config.eval.num_shots = 2
+    few = evaluator.evaluate(model, TOK, config, workdir=str(tmp_path), step=2, generate_fn=greedy_bigram_generate)
+
+    def records(step):
+        return [json.loads(line) for line in (tmp_path / "eval" / f"predictions_{step}.jsonl").read_text().splitlines()]
+
+    zero_records, few_records = records(1), records(2)
+    assert [r["inputs"] for r in zero_records] == [f"held-out template va{i}x" for i in range(3)]
+    for z, f in zip(zero_records, few_records):
+        # Same query, rendered with the same (held-out) template, after two exemplars from the train split.
+        assert f["inputs"].endswith(z["inputs"]) and f["inputs"].count("held-out template tr") == 2
+        assert z["options"] == ["a", "y"]
+    # The model answers "y" after "x", and prefers option "y": both metrics are perfect, zero- and few-shot.
+    for results in (zero, few):
+        assert results["tasks"][registered_task.name]["metrics"]["exact_match"] == pytest.approx(100.0)
+        assert results["tasks"][registered_task.name]["metrics"]["rank_classification"] == pytest.approx(100.0)
+        assert results["clusters"]["testing"]["num_tasks"] == 1
