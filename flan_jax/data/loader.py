@@ -1,0 +1,325 @@
+"""The training input pipeline: mixed examples -> features -> packed rows -> batches, resumable.
+
+Why row slots: a run must see the same global batches whatever its process count (so a multi-host run
+equals a single-host one, and a restart equals an uninterrupted run). Each row slot `r` of the global
+batch (0 <= r < batch_size) therefore has its own pipeline, fed by the examples of the mixed stream whose
+index is `r (mod batch_size)`:
+
+    mixed stream[r::B] -> tokenize + truncate (counted) -> best-fit packing -> row r of every batch
+
+Process `p` of `P` owns the contiguous slots `[p*B/P, (p+1)*B/P)` and only ever reads, renders and
+tokenizes the examples of its own slots. Concatenating the batches of all processes in process order gives
+exactly the batch of a single-process run. Every stage is a grain dataset, so the state of an iterator is
+a small JSON dict (stream positions, packer positions, overlong counts) that
+`grain.checkpoint.CheckpointSave/CheckpointRestore` (inside an Orbax `ocp.args.Composite`) or
+`get_state()/set_state()` save and restore exactly.
+
+The mixed stream is infinite: a mixture's training stream already is, a single task is repeated with a
+new shuffle each epoch (`grain.MapDataset.repeat` reseeds its shuffle per epoch).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from flan_jax.data import packing
+from flan_jax.data.errors import DataError
+from flan_jax.data.features import FeatureConfig, FeatureStats, Outcome, featurize
+from flan_jax.data.tokenizer import Tokenizer
+
+_log = logging.getLogger(__name__)
+_STATE_VERSION = 1
+# Synchronous reads: parallelism comes from grain worker processes (config.data.worker_count), since
+# tokenization holds the GIL and threads per row slot would multiply with the batch size.
+_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+# --------------------------------------------------------------------------- the mixed stream
+
+
+def endless(examples: grain.MapDataset) -> grain.MapDataset:
+    """`examples` repeated forever (unchanged when already infinite)."""
+    if len(examples) == 0:
+        raise ValueError("the training dataset is empty")
+    if len(examples) >= sys.maxsize:
+        return examples
+    return examples.repeat()
+
+
+def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
+    """The infinite stream of rendered training examples of `config.data.train_mixture`."""
+    from flan_jax import data  # local import: the registry imports tasks/ on first lookup
+
+    if not data_config.train_mixture:
+        raise ValueError("config.data.train_mixture is empty: name a registered task or mixture")
+    dataset = data.get(data_config.train_mixture).get_dataset(data_config.train_split, seed=seed, shuffle=True)
+    return endless(dataset)
+
+
+# --------------------------------------------------------------------------- tokenize + count
+
+
+class FeaturizeIterDataset(grain.IterDataset):
+    """Rendered examples -> feature dicts; over-long examples truncated or dropped and counted in `stats`.
+
+    The counts are part of the iterator state, so a restored run continues them exactly; `feature_stats` mirrors
+    the counts of the (single) iterator made from this dataset.
+    """
+
+    def __init__(
+        self, parent: grain.IterDataset, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats
+    ):
+        super().__init__(parent)
+        self._tokenizer = tokenizer
+        self._config = config
+        self.feature_stats = stats
+
+    def __iter__(self) -> _FeaturizeIterator:
+        return _FeaturizeIterator(self._parent.__iter__(), self._tokenizer, self._config, self.feature_stats)
+
+    def __str__(self) -> str:
+        return f"FeaturizeIterDataset(seq_len={self._config.seq_len}, overlong={self._config.overlong!r})"
+
+
+class _FeaturizeIterator(grain.DatasetIterator):
+    def __init__(self, parent, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats):
+        super().__init__(parent)
+        self._tokenizer = tokenizer
+        self._config = config
+        self._feature_stats = stats
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while True:
+            example = next(self._parent)
+            task = example.get("task", "?")
+            try:
+                features, outcome = featurize(example, self._tokenizer, self._config)
+            except KeyError as error:
+                raise DataError(
+                    f"rendered example has no {error.args[0]!r} (expected keys inputs, targets, task)",
+                    task=task,
+                    field=str(error.args[0]),
+                ) from error
+            self._feature_stats.add(task, outcome, 0 if features is None else len(features["input_tokens"]))
+            if outcome is not Outcome.DROPPED:
+                return features
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "counts": self._feature_stats.to_dict()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._feature_stats.load_dict(state["counts"])
+
+
+# --------------------------------------------------------------------------- batches of row slots
+
+
+class TrainBatchDataset(grain.IterDataset):
+    """Stacks one row from each local row slot's pipeline into a `[local_rows, seq_len]` batch."""
+
+    def __init__(
+        self,
+        slot_rows: list[grain.IterDataset],
+        *,
+        slots: list[int],
+        slot_stats: list[FeatureStats],
+        fingerprint: dict[str, Any],
+    ):
+        super().__init__(slot_rows)
+        self.slots = slots
+        self.slot_stats = slot_stats
+        self.fingerprint = fingerprint
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(
+            [parent.__iter__() for parent in self._parents],
+            slots=self.slots,
+            slot_stats=self.slot_stats,
+            fingerprint=self.fingerprint,
+        )
+
+    def __str__(self) -> str:
+        return f"TrainBatchDataset(slots={self.slots[0]}..{self.slots[-1]})"
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Yields batch dicts (docs/design.md §4); `get_state`/`set_state` and `stats` (overlong counts)."""
+
+    def __init__(self, parents, *, slots: list[int], slot_stats: list[FeatureStats], fingerprint: dict[str, Any]):
+        super().__init__(parents)
+        self._slots = slots
+        self._slot_stats = slot_stats
+        self._fingerprint = fingerprint
+        self._next_overlong_report = 1
+
+    @property
+    def stats(self) -> FeatureStats:
+        """Per-task counts of the examples this process consumed (kept, truncated, dropped, tokens)."""
+        merged = FeatureStats()
+        for stats in self._slot_stats:
+            merged.merge(stats)
+        return merged
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [next(parent) for parent in self._parents]
+        batch = {key: np.stack([row[key] for row in rows]) for key in packing.BATCH_KEYS}
+        self._report_overlong()
+        return batch
+
+    def _report_overlong(self) -> None:
+        """Logs the overlong counts each time they reach a new power of two (few lines, never silent)."""
+        overlong = sum(stats.total().overlong for stats in self._slot_stats)
+        if overlong >= self._next_overlong_report:
+            while self._next_overlong_report <= overlong:
+                self._next_overlong_report *= 2
+            _log.warning(
+                "data: over-long examples (seq_len %d, policy %r) so far: %s",
+                self._fingerprint["seq_len"],
+                self._fingerprint["overlong"],
+                self.stats.summary(),
+            )
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "pipeline": self._fingerprint,
+            "slots": {str(slot): parent.get_state() for slot, parent in zip(self._slots, self._parents)},
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"data iterator state has version {state.get('version')}, expected {_STATE_VERSION}")
+        if state["pipeline"] != self._fingerprint:
+            changed = sorted(
+                key
+                for key in set(state["pipeline"]) | set(self._fingerprint)
+                if state["pipeline"].get(key) != self._fingerprint.get(key)
+            )
+            raise ValueError(
+                "the data iterator in the checkpoint was made with different settings "
+                + ", ".join(f"{k}: {state['pipeline'].get(k)!r} -> {self._fingerprint.get(k)!r}" for k in changed)
+                + "; resuming would change the data stream"
+            )
+        saved_slots = sorted(int(slot) for slot in state["slots"])
+        if saved_slots != self._slots:
+            raise ValueError(
+                f"the data iterator in the checkpoint holds row slots {saved_slots[0]}..{saved_slots[-1]} but this "
+                f"process owns {self._slots[0]}..{self._slots[-1]}: resume with the same process count"
+            )
+        for slot, parent in zip(self._slots, self._parents):
+            parent.set_state(state["slots"][str(slot)])
+        overlong = sum(stats.total().overlong for stats in self._slot_stats)
+        self._next_overlong_report = 1
+        while self._next_overlong_report <= overlong:
+            self._next_overlong_report *= 2
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _process_slots(batch_size: int, process_index: int | None, process_count: int | None) -> list[int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is outside 0..{process_count - 1}")
+    if batch_size % process_count:
+        raise ValueError(
+            f"config.data.batch_size={batch_size} must be divisible by the process count {process_count}"
+        )
+    rows = batch_size // process_count
+    return list(range(process_index * rows, (process_index + 1) * rows))
+
+
+def _slot_seed(seed: int, slot: int) -> int:
+    return (seed * 1_000_003 + slot) % (2**31)
+
+
+def make_train_dataset(
+    data_config: Any,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    examples: grain.MapDataset | None = None,
+) -> TrainBatchDataset:
+    """The batches of this process as a grain dataset (see `make_train_iterator`)."""
+    if examples is None:
+        examples = mixed_examples(data_config, seed=seed)
+        source_name = f"{data_config.train_mixture}:{data_config.train_split}"
+    else:
+        examples = endless(examples)
+        source_name = "<examples given to the loader>"
+    feature_config = FeatureConfig.from_data_config(data_config)
+    global_rows = int(data_config.batch_size)
+    slots = _process_slots(global_rows, process_index, process_count)
+    slot_rows, slot_stats = [], []
+    for slot in slots:
+        stats = FeatureStats()
+        rendered = examples[slot::global_rows].to_iter_dataset(_READ_OPTIONS)
+        features = FeaturizeIterDataset(rendered, tokenizer, feature_config, stats)
+        if data_config.pack:
+            rows = packing.pack(
+                features,
+                seq_len=feature_config.seq_len,
+                num_packing_bins=int(data_config.num_packing_bins),
+                seed=_slot_seed(seed, slot),
+            )
+        else:
+            rows = packing.pad(features, seq_len=feature_config.seq_len)
+        slot_rows.append(rows)
+        slot_stats.append(stats)
+    fingerprint = {
+        "source": source_name,
+        "seed": int(seed),
+        "batch_size": global_rows,
+        "seq_len": feature_config.seq_len,
+        "pack": bool(data_config.pack),
+        "num_packing_bins": int(data_config.num_packing_bins),
+        "overlong": feature_config.overlong,
+        "loss_on_inputs": feature_config.loss_on_inputs,
+        "vocab_size": int(tokenizer.vocab_size),
+    }
+    return TrainBatchDataset(slot_rows, slots=slots, slot_stats=slot_stats, fingerprint=fingerprint)
+
+
+def make_train_iterator(
+    data_config: Any,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    examples: grain.MapDataset | None = None,
+) -> grain.DatasetIterator:
+    """An endless iterator of this process's batches: dicts of `[batch_size / process_count, seq_len]` arrays.
+
+    The batches depend only on the seed and the data config (not on the process count). `examples`
+    replaces the registered `config.data.train_mixture` (tests, benchmarks). With
+    `config.data.worker_count > 0`, batches are built in that many grain worker processes; the stream
+    is then a different (equally deterministic) interleaving, and `stats` lives in the workers.
+    """
+    dataset = make_train_dataset(
+        data_config,
+        tokenizer,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        examples=examples,
+    )
+    if data_config.worker_count > 0:
+        return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))))
+    return iter(dataset)
+
+
+__all__ = ["make_train_iterator", "make_train_dataset", "mixed_examples", "TrainIterator", "endless"]
