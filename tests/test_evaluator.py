@@ -170,3 +170,24 @@ def test_zero_and_few_shot_from_the_same_registered_task(registered_task, tmp_pa
         assert results["tasks"][registered_task.name]["metrics"]["exact_match"] == pytest.approx(100.0)
         assert results["tasks"][registered_task.name]["metrics"]["rank_classification"] == pytest.approx(100.0)
         assert results["clusters"]["testing"]["num_tasks"] == 1
+
+
+def test_evaluate_with_the_real_transformer_and_generate(registered_task, tmp_path):
+    """The default path (flan_jax.model.generate) end to end; near-uniform logits give loss ~ log(vocab)."""
+    from flax import nnx
+
+    from flan_jax import model as fm
+
+    cfg = fm.ModelConfig.for_family(
+        "llama", vocab_size=TOK.vocab_size, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=32,
+        max_positions=128, init_std=1e-4,
+    )
+    model = fm.Transformer(cfg, rngs=nnx.Rngs(0))
+    config = _config()
+    config.eval.mixtures = (registered_task.name,)
+    results = evaluator.evaluate(model, TOK, config, workdir=str(tmp_path), step=3)
+    metrics = results["tasks"][registered_task.name]["metrics"]
+    assert metrics["loss"] == pytest.approx(np.log(TOK.vocab_size), abs=0.05)
+    assert 0.0 <= metrics["exact_match"] <= 100.0 and 0.0 <= metrics["rank_classification"] <= 100.0
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions_3.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(isinstance(r["prediction"], str) for r in records)
