@@ -17,11 +17,13 @@ import importlib
 import logging
 import random
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Union
 
 import grain
+import numpy as np
 
 from flan_jax.data import mixing
 from flan_jax.data.errors import DataError
@@ -190,25 +192,31 @@ class Task:
                 return grain.MapDataset.source(records)
             raise DataError(f"split {split!r} has no examples to repeat (empty files: {self.source.empty_files})", task=self.name)
         exemplars = self.records(self.few_shot.split) if num_shots else None
-        renderer = _Renderer(self, records, templates, seed, num_shots, exemplars, exclude_self=split == self.few_shot.split)
+        order_seed = mixing.stable_seed(seed, self.name) if shuffle else None
+        renderer = _Renderer(
+            self, records, templates, seed, order_seed, num_shots, exemplars, exclude_self=split == self.few_shot.split
+        )
         renderer.check(records[0])  # fail early, before a training run starts, on template/field mismatches
-        ds = grain.MapDataset.range(len(records))
-        if shuffle:
-            ds = ds.shuffle(seed=mixing.stable_seed(seed, self.name))
-        if num_epochs != 1:
-            ds = ds.repeat(num_epochs)
-        return ds.map_with_index(renderer)
+        length = sys.maxsize if num_epochs is None else len(records) * num_epochs
+        return grain.MapDataset.range(length).map_with_index(renderer)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {self.source!r}, templates={[t.name for t in self.templates]})"
 
 
 class _Renderer:
-    """Renders (stream position, record index) into an example dict. A class, so grain workers can pickle it."""
+    """Renders stream position k into an example dict (a class, so grain workers can pickle it).
 
-    def __init__(self, task: Task, records, templates, seed, num_shots, exemplars, exclude_self):
+    Position k is record `order(k // n)[k % n]` of the split: each epoch is a fresh permutation
+    (numpy's PCG64 seeded by (task seed, epoch), computed once per epoch), which costs one list
+    lookup per example, unlike a per-index bijective shuffle.
+    """
+
+    def __init__(self, task: Task, records, templates, seed, order_seed, num_shots, exemplars, exclude_self):
         self.task_name = task.name
         self.records = records
+        self.order_seed = order_seed  # None: records in file order
+        self._orders: dict[int, list[int]] = {}
         self.templates = templates
         self.seed = seed
         self.options_field = task.options_field
@@ -236,7 +244,20 @@ class _Renderer:
         fields[OPTIONS_FIELD] = render_options(options, style)
         return fields, list(options)
 
-    def __call__(self, position: int, index: int) -> dict:
+    def _order(self, epoch: int) -> list[int]:
+        """The record order of one epoch: a fresh permutation per epoch (no repeats within an epoch)."""
+        order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.order_seed, epoch]).permutation(len(self.records)).tolist()
+            if len(self._orders) >= 2:  # streams move forward: keep the current and the previous epoch
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = order
+        return order
+
+    def __call__(self, position: int, _: int) -> dict:
+        epoch, index = divmod(position, len(self.records))
+        if self.order_seed is not None:
+            index = self._order(epoch)[index]
         record = self.records[index]
         template = self.templates[choose(self.seed, position, len(self.templates))]
         style = self.option_styles[choose(self.seed, position, len(self.option_styles), _SALT_OPTIONS)]

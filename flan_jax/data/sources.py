@@ -488,7 +488,8 @@ class TfdsSource(Source):
         super().__init__()
         self.name = name
         self._data_dir = None if data_dir is None else str(data_dir)
-        self._splits = tuple(splits) if splits is not None else None
+        self._requested_splits = tuple(splits) if splits is not None else None
+        self._splits = self._requested_splits  # discovered from the builder info on first use when None
         self.field_map = dict(field_map or {})
 
     def _resolved_data_dir(self) -> str | None:
@@ -534,7 +535,10 @@ class TfdsSource(Source):
         return record
 
     def __repr__(self) -> str:
-        return f"TfdsSource({self.name!r}, data_dir={self._data_dir!r}, splits={self._splits!r}, field_map={self.field_map!r})"
+        return (
+            f"TfdsSource({self.name!r}, data_dir={self._data_dir!r}, splits={self._requested_splits!r}, "
+            f"field_map={self.field_map!r})"
+        )
 
 
 def _to_python(value: Any) -> Any:
