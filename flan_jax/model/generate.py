@@ -1,0 +1,207 @@
+"""Autoregressive decoding with a KV cache, jitted once per shape bucket.
+
+    from flan_jax.model.generate import generate
+    new_tokens = generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=32, eos_id=2)
+
+How a batch of prompts of different lengths is laid out: prompts are LEFT-padded to a common
+length P, so every row writes the same cache slot at each step (a plain dynamic_update_slice).
+Padding gets segment id 0 and is masked out of every key set; positions restart at 0 on each
+row's first real token, so a row decodes exactly as it would alone.
+
+Compilation: the prompt length is rounded up to a power of two (at least 8), the batch to a
+power of two (dummy rows are dropped from the output) and `max_new_tokens` to a power of two
+(the loop stops at the real limit, or earlier when every row has produced EOS). One compiled
+program therefore serves every batch of an evaluation run with similar lengths. Sampling
+settings that change the program (greedy or not, top-k, whether top-p is on) are static;
+temperature and top-p values are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flan_jax.model.transformer import Transformer, attention_mask
+
+
+@dataclasses.dataclass
+class Generation:
+    """Raw decoding output for the real rows of a batch.
+
+    tokens: [batch, steps] int32 (pad_id after EOS); lengths: new tokens before EOS per row;
+    logits: [batch, steps, vocab] float32, the distribution each token was chosen from
+    (only with return_logits=True).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logits: np.ndarray | None = None
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def generate(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt (EOS excluded). temperature 0 = greedy."""
+    return generate_arrays(
+        model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+        temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+    ).as_lists()
+
+
+def generate_arrays(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    return_logits: bool = False,
+) -> Generation:
+    """Like `generate`, returning arrays (and optionally the per-step logits, for tests)."""
+    if not prompts:
+        return Generation(np.zeros((0, max_new_tokens), np.int32), np.zeros((0,), np.int32))
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty: decoding needs at least one token (e.g. BOS)")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    cfg = model.cfg
+    longest = max(len(p) for p in prompts)
+    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_positions:
+        raise ValueError(
+            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"{cfg.max_positions} learned positions"
+        )
+
+    batch = _bucket(len(prompts), minimum=1)
+    prompt_len = _bucket(longest, minimum=8)
+    tokens = np.full((batch, prompt_len), pad_id, np.int32)
+    segments = np.zeros((batch, prompt_len), np.int32)
+    positions = np.zeros((batch, prompt_len), np.int32)
+    for row in range(batch):
+        prompt = prompts[row] if row < len(prompts) else [pad_id]  # dummy rows decode a pad token
+        n = len(prompt)
+        tokens[row, prompt_len - n:] = prompt
+        segments[row, prompt_len - n:] = 1
+        positions[row, prompt_len - n:] = np.arange(n)
+
+    greedy = temperature == 0.0
+    if rng is None:
+        rng = jax.random.key(0)
+    graphdef, state = nnx.split(model)
+    out_tokens, out_logits = _decode(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments),
+        jnp.int32(max_new_tokens), jnp.int32(eos_id), jnp.int32(pad_id),
+        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), rng,
+        steps=_bucket(max_new_tokens, minimum=1), greedy=greedy, top_k=top_k,
+        use_top_p=top_p < 1.0, return_logits=return_logits,
+    )
+    out_tokens = np.asarray(out_tokens)[: len(prompts), :max_new_tokens]
+    is_eos = out_tokens == eos_id
+    lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), max_new_tokens).astype(np.int32)
+    logits = None if out_logits is None else np.asarray(out_logits)[: len(prompts), :max_new_tokens]
+    return Generation(out_tokens, lengths, logits)
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def sample(logits: jax.Array, rng: jax.Array, temperature, top_p, *, greedy: bool, top_k: int, use_top_p: bool):
+    """One token per row from [B, V] float32 logits: argmax, or temperature / top-k / top-p sampling."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if use_top_p:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (always the best one).
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "use_top_p", "return_logits"))
+def _decode(
+    graphdef, state, tokens, positions, segments, max_new, eos_id, pad_id, temperature, top_p, rng,
+    *, steps: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool,
+):
+    model = nnx.merge(graphdef, state)
+    cfg = model.cfg
+    batch, prompt_len = tokens.shape
+    cache_len = prompt_len + steps
+    slots = jnp.arange(cache_len)
+
+    # Prefill: the whole (left-padded) prompt in one pass, keys/values into slots [0, P).
+    prompt_mask = attention_mask(segments, None, cfg.sliding_window)
+    prompt_mask = jnp.pad(prompt_mask, ((0, 0), (0, 0), (0, 0), (0, steps)))
+    logits, cache = model.forward(tokens, positions, prompt_mask, model.init_cache(batch, cache_len), 0)
+    key_valid = jnp.concatenate([segments > 0, jnp.ones((batch, steps), bool)], axis=1)
+
+    vocab = logits.shape[-1]
+    carry = dict(
+        step=jnp.int32(0),
+        logits=logits[:, -1],
+        cache=cache,
+        position=positions[:, -1] + 1,
+        done=jnp.zeros((batch,), bool),
+        tokens=jnp.full((batch, steps), pad_id, jnp.int32),
+        all_logits=jnp.zeros((batch, steps, vocab), jnp.float32) if return_logits else None,
+        rng=rng,
+    )
+
+    def keep_going(c):
+        return (c["step"] < max_new) & ~jnp.all(c["done"])
+
+    def one_step(c):
+        rng, key = jax.random.split(c["rng"])
+        token = sample(c["logits"], key, temperature, top_p, greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        token = jnp.where(c["done"], pad_id, token)
+        out = dict(c, rng=rng, done=c["done"] | (token == eos_id))
+        out["tokens"] = c["tokens"].at[:, c["step"]].set(token)
+        if return_logits:
+            out["all_logits"] = c["all_logits"].at[:, c["step"]].set(c["logits"])
+        # Feed the token back: it sits in cache slot P + step and sees every valid earlier slot.
+        slot = prompt_len + c["step"]
+        visible = key_valid & (slots <= slot)
+        if cfg.sliding_window:
+            visible = visible & (slots > slot - cfg.sliding_window)
+        logits, out["cache"] = model.forward(
+            token[:, None], c["position"][:, None], visible[:, None, None, :], c["cache"], slot
+        )
+        out["logits"] = logits[:, -1]
+        out["position"] = c["position"] + 1
+        out["step"] = c["step"] + 1
+        return out
+
+    final = jax.lax.while_loop(keep_going, one_step, carry)
+    return final["tokens"], final["all_logits"]

@@ -1,0 +1,119 @@
+"""KV-cache decoding: equals recomputing the full forward pass, batching, EOS, sampling, buckets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from flan_jax import model as fm
+from flan_jax.model import generate as gen
+
+TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_positions=64)
+PROMPTS = [[5, 9, 3, 17, 22], [7, 1], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+
+
+def make(family: str = "llama", **overrides) -> fm.Transformer:
+    # Larger init so that greedy continuations vary instead of repeating one token.
+    cfg = fm.ModelConfig.for_family(family, **{**TINY, "init_std": 0.5, "attention": "xla", **overrides})
+    return fm.Transformer(cfg, rngs=nnx.Rngs(1))
+
+
+def full_forward_logits(model, prompts: list[list[int]], new_tokens: np.ndarray) -> np.ndarray:
+    """Logits that chose each new token, from the plain forward pass over prompt + new tokens.
+
+    No cache: by causality, position len(prompt) - 1 + t of the full sequence sees exactly what
+    step t of decoding saw. Rows are right-padded (segment 0) into one batch.
+    """
+    steps = new_tokens.shape[1]
+    seqs = [list(p) + new_tokens[r, :-1].tolist() for r, p in enumerate(prompts)]
+    length = max(len(s) for s in seqs)
+    tokens = np.zeros((len(seqs), length), np.int32)
+    segments = np.zeros_like(tokens)
+    for r, seq in enumerate(seqs):
+        tokens[r, : len(seq)], segments[r, : len(seq)] = seq, 1
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
+    logits = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s))(model, tokens, positions, segments)
+    return np.stack([np.asarray(logits[r, len(p) - 1: len(p) - 1 + steps]) for r, p in enumerate(prompts)])
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gpt2", {}), ("mistral", {"sliding_window": 4})])
+def test_cached_greedy_equals_full_recompute(family, overrides):
+    model = make(family, **overrides)
+    out = gen.generate_arrays(model, PROMPTS, max_new_tokens=6, eos_id=-1, return_logits=True)
+    assert out.tokens.shape == (3, 6) and (out.lengths == 6).all()
+    assert len({tuple(r) for r in out.tokens.tolist()}) > 1
+    expected = full_forward_logits(model, PROMPTS, out.tokens)
+    np.testing.assert_allclose(out.logits, expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(out.tokens, expected.argmax(-1))
+
+
+def test_batch_of_different_lengths_equals_one_by_one():
+    model = make()
+    batched = gen.generate(model, PROMPTS, max_new_tokens=5, eos_id=-1)
+    for prompt, got in zip(PROMPTS, batched):
+        assert gen.generate(model, [prompt], max_new_tokens=5, eos_id=-1) == [got]
+
+
+def test_stops_at_eos_and_excludes_it():
+    model = make()
+    free = gen.generate(model, PROMPTS, max_new_tokens=6, eos_id=-1)
+    eos = free[0][2]
+    first = free[0].index(eos)  # greedy is deterministic, so the row stops here
+    stopped = gen.generate_arrays(model, PROMPTS, max_new_tokens=6, eos_id=eos, pad_id=0)
+    assert stopped.as_lists()[0] == free[0][:first]
+    assert stopped.tokens[0, first] == eos and (stopped.tokens[0, first + 1:] == 0).all()
+    for row in (1, 2):  # other rows stop only at their own EOS
+        expected = free[row][: free[row].index(eos)] if eos in free[row] else free[row]
+        assert stopped.as_lists()[row] == expected
+
+
+def test_max_new_tokens_is_exact_not_the_bucket():
+    model = make()
+    out = gen.generate(model, PROMPTS, max_new_tokens=3, eos_id=-1)
+    assert [len(r) for r in out] == [3, 3, 3]
+
+
+def test_sampling_respects_top_k_and_top_p():
+    model = make()
+    rng = jax.random.key(7)
+    sampled = gen.generate_arrays(
+        model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=1.0, top_k=3, rng=rng, return_logits=True
+    )
+    top3 = np.argsort(-sampled.logits, axis=-1)[..., :3]
+    assert all(sampled.tokens[r, t] in top3[r, t] for r in range(3) for t in range(8))
+    again = gen.generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=1.0, top_k=3, rng=rng)
+    assert again == sampled.as_lists()  # same key, same tokens
+    greedy = gen.generate(model, PROMPTS, max_new_tokens=8, eos_id=-1)
+    assert greedy != sampled.as_lists()  # high temperature over 24 tokens: some differ
+    tiny_p = gen.generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=1.0, top_p=1e-4, rng=rng)
+    assert tiny_p == greedy  # the nucleus is only the most likely token
+    assert gen.generate(model, PROMPTS, max_new_tokens=8, eos_id=-1, temperature=5.0, top_k=1, rng=rng) == greedy
+
+
+def test_sample_top_p_keeps_the_nucleus():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draws = np.asarray(jax.vmap(
+        lambda k: gen.sample(logits, k, 1.0, 0.75, greedy=False, top_k=0, use_top_p=True)
+    )(keys))
+    assert set(draws.ravel().tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.75; 0.15 and 0.05 never drawn
+
+
+def test_one_compilation_per_bucket():
+    model = make()
+    gen.generate(model, [[1, 2, 3]], max_new_tokens=4, eos_id=-1)
+    size = gen._decode._cache_size()
+    gen.generate(model, [[4, 5, 6, 7, 8], [9]], max_new_tokens=3, eos_id=-1)  # same buckets: 8 / 2 -> ...
+    gen.generate(model, [[4, 5, 6, 7, 8]], max_new_tokens=4, eos_id=-1)
+    assert gen._decode._cache_size() == size + 1  # only the batch-of-2 bucket was new
+
+
+def test_bad_requests_are_refused():
+    model = make()
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        gen.generate(model, [[1], []], max_new_tokens=2, eos_id=2)
+    with pytest.raises(ValueError, match="learned positions"):
+        gen.generate(make("gpt2"), [[1] * 60], max_new_tokens=10, eos_id=2)
