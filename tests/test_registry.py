@@ -1,0 +1,182 @@
+"""Task and registry: rendered-example contract, preprocessors, determinism, epochs, lookup by name."""
+
+import logging
+import pickle
+import types
+
+import pytest
+
+from flan_jax import data
+from flan_jax.data import registry
+
+
+@pytest.fixture
+def clean_registry():
+    """Registers into a throwaway registry so tests never leak names into each other."""
+    saved = dict(registry._REGISTRY)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+
+
+def _task(name="reg_task", n=20, **kwargs):
+    source = data.InMemorySource({
+        "train": [{"q": f"q{i}", "a": f"a{i}"} for i in range(n)],
+        "validation": [{"q": f"v{i}", "a": f"b{i}"} for i in range(3)],
+    })
+    kwargs.setdefault("templates", [("Q: {q}", "{a}"), ("Question: {q}", "{a}")])
+    return data.Task(name, source, kwargs.pop("templates"), **kwargs)
+
+
+def test_rendered_examples_follow_the_design_contract():
+    example = _task().get_dataset("validation", shuffle=False)[0]
+    assert set(example) == {"inputs", "targets", "task", "references", "options"}
+    assert example["inputs"] in ("Q: v0", "Question: v0")
+    assert example["targets"] == "b0" and example["task"] == "reg_task"
+    assert example["references"] == ["b0"] and example["options"] == []
+
+
+def test_task_metadata():
+    task = _task(metrics=("exact_match", "rouge"), cluster="qa", description="toy")
+    assert task.splits == ("train", "validation")
+    assert task.num_examples("train") == 20 and task.metrics == ("exact_match", "rouge") and task.cluster == "qa"
+
+
+def test_references_field_gives_several_acceptable_answers():
+    source = data.InMemorySource({"test": [{"q": "x", "a": "4", "refs": ["4", "four"]}, {"q": "y", "a": "1", "refs": "one"}]})
+    task = data.Task("reg_refs", source, [("{q}", "{a}")], references_field="refs")
+    examples = list(task.get_dataset("test", shuffle=False))
+    assert [e["references"] for e in examples] == [["4", "four"], ["one"]]
+
+
+def test_same_seed_same_stream_other_seed_other_order():
+    task = _task()
+    first = [e["inputs"] for e in task.get_dataset("train", seed=1)]
+    assert first == [e["inputs"] for e in task.get_dataset("train", seed=1)]
+    assert first != [e["inputs"] for e in task.get_dataset("train", seed=2)]
+    assert sorted(e["targets"] for e in task.get_dataset("train", seed=1)) == sorted(f"a{i}" for i in range(20))
+
+
+def test_unshuffled_split_keeps_file_order():
+    assert [e["targets"] for e in _task().get_dataset("train", shuffle=False)] == [f"a{i}" for i in range(20)]
+
+
+def test_epochs_are_reshuffled_without_repeats_inside_an_epoch():
+    task = _task(n=30)
+    ds = task.get_dataset("train", seed=0, num_epochs=3)
+    assert len(ds) == 90
+    epochs = [[ds[e * 30 + i]["targets"] for i in range(30)] for e in range(3)]
+    assert all(sorted(epoch) == sorted(f"a{i}" for i in range(30)) for epoch in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]
+    forever = task.get_dataset("train", seed=0, num_epochs=None)
+    assert [forever[i]["targets"] for i in range(90)] == [t for epoch in epochs for t in epoch]
+    assert forever[10**12]["task"] == "reg_task"
+
+
+def test_eval_template_set_uses_held_out_templates():
+    task = _task(eval_templates=[("Held out: {q}", "{a}")])
+    assert all(e["inputs"].startswith("Held out") for e in task.get_dataset("validation", template_set="eval"))
+    assert not any(e["inputs"].startswith("Held out") for e in task.get_dataset("validation"))
+    with pytest.raises(ValueError, match="template_set"):
+        task.get_dataset("validation", template_set="test")
+
+
+def test_preprocessors_transform_and_filter_with_a_logged_count(caplog):
+    def upper(record):
+        record["q"] = record["q"].upper()
+        return record
+
+    def drop_even(record):
+        return None if int(record["a"][1:]) % 2 == 0 else record
+
+    task = _task(preprocessors=[upper, drop_even])
+    with caplog.at_level(logging.WARNING):
+        examples = list(task.get_dataset("train", shuffle=False))
+    assert [e["targets"] for e in examples] == [f"a{i}" for i in range(1, 20, 2)]
+    assert examples[0]["inputs"].endswith("Q1")
+    assert task.filtered["train"] == 10 and task.num_examples("train") == 10
+    assert "dropped 10 of 20" in caplog.text
+    assert task.source.records("train")[0]["q"] == "q0"  # the source's cached records are untouched
+
+
+def test_failing_preprocessor_error_names_task_and_record():
+    def explode(record):
+        if record["a"] == "a3":
+            raise KeyError("nothing")
+        return record
+
+    with pytest.raises(data.DataError, match=r"task 'reg_task'.*record 3.*explode"):
+        _task(preprocessors=[explode]).num_examples("train")
+
+
+def test_replace_makes_a_variant_and_validates_arguments():
+    task = _task()
+    variant = task.replace(name="reg_task_heldout", templates=[("Other: {q}", "{a}")])
+    assert variant.name == "reg_task_heldout" and variant.source is task.source
+    assert variant.get_dataset("validation")[0]["inputs"].startswith("Other")
+    assert variant.eval_templates == variant.templates
+    assert task.get_dataset("validation", shuffle=False)[0]["inputs"] in ("Q: v0", "Question: v0")
+    with pytest.raises(TypeError, match="unknown argument"):
+        task.replace(nmae="x")
+
+
+def test_invalid_task_definitions_are_rejected():
+    with pytest.raises(data.DataError, match="invalid task name"):
+        _task(name="has space")
+    with pytest.raises(TypeError, match="Source"):
+        data.Task("reg_bad", [{"q": 1}], [("{q}", "{q}")])
+    with pytest.raises(data.DataError, match="option_styles"):
+        _task(option_styles=("fancy",))
+
+
+def test_empty_split_gives_an_empty_dataset_but_cannot_be_repeated():
+    source = data.InMemorySource({"train": []})
+    task = data.Task("reg_empty", source, [("{q}", "{a}")])
+    assert len(task.get_dataset("train")) == 0
+    with pytest.raises(data.DataError, match="no examples"):
+        task.get_dataset("train", num_epochs=None)
+
+
+def test_rendered_dataset_pickles_for_grain_workers():
+    ds = _task().get_dataset("train", seed=4)
+    clone = pickle.loads(pickle.dumps(ds))
+    assert [clone[i] for i in range(5)] == [ds[i] for i in range(5)]
+
+
+def test_register_get_duplicate_and_replace(clean_registry):
+    task = data.register_task(_task(name="reg_a"))
+    assert data.get("reg_a") is task and data.get_task("reg_a") is task
+    data.register_task(task)  # registering the same object again is harmless
+    with pytest.raises(data.DataError, match="already registered.*replace=True"):
+        data.register_task(_task(name="reg_a"))
+    other = data.register_task(_task(name="reg_a"), replace=True)
+    assert data.get("reg_a") is other
+    mixture = data.register_mixture(data.Mixture("reg_mix", [("reg_a", 1.0)]))
+    assert data.get("reg_mix") is mixture and "reg_mix" in data.list_names("mixture")
+    assert "reg_a" in data.list_names("task") and "reg_a" not in data.list_names("mixture")
+    with pytest.raises(data.DataError, match="not a Task"):
+        data.get_task("reg_mix")
+    assert data.get_mixture("reg_a").rates() == {"reg_a": 1.0}
+
+
+def test_unknown_name_lists_close_matches(clean_registry):
+    data.register_task(_task(name="reg_squad_v2"))
+    with pytest.raises(data.UnknownNameError, match="did you mean reg_squad_v2"):
+        data.get("reg_sqaud_v2")
+    with pytest.raises(LookupError):
+        data.get("reg_nothing_like_it_at_all")
+
+
+def test_tasks_package_is_imported_lazily_once(clean_registry, monkeypatch):
+    calls = []
+
+    def fake_import(name):
+        calls.append(name)
+        data.register_task(_task(name="reg_lazy"))
+        return types.ModuleType(name)
+
+    monkeypatch.setattr(registry, "_tasks_imported", False)
+    monkeypatch.setattr(registry.importlib, "import_module", fake_import)
+    assert data.get("reg_lazy").name == "reg_lazy"
+    assert "reg_lazy" in data.list_names()
+    assert calls == ["tasks"]
