@@ -91,12 +91,16 @@ def get_config() -> ml_collections.ConfigDict:
     train.log_every = 10
     train.on_nonfinite = "stop"  # stop | skip (skip the update, count it)
     train.progress_bar = True
+    # Peak FLOP/s of one device for the MFU estimate; 0: known accelerators from a table, on CPU a
+    # dense matmul measured at start; -1: do not report MFU.
+    train.peak_flops_per_device = 0.0
 
     # ---------------------------------------------------------------- checkpoints
     config.checkpoint = ckpt = ml_collections.ConfigDict()
     ckpt.every_steps = 500
     ckpt.keep = 3
     ckpt.keep_best_metric = ""  # e.g. "overall/exact_match": also keep the best checkpoint by it
+    ckpt.best_mode = "max"  # max | min: which end of keep_best_metric is best
     ckpt.async_save = True
     ckpt.init_from = ""  # a converted checkpoint (flan_jax.convert) to start from, params only
 

@@ -192,6 +192,7 @@ def make_train_step(
             "learning_rate": schedule(state["step"]),
             "loss_weight_sum": jnp.sum(batch["loss_weights"].astype(jnp.float32)),
             "skipped_steps": new_state["nonfinite_steps"],
+            "first_nonfinite_step": new_state["first_nonfinite_step"],
         }
         return new_state, metrics
 

@@ -1,0 +1,184 @@
+"""Orbax checkpoints of a run: save, resume (with fallback past broken ones) and load for inference.
+
+A checkpoint `DIR/checkpoints/<step>/` holds five items:
+
+  params      the model parameters (pure dict; restorable alone, see `load_model`)
+  opt_state   the optax state
+  train_meta  step, RNG key data and the non-finite counters
+  data_iter   the grain iterator state (one JSON file per process)
+  config      the resolved config (JSON)
+
+Arrays are restored into `ShapeDtypeStruct`s carrying the *current* shardings, so a run can
+resume on another mesh or device count. Orbax writes into a temporary directory and renames it
+when complete, so a crash mid-save never leaves a half checkpoint that looks finished; a
+finished one that cannot be read (disk corruption, deleted files) is moved aside to
+`DIR/checkpoints_corrupt/` with a warning, and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+META_KEYS = ("step", "rng", "nonfinite_steps", "first_nonfinite_step")
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Inverse of `config_to_dict` (JSON lists back to the tuples the config uses)."""
+
+    def tuplify(x):
+        if isinstance(x, list):
+            return tuple(tuplify(v) for v in x)
+        if isinstance(x, Mapping):
+            return {k: tuplify(v) for k, v in x.items()}
+        return x
+
+    return ml_collections.ConfigDict(tuplify(dict(values)))
+
+
+class Checkpointer:
+    """A `CheckpointManager` keeping the last `keep` checkpoints (and the best by a metric)."""
+
+    def __init__(self, workdir: str | os.PathLike, ckpt_config: Any, *, read_only: bool = False):
+        self.directory = epath.Path(workdir) / "checkpoints"
+        self.corrupt_directory = epath.Path(workdir) / "checkpoints_corrupt"
+        self.best_metric = ckpt_config.get("keep_best_metric", "") if ckpt_config else ""
+        policies: list[pp.PreservationPolicy] = [pp.LatestN(n=max(int(ckpt_config.keep), 1))]
+        if self.best_metric:
+            policies.append(
+                pp.BestN(
+                    get_metric_fn=lambda m: m[self.best_metric],
+                    reverse=ckpt_config.get("best_mode", "max") == "min",
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=bool(ckpt_config.async_save),
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        data_iter: Any,
+        config: ml_collections.ConfigDict,
+        *,
+        metrics: Mapping[str, float] | None = None,
+    ) -> None:
+        """Starts an (async) save of everything needed to continue the run exactly."""
+        if step in self.manager.all_steps():
+            return
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state["params"]),
+            opt_state=ocp.args.StandardSave(state["opt_state"]),
+            train_meta=ocp.args.StandardSave({k: state[k] for k in META_KEYS}),
+            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(config_to_dict(config)),
+        )
+        self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+
+    def restore_latest(self, abstract_state: Mapping[str, Any], data_iter: Any) -> dict | None:
+        """The newest readable checkpoint restored into `abstract_state`'s shardings, or None."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        params=ocp.args.StandardRestore(abstract_state["params"]),
+                        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                        train_meta=ocp.args.StandardRestore({k: abstract_state[k] for k in META_KEYS}),
+                        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
+                    ),
+                )
+            except Exception as error:  # noqa: BLE001 (any failure means: this checkpoint is unusable)
+                self._set_aside(step, error)
+                continue
+            state = {"params": restored["params"], "opt_state": restored["opt_state"], **restored["train_meta"]}
+            logging.info("Resumed from checkpoint %s", self.directory / str(step))
+            return state
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        logging.warning(
+            "Checkpoint %s cannot be restored (%s: %s); moving it to %s and using the previous one.",
+            self.directory / str(step), type(error).__name__, str(error)[:500], self.corrupt_directory,
+        )
+        if jax.process_index() == 0:
+            self.corrupt_directory.mkdir(parents=True, exist_ok=True)
+            target = self.corrupt_directory / f"{step}-{int(time.time())}"
+            shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"flan_jax_set_aside_{step}")
+        self.manager.reload()
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None):
+    """(model, config, step) from a run's checkpoint: params only, on the first local device.
+
+    For evaluation, notebooks and conversion. `step=None` takes the newest readable checkpoint.
+    """
+    from flax import nnx
+
+    from flan_jax import model as model_lib
+    from flan_jax.train import partitioning, step as step_lib
+
+    manager = ocp.CheckpointManager(
+        epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True, create=False)
+    )
+    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}")
+    errors = []
+    for candidate in steps:
+        try:
+            config = config_from_dict(manager.restore(candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+            mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.local_devices()[:1])
+            cfg = model_lib.ModelConfig.from_config(config.model)
+            parts = step_lib.ModelParts(
+                lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh)
+            )
+            abstract = jax.tree.map(
+                lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.abstract_params, parts.param_shardings
+            )
+            params = manager.restore(candidate, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+        except Exception as error:  # noqa: BLE001
+            if step is not None:
+                raise
+            logging.warning("Checkpoint %s unreadable (%s); trying an older one", candidate, error)
+            errors.append(error)
+            continue
+        manager.close()
+        return parts.merge(params), config, int(candidate)
+    raise RuntimeError(f"No readable checkpoint in {workdir}: {errors}")
