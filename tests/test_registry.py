@@ -180,3 +180,26 @@ def test_tasks_package_is_imported_lazily_once(clean_registry, monkeypatch):
     assert data.get("reg_lazy").name == "reg_lazy"
     assert "reg_lazy" in data.list_names()
     assert calls == ["tasks"]
+
+
+def test_docs_tasks_md_examples_run(clean_registry, tmp_path, monkeypatch):
+    """The code in docs/tasks.md is what users copy: run it against a small data folder."""
+    import json
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "tasks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    qa = tmp_path / "my_qa"
+    qa.mkdir()
+    for name in ("train", "dev"):
+        (qa / f"{name}.jsonl").write_text(json.dumps({"q": "Who wrote Hamlet?", "a": "Shakespeare"}) + "\n")
+    monkeypatch.setenv("FLAN_JAX_DATA_DIR", str(tmp_path))
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/tasks.md", "exec"), namespace)
+    example = namespace["ds"][0]
+    assert example["task"] == "my_qa" and example["targets"] == "Shakespeare"
+    assert example["inputs"] in ("Question: Who wrote Hamlet?\nAnswer:", "Who wrote Hamlet?\n\nGive a short answer.")
+    assert {"my_qa", "cot_creak", "qa_mix", "everything", "flan_like"} <= set(registry._REGISTRY)
