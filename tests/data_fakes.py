@@ -64,3 +64,44 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def example_source(examples: list[dict], *, shuffle_seed: int | None = None) -> grain.MapDataset:
     dataset = grain.MapDataset.source(examples)
     return dataset if shuffle_seed is None else dataset.shuffle(seed=shuffle_seed)
+
+
+def register_fake_tasks(prefix: str, sizes: dict[str, int], *, long_every: dict[str, int] | None = None):
+    """Registers tasks `prefix + name` of `size` records (plus a proportional mixture `prefix + "mix"`).
+
+    Record i of a task renders to inputs "#i: <words>\\nAnswer:" and targets " <words>"; with
+    `long_every={name: k}`, every k-th record of that task has a long instruction (for truncation counts).
+    Returns the registered names; pass them to `unregister_all` when done.
+    """
+    from flan_jax import data
+
+    names = []
+    for offset, (name, size) in enumerate(sorted(sizes.items())):
+        rng = random.Random(offset)
+        every = (long_every or {}).get(name, 0)
+        records = []
+        for i in range(size):
+            words = rng.randint(1, 20) + (200 if every and i % every == 0 else 0)
+            records.append(
+                {
+                    "id": str(i),
+                    "question": " ".join(rng.choices(WORDS, k=words)),
+                    "answer": " ".join(rng.choices(WORDS, k=rng.randint(1, 8))),
+                }
+            )
+        task = data.Task(
+            prefix + name,
+            data.InMemorySource({"train": records}),
+            [("#{id}: {question}\nAnswer:", " {answer}"), ("#{id}: Q: {question}\nA:", " {answer}")],
+        )
+        data.register_task(task, replace=True)
+        names.append(task.name)
+    data.register_mixture(data.Mixture.proportional(prefix + "mix", names), replace=True)
+    return names + [prefix + "mix"]
+
+
+def unregister_all(names) -> None:
+    from flan_jax import data
+
+    for name in names:
+        data.unregister(name)

@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from data_fakes import data_config, example_source, fake_examples, tiny_tokenizer
+from data_fakes import data_config, example_source, fake_examples, register_fake_tasks, tiny_tokenizer, unregister_all
 
 from flan_jax.data import loader, packing
 
@@ -161,3 +161,36 @@ def test_mismatched_settings_and_process_counts_are_refused():
         _iterator(data_config(seq_len=32)).set_state(state)
     with pytest.raises(ValueError, match="same process count"):
         _iterator(process_index=1, process_count=2).set_state(state)
+
+
+@pytest.fixture
+def registered():
+    names = register_fake_tasks("loader_", {"a": 30, "b": 12})
+    yield
+    unregister_all(names)
+
+
+def test_a_registered_mixture_is_read_by_name(registered):
+    config = data_config(train_mixture="loader_mix")
+
+    def batches(process_index=0, process_count=1):
+        it = loader.make_train_iterator(
+            config, tiny_tokenizer(), seed=0, process_index=process_index, process_count=process_count
+        )
+        return _take(it, 6)
+
+    single = batches()
+    _assert_batches_equal(batches(), single)
+    halves = [batches(p, 2) for p in range(2)]
+    for step, batch in enumerate(single):
+        _assert_batches_equal([{k: np.concatenate([halves[0][step][k], halves[1][step][k]]) for k in batch}], [batch])
+
+
+def test_a_registered_task_alone_repeats_with_reshuffled_epochs(registered):
+    config = data_config(train_mixture="loader_b", pack=False)  # 12 records, 4 rows a step
+    iterator = loader.make_train_iterator(config, tiny_tokenizer(), seed=0, process_index=0, process_count=1)
+    order = [i for batch in _take(iterator, 9) for row in _example_ids(batch) for i in row]
+    epochs = [order[k : k + 12] for k in range(0, 36, 12)]
+    for epoch in epochs:
+        assert sorted(epoch) == list(range(12))
+    assert len({tuple(epoch) for epoch in epochs}) == 3

@@ -1,11 +1,15 @@
 """Tokenizers: exact round trips, fixed special ids, deterministic training, workdir reuse, HF tokenizer.json."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import ml_collections
 import pytest
 import tokenizers
-from data_fakes import fake_examples, tiny_tokenizer
+from data_fakes import data_config, fake_examples, register_fake_tasks, tiny_tokenizer, unregister_all
 
 from flan_jax.data import tokenizer as tokenizer_lib
 
@@ -130,3 +134,43 @@ def test_hf_tokenizer_special_tokens_from_config_file_or_fields(tmp_path):
     assert tok.eos_id == 1
     with pytest.raises(ValueError, match="no EOS token found"):
         tokenizer_lib.load_tokenizer(_tok_config(kind="hf", path=str(path), eos_token="<nope>"))
+
+
+@pytest.fixture
+def registered():
+    names = register_fake_tasks("tok_", {"a": 40, "b": 20})
+    yield
+    unregister_all(names)
+
+
+def test_load_tokenizer_trains_on_the_training_mixture_of_the_data_config(registered, tmp_path):
+    config = data_config(train_mixture="tok_mix")
+    config.tokenizer.vocab_size = 320
+    config.tokenizer.train_examples = 30
+    tok = tokenizer_lib.load_tokenizer(config, workdir=tmp_path)
+    assert (tmp_path / "tokenizer.model").is_file()
+    assert tok.decode(tok.encode("#7: alpha\nAnswer: beta")) == "#7: alpha\nAnswer: beta"
+    texts = tokenizer_lib.mixture_texts("tok_mix", num_examples=30)
+    assert len(texts) == 60 and any(t.startswith("#") for t in texts)
+    retrained = tokenizer_lib.SentencePieceTokenizer(tokenizer_lib.train_sentencepiece(texts, 320))
+    assert retrained.encode("alpha beta gamma") == tok.encode("alpha beta gamma")
+
+
+def test_command_line_trains_from_a_mixture(tmp_path):
+    out = tmp_path / "cli.model"
+    script = textwrap.dedent(
+        f"""
+        import runpy, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from data_fakes import register_fake_tasks
+        register_fake_tasks("tokcli_", {{"a": 40}})
+        sys.argv = ["tokenizer", "--mixture=tokcli_mix", "--vocab_size=330", "--train_examples=40", "--out={out}"]
+        runpy.run_module("flan_jax.data.tokenizer", run_name="__main__")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Wrote {out}" in result.stdout
+    tok = tokenizer_lib.SentencePieceTokenizer(out)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)

@@ -14,8 +14,8 @@ a small JSON dict (stream positions, packer positions, overlong counts) that
 `grain.checkpoint.CheckpointSave/CheckpointRestore` (inside an Orbax `ocp.args.Composite`) or
 `get_state()/set_state()` save and restore exactly.
 
-The mixed stream is infinite: a mixture's training stream already is, a single task is repeated with a
-new shuffle each epoch (`grain.MapDataset.repeat` reseeds its shuffle per epoch).
+The mixed stream is infinite: a mixture's training stream already is, and a single task is read with
+`num_epochs=None` (every epoch reshuffled).
 """
 
 from __future__ import annotations
@@ -58,7 +58,11 @@ def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
 
     if not data_config.train_mixture:
         raise ValueError("config.data.train_mixture is empty: name a registered task or mixture")
-    dataset = data.get(data_config.train_mixture).get_dataset(data_config.train_split, seed=seed, shuffle=True)
+    source = data.get(data_config.train_mixture)
+    if isinstance(source, data.Task):  # a single task: every epoch reshuffled
+        dataset = source.get_dataset(data_config.train_split, seed=seed, shuffle=True, num_epochs=None)
+    else:  # a mixture's training stream is infinite already
+        dataset = source.get_dataset(data_config.train_split, seed=seed, shuffle=True)
     return endless(dataset)
 
 

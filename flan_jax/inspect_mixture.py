@@ -1,0 +1,237 @@
+"""What a mixture will feed the model: per-task examples, rates, shares of examples and tokens, over-long
+counts and packing fill, measured on a sample of each task.
+
+  python -m flan_jax.inspect_mixture --mixture=t0 --seq_len=1024 --tokenizer=tok.model \\
+      [--num_examples_per_task=200] [--render=TASK --n=5] [--plot=shares.png]
+
+Why tokens and not only examples: a task's rate sets its share of *examples*, but its share of the
+*training signal* is rate x tokens per example, which long-document tasks (summarization) inflate.
+Without `--tokenizer`, a small sentencepiece model is trained on the sample so lengths are realistic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import pathlib
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from flan_jax import data
+from flan_jax.data import packing
+from flan_jax.data import tokenizer as tokenizer_lib
+from flan_jax.data.features import FeatureConfig, FeatureStats, featurize
+
+
+@dataclasses.dataclass
+class TaskReport:
+    name: str
+    available: int  # examples in the split
+    rate: float  # normalised mixing rate = expected share of examples
+    sampled: int = 0
+    mean_tokens: float = 0.0  # features per example after truncation, over the sample
+    token_share: float = 0.0  # expected share of the mixture's tokens
+    truncated: int = 0  # in the sample (instruction and/or response cut)
+    dropped: int = 0  # in the sample
+    fill_rate: float = 0.0  # the task's sample packed alone
+
+
+@dataclasses.dataclass
+class MixtureReport:
+    name: str
+    split: str
+    seq_len: int
+    tokenizer: str
+    tasks: list[TaskReport]
+    mixed_examples: int = 0  # examples of the mixed stream packed for `fill_rate`
+    fill_rate: float = 0.0  # the mixed stream packed with best fit
+    padded_fill_rate: float = 0.0  # the same examples one per row
+
+    def table(self) -> str:
+        """A Markdown table, largest token share first."""
+        lines = [
+            f"Mixture {self.name!r} (split {self.split!r}, seq_len {self.seq_len}, tokenizer {self.tokenizer})",
+            "",
+            "| task | available | rate | example share | token share | mean tokens | truncated | dropped | fill |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for t in sorted(self.tasks, key=lambda t: (-t.token_share, t.name)):
+            lines.append(
+                f"| {t.name} | {t.available:,} | {t.rate:.4f} | {t.rate:.2%} | {t.token_share:.2%} | "
+                f"{t.mean_tokens:.1f} | {t.truncated}/{t.sampled} | {t.dropped}/{t.sampled} | {t.fill_rate:.1%} |"
+            )
+        lines += [
+            "",
+            f"Mixed stream, {self.mixed_examples:,} examples: packing fill {self.fill_rate:.2%} "
+            f"versus {self.padded_fill_rate:.2%} with one example per row.",
+        ]
+        return "\n".join(lines)
+
+
+def _packed_fill(features: list[dict], seq_len: int, num_packing_bins: int) -> float:
+    if not features:
+        return 0.0
+    stream = grain.MapDataset.source(features).to_iter_dataset()
+    return packing.fill_rate(list(packing.pack(stream, seq_len=seq_len, num_packing_bins=num_packing_bins, seed=0)))
+
+
+def _padded_fill(features: list[dict], seq_len: int) -> float:
+    return sum(len(f["input_tokens"]) for f in features) / max(len(features) * seq_len, 1)
+
+
+def _sample(task: data.Task, split: str, n: int, seed: int) -> list[dict]:
+    if task.num_examples(split) == 0:
+        return []
+    return list(itertools.islice(iter(task.get_dataset(split, seed=seed, shuffle=True)), n))
+
+
+def inspect(
+    mixture_name: str,
+    *,
+    seq_len: int = 1024,
+    tokenizer: tokenizer_lib.Tokenizer | None = None,
+    split: str = "train",
+    num_examples_per_task: int = 200,
+    num_mixed_examples: int = 2000,
+    num_packing_bins: int = 64,
+    overlong: str = "truncate",
+    seed: int = 0,
+    tokenizer_vocab_size: int = 8000,
+) -> MixtureReport:
+    """Measures a registered mixture (or task) on samples; see the module docstring."""
+    mixture = data.get_mixture(mixture_name)
+    rates = mixture.rates()
+    tasks = sorted(mixture.tasks, key=lambda t: t.name)
+    samples = {task.name: _sample(task, split, num_examples_per_task, seed) for task in tasks}
+    if tokenizer is None:
+        texts = [text for sample in samples.values() for e in sample for text in (e["inputs"], e["targets"])]
+        tokenizer = tokenizer_lib.SentencePieceTokenizer(
+            tokenizer_lib.train_sentencepiece(texts, tokenizer_vocab_size), name="trained on the sample"
+        )
+    config = FeatureConfig(seq_len=seq_len, overlong=overlong)
+
+    reports = []
+    for task in tasks:
+        stats = FeatureStats()
+        features = []
+        for example in samples[task.name]:
+            feature, outcome = featurize(example, tokenizer, config)
+            stats.add(task.name, outcome, 0 if feature is None else len(feature["input_tokens"]))
+            if feature is not None:
+                features.append(feature)
+        counts = stats.total()
+        reports.append(
+            TaskReport(
+                name=task.name,
+                available=task.num_examples(split),
+                rate=rates.get(task.name, 0.0),
+                sampled=counts.examples,
+                mean_tokens=counts.tokens / max(counts.examples, 1),
+                truncated=counts.truncated + counts.response_truncated,
+                dropped=counts.dropped,
+                fill_rate=_packed_fill(features, seq_len, num_packing_bins),
+            )
+        )
+    weighted = {r.name: r.rate * r.mean_tokens for r in reports}
+    total = sum(weighted.values()) or 1.0
+    for r in reports:
+        r.token_share = weighted[r.name] / total
+
+    mixed = []
+    stream = mixture.get_dataset(split, seed=seed, shuffle=True)
+    for example in itertools.islice(iter(stream), num_mixed_examples):
+        feature, _ = featurize(example, tokenizer, config)
+        if feature is not None:
+            mixed.append(feature)
+    return MixtureReport(
+        name=mixture_name,
+        split=split,
+        seq_len=seq_len,
+        tokenizer=getattr(tokenizer, "name", repr(tokenizer)),
+        tasks=reports,
+        mixed_examples=len(mixed),
+        fill_rate=_packed_fill(mixed, seq_len, num_packing_bins),
+        padded_fill_rate=_padded_fill(mixed, seq_len),
+    )
+
+
+def render_examples(task_name: str, n: int, *, split: str = "train", seed: int = 0) -> str:
+    """The first `n` rendered examples of a task, as a reader would want to check them."""
+    task = data.get_task(task_name)
+    blocks = []
+    for i, example in enumerate(_sample(task, split, n, seed)):
+        blocks.append(f"----- {task_name} example {i} -----\n[inputs]\n{example['inputs']}\n[targets]\n{example['targets']}")
+    return "\n".join(blocks) if blocks else f"task {task_name!r} has no examples in split {split!r}"
+
+
+def plot_token_shares(report: MixtureReport, path: str | pathlib.Path) -> None:
+    """A horizontal bar chart of token share (and example share) per task, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(report.tasks, key=lambda t: t.token_share)
+    height = max(3.0, 0.22 * len(tasks) + 1.5)
+    fig, ax = plt.subplots(figsize=(9, height))
+    y = np.arange(len(tasks))
+    ax.barh(y + 0.2, [100 * t.token_share for t in tasks], height=0.4, label="share of tokens")
+    ax.barh(y - 0.2, [100 * t.rate for t in tasks], height=0.4, label="share of examples (rate)")
+    ax.set_yticks(y, [t.name for t in tasks], fontsize=7)
+    ax.set_xlabel("%")
+    ax.set_title(f"{report.name}: token shares at seq_len {report.seq_len} (fill {report.fill_rate:.1%})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load_tokenizer_file(path: str) -> tokenizer_lib.Tokenizer:
+    if path.endswith(".json") or pathlib.Path(path).is_dir():
+        return tokenizer_lib.HFTokenizer(path)
+    return tokenizer_lib.SentencePieceTokenizer(path)
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    FLAGS = flags.FLAGS
+    if FLAGS.render:
+        print(render_examples(FLAGS.render, FLAGS.n, split=FLAGS.split, seed=FLAGS.seed))
+        print()
+    tokenizer = _load_tokenizer_file(FLAGS.tokenizer) if FLAGS.tokenizer else None
+    report = inspect(
+        FLAGS.mixture,
+        seq_len=FLAGS.seq_len,
+        tokenizer=tokenizer,
+        split=FLAGS.split,
+        num_examples_per_task=FLAGS.num_examples_per_task,
+        num_mixed_examples=FLAGS.num_mixed_examples,
+        num_packing_bins=FLAGS.num_packing_bins,
+        overlong=FLAGS.overlong,
+        seed=FLAGS.seed,
+    )
+    print(report.table())
+    if FLAGS.plot:
+        plot_token_shares(report, FLAGS.plot)
+        print(f"\nSaved the token-share chart to {FLAGS.plot}")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    flags.DEFINE_string("mixture", None, "registered mixture or task", required=True)
+    flags.DEFINE_string("split", "train", "split to inspect")
+    flags.DEFINE_integer("seq_len", 1024, "row length for truncation and packing")
+    flags.DEFINE_string("tokenizer", "", "sentencepiece .model or HF tokenizer.json (default: train one on the sample)")
+    flags.DEFINE_integer("num_examples_per_task", 200, "examples sampled per task")
+    flags.DEFINE_integer("num_mixed_examples", 2000, "examples of the mixed stream packed to measure the fill rate")
+    flags.DEFINE_integer("num_packing_bins", 64, "best-fit look-ahead, as config.data.num_packing_bins")
+    flags.DEFINE_enum("overlong", "truncate", ["truncate", "drop"], "as config.data.overlong")
+    flags.DEFINE_string("render", "", "also print examples of this task")
+    flags.DEFINE_integer("n", 5, "how many examples --render prints")
+    flags.DEFINE_string("plot", "", "save a bar chart of token shares to this PNG")
+    flags.DEFINE_integer("seed", 0, "sampling seed")
+    app.run(main)
