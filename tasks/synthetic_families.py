@@ -9,9 +9,10 @@ untrained one while the tasks still differ in what they ask.
 A family is a generator `(random.Random) -> dict of fields` (an `answer` field, and an
 `options` list for classification) plus instruction templates in FLAN's style: five used
 for training and two held out for evaluation. Templates are `(inputs, targets)` pairs
-whose `{field}` placeholders are filled by the data pipeline's safe renderer; `{options_}`
-is FLAN's placeholder for the rendered answer options. Adding a family is ~15 lines:
-write the generator, write seven templates, append it to `FAMILIES`.
+whose `{field}` placeholders are filled by the data pipeline's safe renderer; `{options}`
+shows the answer options in a style the pipeline picks per example (templates without it
+are FLAN's no-options variant). Adding a family is ~15 lines: write the generator, write
+seven templates, append it to `FAMILIES`.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Family:
 
     @property
     def has_options(self) -> bool:
-        return any("{options_}" in inputs for inputs, _ in self.train_templates + self.heldout_templates)
+        return any("{options}" in inputs for inputs, _ in self.train_templates + self.heldout_templates)
 
 
 def number_to_words(n: int) -> str:
@@ -236,13 +237,13 @@ def _sentiment(rng: random.Random) -> Fields:
 
 
 SENTIMENT = Family("sentiment", "classification", _sentiment, (
-    ("{text}\nIs this review positive or negative?\n{options_}", "{answer}"),
-    ("Review: {text}\nWhat is the sentiment of the review?\n{options_}", "{answer}"),
+    ("{text}\nIs this review positive or negative?\n{options}", "{answer}"),
+    ("Review: {text}\nWhat is the sentiment of the review?\n{options}", "{answer}"),
     ("What is the sentiment of the following sentence?\n{text}", "{answer}"),
-    ("{text}\n\nDid the speaker like it?\n{options_}", "{answer}"),
+    ("{text}\n\nDid the speaker like it?\n{options}", "{answer}"),
     ("Classify the sentiment: {text}", "{answer}"),
 ), (
-    ("Read this: {text}\nIs the tone positive or negative?\n{options_}", "{answer}"),
+    ("Read this: {text}\nIs the tone positive or negative?\n{options}", "{answer}"),
     ("Sentence: {text}\nWould you call this opinion positive or negative?", "{answer}"),
 ))
 
@@ -258,12 +259,12 @@ def _pick_category(rng: random.Random) -> Fields:
 
 PICK_CATEGORY = Family("pick_category", "classification", _pick_category, (
     ("Which of these words is a {category}: {items}?", "{answer}"),
-    ("Words: {items}\nWhich one is a {category}?\n{options_}", "{answer}"),
-    ("Pick the {category} from the list.\n{options_}", "{answer}"),
+    ("Words: {items}\nWhich one is a {category}?\n{options}", "{answer}"),
+    ("Pick the {category} from the list.\n{options}", "{answer}"),
     ("{items}\n\nOne of the words above names a {category}. Which one?", "{answer}"),
-    ("Find the {category} among {items}.\n{options_}", "{answer}"),
+    ("Find the {category} among {items}.\n{options}", "{answer}"),
 ), (
-    ("Choose the word that is a kind of {category}.\n{options_}", "{answer}"),
+    ("Choose the word that is a kind of {category}.\n{options}", "{answer}"),
     ("Among {items}, name the {category}.", "{answer}"),
 ))
 
@@ -275,12 +276,12 @@ def _parity(rng: random.Random) -> Fields:
 
 PARITY = Family("parity", "classification", _parity, (
     ("Is {number} even or odd?", "{answer}"),
-    ("Number: {number}\nIs it even or odd?\n{options_}", "{answer}"),
-    ("Tell me whether {number} is an even number.\n{options_}", "{answer}"),
+    ("Number: {number}\nIs it even or odd?\n{options}", "{answer}"),
+    ("Tell me whether {number} is an even number.\n{options}", "{answer}"),
     ("{number}\n\nClassify the number above as even or odd.", "{answer}"),
-    ("What is the parity of {number}?\n{options_}", "{answer}"),
+    ("What is the parity of {number}?\n{options}", "{answer}"),
 ), (
-    ("Can {number} be divided by two without a remainder? Answer even or odd.\n{options_}", "{answer}"),
+    ("Can {number} be divided by two without a remainder? Answer even or odd.\n{options}", "{answer}"),
     ("Decide if {number} is odd or even.", "{answer}"),
 ))
 
@@ -293,13 +294,13 @@ def _membership(rng: random.Random) -> Fields:
 
 
 MEMBERSHIP = Family("membership", "classification", _membership, (
-    ("Is {word} in the list {items}?\n{options_}", "{answer}"),
+    ("Is {word} in the list {items}?\n{options}", "{answer}"),
     ("List: {items}\nDoes the list contain {word}?", "{answer}"),
-    ("Check whether {word} appears in [{items}].\n{options_}", "{answer}"),
-    ("{items}\n\nIs the word {word} one of the items above?\n{options_}", "{answer}"),
+    ("Check whether {word} appears in [{items}].\n{options}", "{answer}"),
+    ("{items}\n\nIs the word {word} one of the items above?\n{options}", "{answer}"),
     ("Can you find {word} in {items}? Answer yes or no.", "{answer}"),
 ), (
-    ("Here is a list: {items}. Is {word} part of it?\n{options_}", "{answer}"),
+    ("Here is a list: {items}. Is {word} part of it?\n{options}", "{answer}"),
     ("Does {items} include {word}?", "{answer}"),
 ))
 

@@ -35,7 +35,7 @@ def test_templates_are_many_distinct_and_fill_from_the_fields(family):
     assert not train_inputs & heldout_inputs, "a held-out template is also used in training"
     fields = family.generate(random.Random(0))
     for inputs, targets in family.train_templates + family.heldout_templates:
-        missing = (_placeholders(inputs) | _placeholders(targets)) - set(fields) - {"options_"}
+        missing = (_placeholders(inputs) | _placeholders(targets)) - set(fields)
         assert not missing, f"{family.name}: template {inputs!r} uses fields the generator lacks: {missing}"
         assert "{answer}" in targets
 
@@ -73,3 +73,51 @@ def test_classification_families_have_options():
     assert len(with_options) >= 3
     for family in with_options:
         assert "options" in family.generate(random.Random(1))
+
+
+# ----------------------------------------------------------------------------- registered tasks and mixtures
+from flan_jax import data  # noqa: E402
+from tasks import synthetic  # noqa: E402
+
+
+def _clusters(mixture_name: str) -> set[str]:
+    return {task.cluster for task in data.get_mixture(mixture_name).tasks}
+
+
+def test_registered_mixtures_split_seen_and_heldout_clusters():
+    train = data.get_mixture("synthetic_train")
+    assert len(train.tasks) >= 12 and len(_clusters("synthetic_train")) >= 4
+    assert families.HELDOUT_CLUSTER not in _clusters("synthetic_train")
+    assert _clusters("synthetic_eval_heldout_cluster") == {families.HELDOUT_CLUSTER}
+    heldout_templates = data.get_mixture("synthetic_eval_seen_heldout_templates").tasks
+    assert sorted(t.name for t in heldout_templates) == sorted(
+        t.name + synthetic.HELDOUT_TEMPLATES_SUFFIX for t in train.tasks)
+    assert set(train.rates()) == {t.name for t in train.tasks}
+
+
+def test_heldout_template_tasks_never_render_a_training_template():
+    for task in data.get_mixture("synthetic_eval_seen_heldout_templates").tasks:
+        base = data.get_task(task.name.removesuffix(synthetic.HELDOUT_TEMPLATES_SUFFIX))
+        train_inputs = {t.inputs for t in base.templates}
+        assert {t.inputs for t in task.eval_templates} == {t.inputs for t in task.templates}
+        assert not {t.inputs for t in task.templates} & train_inputs
+        assert len(base.templates) >= 5 and len(task.templates) == 2
+
+
+def test_rendered_examples_follow_the_contract_and_splits_are_disjoint():
+    task = data.get_task("synthetic.sentiment")
+    validation = task.get_dataset("validation", shuffle=False, template_set="eval")
+    train = task.get_dataset("train", shuffle=False)
+    assert len(validation) == synthetic.NUM_VALIDATION and len(train) == synthetic.NUM_TRAIN
+    example = validation[0]
+    assert set(example) == {"inputs", "targets", "task", "references", "options"}
+    assert example["task"] == "synthetic.sentiment"
+    assert example["options"] == ["positive", "negative"] and example["targets"] in example["options"]
+    assert example["references"] == [example["targets"]]
+    train_texts = {r["text"] for r in task.records("train")}
+    assert not train_texts & {r["text"] for r in task.records("validation")}
+    # Deterministic: the same stream twice.
+    mixed = data.get_mixture("synthetic_train").get_dataset("train", seed=3)
+    again = data.get_mixture("synthetic_train").get_dataset("train", seed=3)
+    assert [mixed[i] for i in range(50)] == [again[i] for i in range(50)]
+    assert len({mixed[i]["task"] for i in range(200)}) >= 12
