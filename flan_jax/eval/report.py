@@ -59,7 +59,7 @@ def summary(results: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _columns(rows: Iterable[Mapping[str, float]]) -> list[str]:
-    names = {name for row in rows for name in row if name != "num_tasks"}
+    names = {name for row in rows for name in row if name not in ("num_tasks", "num_examples")}
     return [n for n in _PREFERRED_ORDER if n in names] + sorted(names - set(_PREFERRED_ORDER))
 
 
