@@ -203,3 +203,26 @@ def test_docs_tasks_md_examples_run(clean_registry, tmp_path, monkeypatch):
     assert example["task"] == "my_qa" and example["targets"] == "Shakespeare"
     assert example["inputs"] in ("Question: Who wrote Hamlet?\nAnswer:", "Who wrote Hamlet?\n\nGive a short answer.")
     assert {"my_qa", "cot_creak", "qa_mix", "everything", "flan_like"} <= set(registry._REGISTRY)
+
+
+def test_errors_after_loading_point_at_the_file_line(tmp_path):
+    """Preprocessor and template errors name the file and line the bad record came from."""
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"q": "a", "a": "1"}\n\n{"q": "b", "a": 2}\n{"q": "c"}\n')
+
+    def needs_str_answer(record):
+        if not isinstance(record["a"], str):
+            raise data.DataError("expected a string", field="a")
+        return record
+
+    source = data.JsonlSource({"train": path})
+    with pytest.raises(data.DataError) as error:
+        data.Task("reg_pre", source, [("{q}", "{a}")], preprocessors=[needs_str_answer]).num_examples("train")
+    assert f"qa.jsonl:3, record 1, field 'a'" in str(error.value) and "needs_str_answer" in str(error.value)
+
+    drop_b = data.Task("reg_tpl", source, [("{q}", "{a}")], preprocessors=[lambda r: None if r["q"] == "b" else r])
+    ds = drop_b.get_dataset("train", shuffle=False)
+    assert ds[0]["targets"] == "1"
+    with pytest.raises(data.DataError) as error:
+        ds[1]
+    assert error.value.line == 4 and error.value.field == "a" and error.value.task == "reg_tpl"

@@ -44,6 +44,10 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/\-]*\Z")
 _SALT_OPTIONS, _SALT_SHOTS = 1, 2
 
 
+def _callable_name(fn: Callable) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 def _check_name(name: str, kind: str) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise DataError(f"invalid {kind} name {name!r}: use letters, digits and _ . : / -")
@@ -143,28 +147,34 @@ class Task:
             self.filtered[split] = 0
             return raw
         kept: list[dict] = []
+        kept_indices: list[int] = []
         for index, record in enumerate(raw):
             record = dict(record)  # preprocessors may modify it; the source's cache stays intact
             for preprocess in self.preprocessors:
                 try:
                     record = preprocess(record)
-                except DataError:
-                    raise
                 except Exception as error:
-                    raise DataError(
-                        f"preprocessor {getattr(preprocess, '__name__', preprocess)!r} failed: {error!r}",
-                        task=self.name, record=index, file=f"split {split}",
-                    ) from error
+                    raise self._located(error, raw, index, f"preprocessor {_callable_name(preprocess)!r}") from error
                 if record is None:
                     break
             if record is not None:
                 kept.append(record)
+                kept_indices.append(index)
         self.filtered[split] = len(raw) - len(kept)
         if self.filtered[split]:
             logging.warning(
                 "task %r split %r: preprocessors dropped %d of %d records", self.name, split, self.filtered[split], len(raw)
             )
-        return Records(kept, f"{self.name}:{split}")
+        origins = [(w["file"], w.get("line"), w["record"]) for w in map(raw.where, kept_indices)]
+        return Records(kept, f"{self.name}:{split}", origins=origins)
+
+    def _located(self, error: Exception, records: Records, index: int, stage: str) -> DataError:
+        """A preprocessor's error, re-raised with task, file, line and record of the record it happened on."""
+        if isinstance(error, DataError):
+            error = DataError(f"{stage}: {error.bare_message}", field=error.field, template=error.template)
+        else:
+            error = DataError(f"{stage} failed: {error!r}")
+        return _locate(error, self.name, records, index)
 
     def get_dataset(
         self,
@@ -196,12 +206,19 @@ class Task:
         renderer = _Renderer(
             self, records, templates, seed, order_seed, num_shots, exemplars, exclude_self=split == self.few_shot.split
         )
-        renderer.check(records[0])  # fail early, before a training run starts, on template/field mismatches
+        renderer.check()
         length = sys.maxsize if num_epochs is None else len(records) * num_epochs
         return grain.MapDataset.range(length).map_with_index(renderer)
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {self.source!r}, templates={[t.name for t in self.templates]})"
+
+
+def _locate(error: DataError, task: str, records: Records, index: int) -> DataError:
+    """`error` with the task and the record's file/line/record number added (unless it already has a file)."""
+    if error.file is not None:
+        return error
+    return DataError(error.bare_message, task=task, template=error.template, field=error.field, **records.where(index))
 
 
 class _Renderer:
@@ -227,19 +244,20 @@ class _Renderer:
         self.exclude_self = exclude_self
         self.few_shot = task.few_shot
 
-    def check(self, record: dict) -> None:
-        for template in self.templates:
-            template.render(self._fields(record, self.option_styles[0], 0)[0], task=self.task_name)
+    def check(self) -> None:
+        """Renders the first record with every template, so a field typo fails before training starts."""
+        try:
+            for template in self.templates:
+                template.render(self._fields(self.records[0], self.option_styles[0])[0], task=self.task_name)
+        except DataError as error:
+            raise _locate(error, self.task_name, self.records, 0) from None
 
-    def _fields(self, record: dict, style: str, index: int) -> tuple[dict, list[str]]:
+    def _fields(self, record: dict, style: str) -> tuple[dict, list[str]]:
         if self.options_field is None:
             return record, []
         options = record.get(self.options_field)
         if not isinstance(options, (list, tuple)) or not all(isinstance(o, str) for o in options):
-            raise DataError(
-                f"options must be a list of str, got {type(options).__name__}",
-                task=self.task_name, record=index, field=self.options_field,
-            )
+            raise DataError(f"options must be a list of str, got {type(options).__name__}", field=self.options_field)
         fields = dict(record)
         fields[OPTIONS_FIELD] = render_options(options, style)
         return fields, list(options)
@@ -261,19 +279,17 @@ class _Renderer:
         record = self.records[index]
         template = self.templates[choose(self.seed, position, len(self.templates))]
         style = self.option_styles[choose(self.seed, position, len(self.option_styles), _SALT_OPTIONS)]
-        fields, options = self._fields(record, style, index)
-        inputs, targets = template.render(fields, task=self.task_name)
+        try:
+            fields, options = self._fields(record, style)
+            inputs, targets = template.render(fields, task=self.task_name)
+            references = self._references(record, targets)
+        except DataError as error:
+            raise _locate(error, self.task_name, self.records, index) from None
         if self.num_shots:
             inputs = self._with_exemplars(inputs, position, index, template, style)
-        return {
-            "inputs": inputs,
-            "targets": targets,
-            "task": self.task_name,
-            "references": self._references(record, targets, index),
-            "options": options,
-        }
+        return {"inputs": inputs, "targets": targets, "task": self.task_name, "references": references, "options": options}
 
-    def _references(self, record: dict, targets: str, index: int) -> list[str]:
+    def _references(self, record: dict, targets: str) -> list[str]:
         if self.references_field is None:
             return [targets]
         value = record.get(self.references_field)
@@ -281,10 +297,7 @@ class _Renderer:
             return [value]
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             return list(value)
-        raise DataError(
-            f"references must be a str or a list of str, got {type(value).__name__}",
-            task=self.task_name, record=index, field=self.references_field,
-        )
+        raise DataError(f"references must be a str or a list of str, got {type(value).__name__}", field=self.references_field)
 
     def _with_exemplars(self, inputs: str, position: int, index: int, template: Template, style: str) -> str:
         pool = len(self.exemplars)
@@ -296,8 +309,11 @@ class _Renderer:
             drawn = [i + 1 if i >= index else i for i in drawn]  # skip the query itself
         shots = []
         for i in drawn:
-            fields, _ = self._fields(self.exemplars[i], style, i)
-            shots.append(template.render(fields, task=self.task_name))
+            try:
+                fields, _ = self._fields(self.exemplars[i], style)
+                shots.append(template.render(fields, task=self.task_name))
+            except DataError as error:
+                raise _locate(error, self.task_name, self.exemplars, i) from None
         return self.few_shot.join(shots, inputs)
 
 

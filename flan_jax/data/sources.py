@@ -68,13 +68,29 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 class Records(Sequence[dict]):
     """A random-access sequence of records with a short deterministic `repr` (grain checkpoints compare it).
 
-    `convert`, when given, is applied on access (used for lazily decoded TFDS records).
+    `convert`, when given, is applied on access (used for lazily decoded TFDS records). `origins`
+    (file, line, record index in the file) per record lets later stages (preprocessors, templates)
+    point at the line of the file a bad record came from.
     """
 
-    def __init__(self, items: Sequence[Any], name: str, convert: Callable[[Any], dict] | None = None):
+    def __init__(
+        self,
+        items: Sequence[Any],
+        name: str,
+        convert: Callable[[Any], dict] | None = None,
+        origins: Sequence[tuple[str, int | None, int]] | None = None,
+    ):
         self._items = items
         self._name = name
         self._convert = convert
+        self._origins = origins
+
+    def where(self, index: int) -> dict[str, Any]:
+        """Location of record `index` as DataError keyword arguments (file, line, record)."""
+        if self._origins is None:
+            return {"file": self._name, "record": index}
+        file, line, record = self._origins[index]
+        return {"file": file, "line": line, "record": record}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -215,19 +231,21 @@ class FileSource(Source):
                 out.append(path)
         return out
 
-    def _load(self, split: str) -> list[dict]:
+    def _load(self, split: str) -> Records:
         log = _BadRecordLog(self.on_bad_record, self, split)
         records: list[dict] = []
+        origins: list[tuple[str, int | None, int]] = []
         for path in self.files(split):
-            before, bad_before = len(records), log.count
-            for line, record in self._read(path, log):
-                mapped = self._map_fields(record, path, line, len(records) - before, log)
+            before, bad_before, file = len(records), log.count, str(path)
+            for index, (line, record) in enumerate(self._read(path, log)):
+                mapped = self._map_fields(record, path, line, index, log)
                 if mapped is not None:
                     records.append(mapped)
+                    origins.append((file, line, index))
             if len(records) == before and log.count == bad_before:
                 self._report_empty(path, split)
         log.finish()
-        return records
+        return Records(records, f"{self.short_name()}:{split}", origins=origins)
 
     def _report_empty(self, path: pathlib.Path, split: str) -> None:
         message = f"file has no records (split {split!r} of {self!r})"
