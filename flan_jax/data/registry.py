@@ -115,6 +115,15 @@ class Task:
         "references_field", "options_field", "option_styles", "few_shot", "description",
     )
 
+    def __getstate__(self) -> dict:  # picklable for grain worker processes: drop the lock
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def replace(self, **changes: Any) -> Task:
         """A copy with some arguments changed, e.g. `task.replace(name="x_heldout", templates=other)`."""
         unknown = sorted(set(changes) - set(self._FIELDS))

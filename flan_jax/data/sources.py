@@ -145,6 +145,15 @@ class Source(abc.ABC):
     def short_name(self) -> str:
         return type(self).__name__
 
+    def __getstate__(self) -> dict:  # grain worker processes pickle datasets: drop the lock
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:  # subclasses give a repr that is deterministic across runs
         return f"{type(self).__name__}()"
 
