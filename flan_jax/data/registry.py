@@ -272,13 +272,18 @@ class _Renderer:
         return fields, list(options)
 
     def _order(self, epoch: int) -> list[int]:
-        """The record order of one epoch: a fresh permutation per epoch (no repeats within an epoch)."""
-        order = self._orders.get(epoch)
+        """The record order of one epoch: a fresh permutation per epoch (no repeats within an epoch).
+
+        Grain may call the renderer from several threads: the cache dict is never mutated, only
+        replaced, so readers never see it change size; a race at most computes a permutation twice.
+        """
+        orders = self._orders
+        order = orders.get(epoch)
         if order is None:
             order = np.random.default_rng([self.order_seed, epoch]).permutation(len(self.records)).tolist()
-            if len(self._orders) >= 2:  # streams move forward: keep the current and the previous epoch
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = order
+            kept = {e: o for e, o in orders.items() if abs(e - epoch) <= 1}  # streams move forward
+            kept[epoch] = order
+            self._orders = kept
         return order
 
     def __call__(self, position: int, _: int) -> dict:
