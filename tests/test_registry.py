@@ -40,6 +40,8 @@ def test_task_metadata():
     task = _task(metrics=("exact_match", "rouge"), cluster="qa", description="toy")
     assert task.splits == ("train", "validation")
     assert task.num_examples("train") == 20 and task.metrics == ("exact_match", "rouge") and task.cluster == "qa"
+    with pytest.raises(data.DataError, match="task 'reg_task'.*no split 'test'; available: train, validation"):
+        task.get_dataset("test")
 
 
 def test_references_field_gives_several_acceptable_answers():

@@ -142,6 +142,8 @@ class Task:
 
     def records(self, split: str) -> Records:
         """Preprocessed records of a split (loaded and preprocessed once, then cached)."""
+        if split not in self.splits:
+            raise DataError(f"no split {split!r}; available: {', '.join(self.splits)}", task=self.name)
         with self._lock:
             if split not in self._records_cache:
                 self._records_cache[split] = self._preprocess(split)
