@@ -377,6 +377,7 @@ class Mixture:
         self.name = name
         self.members = members
         self.description = description
+        self._reported_zero: list[str] = []
 
     @classmethod
     def proportional(
@@ -430,7 +431,8 @@ class Mixture:
         """Normalised rate per leaf task name (tasks with rate 0, e.g. empty ones, are left out and logged)."""
         raw = _sum_by_name(self._weighted_leaves())
         zero = sorted(name for name, rate in raw.items() if rate == 0)
-        if zero:
+        if zero and zero != self._reported_zero:  # said once, not at every call
+            self._reported_zero = zero
             logging.warning("mixture %r: %d task(s) get rate 0 and are left out: %s", self.name, len(zero), ", ".join(zero))
         try:
             return mixing.normalise(raw)
