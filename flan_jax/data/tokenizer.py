@@ -92,6 +92,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # sentencepiece encodes a list on a fresh thread pool: only worth it for many texts
+        # (for 2 texts it is ~3x slower than 2 calls).
+        if len(texts) < 64:
+            return [self._sp.encode(text) for text in texts]
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:

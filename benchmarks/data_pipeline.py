@@ -1,0 +1,141 @@
+"""Data pipeline throughput and packing fill on a real mixture (issue 3's performance targets).
+
+Measures, on ONE core (worker_count=0, no threads), over the first `--num_examples` of the mixed stream:
+
+  render     the registered mixture's stream -> rendered example dicts (sources, templates, mixing)
+  tokenize   rendered examples -> truncated token features (sentencepiece)
+  pack       features -> best-fit packed rows (`--num_packing_bins` look-ahead)
+  loader     all of it through `make_train_iterator` (row slots, batching), the trainer's real input
+
+and the packing fill rate (non-padding tokens / all tokens) at each `--seq_lens` versus one example per
+row. The pipeline is compared with the trainer's consumption (`--trainer_tokens_per_sec`, the demo model's
+~4,000 tokens/s on this machine; JAX_STACK_NOTES). Targets: fill >= 98% at 1024; loader >= 20x the trainer.
+
+  FLAN_JAX_DATA_DIR=/path/to/data python benchmarks/data_pipeline.py --mixture=t0 [--tokenizer=tok.model]
+
+Without `--tokenizer`, an 8,000-piece sentencepiece model is trained on `--tokenizer_examples` examples
+first (not timed as part of the pipeline). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+import grain  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from flan_jax import data, default_config  # noqa: E402
+from flan_jax.data import loader, packing  # noqa: E402
+from flan_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from flan_jax.data.features import FeatureConfig, featurize  # noqa: E402
+
+flags.DEFINE_string("mixture", "t0", "registered mixture (or task) to measure")
+flags.DEFINE_string("split", "train", "split")
+flags.DEFINE_string("tokenizer", "", "sentencepiece .model (default: train one on the mixture first)")
+flags.DEFINE_integer("tokenizer_examples", 5000, "examples to train the tokenizer on when --tokenizer is empty")
+flags.DEFINE_integer("vocab_size", 8000, "pieces of the tokenizer trained when --tokenizer is empty")
+flags.DEFINE_integer("num_examples", 20000, "examples of the mixed stream to measure on")
+flags.DEFINE_list("seq_lens", ["1024", "2048"], "row lengths for the fill-rate comparison")
+flags.DEFINE_integer("batch_size", 8, "global rows per batch for the loader measurement")
+flags.DEFINE_integer("num_packing_bins", 64, "best-fit look-ahead (config.data.num_packing_bins)")
+flags.DEFINE_float("trainer_tokens_per_sec", 4000.0, "the demo model's training consumption on this machine")
+flags.DEFINE_integer("seed", 0, "stream seed")
+
+
+def _timed(fn):
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - start_wall, time.process_time() - start_cpu
+
+
+def _row(stage: str, examples: int, tokens: int, wall: float, cpu: float, trainer: float) -> str:
+    return (
+        f"| {stage} | {examples / wall:,.0f} | {tokens / wall:,.0f} | {tokens / cpu:,.0f} | "
+        f"{tokens / wall / trainer:,.1f}x |"
+    )
+
+
+def _loader_run(config, tokenizer, examples: grain.MapDataset, num_examples: int):
+    """Batches from the real loader until about `num_examples` examples are consumed."""
+    iterator = loader.make_train_iterator(config, tokenizer, seed=FLAGS.seed, process_index=0, process_count=1,
+                                          examples=examples)
+    batches = []
+    while iterator.stats.total().examples < num_examples:
+        batches.append(next(iterator))
+    return batches, iterator.stats.total()
+
+
+def main(argv: Sequence[str]) -> None:
+    del argv
+    mixture = data.get_mixture(FLAGS.mixture)
+    stream = mixture.get_dataset(FLAGS.split, seed=FLAGS.seed, shuffle=True)
+    if FLAGS.tokenizer:
+        tokenizer = tokenizer_lib.SentencePieceTokenizer(FLAGS.tokenizer)
+    else:
+        texts = tokenizer_lib.mixture_texts(FLAGS.mixture, split=FLAGS.split, num_examples=FLAGS.tokenizer_examples,
+                                            seed=FLAGS.seed + 1)
+        model, wall, _ = _timed(lambda: tokenizer_lib.train_sentencepiece(texts, FLAGS.vocab_size))
+        tokenizer = tokenizer_lib.SentencePieceTokenizer(model, name=f"trained on {FLAGS.tokenizer_examples} examples")
+        print(f"Trained a {tokenizer.vocab_size}-piece tokenizer on {FLAGS.tokenizer_examples:,} examples in {wall:.1f} s")
+
+    n = FLAGS.num_examples
+    trainer = FLAGS.trainer_tokens_per_sec
+    seq_lens = [int(s) for s in FLAGS.seq_lens]
+    first_len = seq_lens[0]
+
+    rendered, render_wall, render_cpu = _timed(lambda: list(itertools.islice(iter(stream), n)))
+    feature_config = FeatureConfig(seq_len=first_len)
+    features, tok_wall, tok_cpu = _timed(lambda: [featurize(e, tokenizer, feature_config)[0] for e in rendered])
+    features = [f for f in features if f is not None]
+    tokens = sum(len(f["input_tokens"]) for f in features)
+    source = grain.MapDataset.source(features).to_iter_dataset()
+    rows, pack_wall, pack_cpu = _timed(
+        lambda: list(packing.pack(source, seq_len=first_len, num_packing_bins=FLAGS.num_packing_bins, seed=0))
+    )
+
+    config = default_config.get_config().data
+    config.batch_size = FLAGS.batch_size
+    config.seq_len = first_len
+    config.num_packing_bins = FLAGS.num_packing_bins
+    examples = grain.MapDataset.source(rendered)  # the same examples, so only the loader's own work differs
+    (batches, counts), load_wall, load_cpu = _timed(lambda: _loader_run(config, tokenizer, examples, n))
+
+    print(f"\nMixture {FLAGS.mixture!r}: {n:,} examples, {tokens / len(features):.1f} tokens per example at "
+          f"seq_len {first_len}, trainer consumption {trainer:,.0f} tokens/s\n")
+    print("| stage (1 core) | examples/s | tokens/s (wall) | tokens/s (CPU time) | x trainer |")
+    print("|---|---:|---:|---:|---:|")
+    print(_row("render", n, tokens, render_wall, render_cpu, trainer))
+    print(_row(f"tokenize + truncate ({first_len})", n, tokens, tok_wall, tok_cpu, trainer))
+    print(_row(f"best-fit pack ({FLAGS.num_packing_bins} bins)", n, tokens, pack_wall, pack_cpu, trainer))
+    # counts: every example the loader tokenized and placed into a packing bin (emitted or still open);
+    # rendering them is charged at the measured render cost per example.
+    share = counts.examples / n
+    print(_row("render + loader (end to end)", counts.examples, counts.tokens, share * render_wall + load_wall,
+               share * render_cpu + load_cpu, trainer))
+    print(f"\nLoader batches: {len(batches)} x {FLAGS.batch_size} x {first_len}; over-long examples: "
+          f"{counts.truncated + counts.response_truncated:,} truncated, {counts.dropped:,} dropped of {counts.examples:,}")
+
+    print("\n| seq_len | packed fill (best fit, loader) | one example per row | rows packed / padded |")
+    print("|---:|---:|---:|---:|")
+    for seq_len in seq_lens:
+        config.seq_len = seq_len
+        feature_config = FeatureConfig(seq_len=seq_len)
+        lengths = [len(f["input_tokens"]) for f in (featurize(e, tokenizer, feature_config)[0] for e in rendered) if f]
+        padded_fill = sum(lengths) / (len(lengths) * seq_len)
+        batches, _ = _loader_run(config, tokenizer, examples, n)
+        packed_fill = packing.fill_rate({"segment_ids": np.concatenate([b["segment_ids"] for b in batches])})
+        packed_rows = len(batches) * FLAGS.batch_size
+        print(f"| {seq_len} | {packed_fill:.2%} | {padded_fill:.2%} | {packed_rows:,} / {len(lengths):,} |")
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == "__main__":
+    app.run(main)
