@@ -30,19 +30,21 @@ def _splits(family_name: str) -> dict[str, list[dict]]:
     return families.generate_splits(family, NUM_TRAIN, NUM_VALIDATION, seed=0)
 
 
-def _split_function(family_name: str, split: str):
-    """A no-argument function giving one split's records, with a qualname unique per (family, split):
+class _SplitRecords:
+    """The records of one (family, split): a picklable no-argument callable for FunctionSource
+    (grain worker processes pickle tasks). Its `__qualname__` names the family and split, since
     FunctionSource's repr, which grain checkpoints compare, is built from it."""
 
-    def records() -> list[dict]:
-        return [dict(record) for record in _splits(family_name)[split]]
+    def __init__(self, family_name: str, split: str):
+        self.family_name, self.split = family_name, split
+        self.__qualname__ = f"{family_name}.{split}"  # repr: tasks.synthetic.<family>.<split>
 
-    records.__qualname__ = f"synthetic.{family_name}.{split}"
-    return records
+    def __call__(self) -> list[dict]:
+        return [dict(record) for record in _splits(self.family_name)[self.split]]
 
 
 def _task(family: families.Family) -> data.Task:
-    source = data.FunctionSource({split: _split_function(family.name, split) for split in ("train", "validation")})
+    source = data.FunctionSource({split: _SplitRecords(family.name, split) for split in ("train", "validation")})
     heldout_cluster = family.cluster == families.HELDOUT_CLUSTER
     return data.Task(
         PREFIX + family.name,
