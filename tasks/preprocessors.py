@@ -83,3 +83,20 @@ def first_turn(record: dict) -> dict:
     if not turns:
         raise DataError("no turns", field="turns")
     return {**record, "instruction": turns[0]}
+
+
+class DropEmpty:
+    """Drops records whose `field` is empty or whitespace (the Task counts and logs every drop).
+
+    Seven P3 TREC files have nothing but the end marker as completion; training on them would
+    only teach the model to stop at once.
+    """
+
+    def __init__(self, field: str):
+        self.field = field
+
+    def __call__(self, record: dict) -> dict | None:
+        value = record.get(self.field)
+        if not isinstance(value, str):
+            raise DataError(f"expected a string, got {type(value).__name__}", field=self.field)
+        return record if value.strip() else None

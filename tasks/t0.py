@@ -5,21 +5,25 @@ The files are already rendered by the P3 templates, so a task's own template is 
 Each file's records are split into train and validation (every 10th record, `tasks.splits`).
 
 Names:
-  t0.<dataset>.<template>      one task per file (294, of which the 11 empty ones are in no mixture)
+  t0.<dataset>.<template>      one task per file (294; the 18 unusable TREC ones are in no mixture)
   t0_<cluster>                 examples-proportional mixture of a cluster's non-empty tasks
   t0                           all clusters
   t0_minus_<cluster>           all clusters but one: FLAN's leave-one-cluster-out training mixture
 
 The 11 zero-byte `trec_fine_grained_*` files are registered, read as empty with a warning
-(`source.empty_files` lists them) and left out of every mixture; `check_files()` reports them.
+(`source.empty_files` lists them) and left out of every mixture; the 7 other TREC files hold only
+empty completions, which the tasks drop (counted in `task.filtered`, logged), and are left out
+too. `check_files()` reports both kinds.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
 from flan_jax import data
+from tasks import preprocessors
 from tasks import t0_catalog as catalog
 from tasks.splits import CarvedSplits
 
@@ -43,7 +47,7 @@ def _task(dataset: str, template: str) -> data.Task:
         task_name(dataset, template),
         CarvedSplits(source, every=VALIDATION_EVERY),
         [TEMPLATE],
-        preprocessors=[data.StripSuffix(END_OF_TEXT, "completion")],
+        preprocessors=[data.StripSuffix(END_OF_TEXT, "completion"), preprocessors.DropEmpty("completion")],
         metrics=("rouge_l",) if cluster in FREE_TEXT_CLUSTERS else ("exact_match", "rouge_l"),
         cluster=cluster,
         description=f"P3 {dataset} rendered with the prompt template {template!r}",
@@ -51,39 +55,47 @@ def _task(dataset: str, template: str) -> data.Task:
 
 
 def tasks_of_cluster(cluster: str, *, include_empty: bool = False) -> list[str]:
-    """Task names of a cluster (without the known-empty files unless asked)."""
+    """Task names of a cluster (without the known-unusable files unless asked)."""
     if cluster not in catalog.CLUSTERS:
         raise data.DataError(f"unknown T0 cluster {cluster!r}; clusters: {', '.join(catalog.CLUSTERS)}")
     return [
         task_name(dataset, template)
         for dataset in catalog.CLUSTERS[cluster]
         for template in catalog.TEMPLATES[dataset]
-        if include_empty or f"{dataset}_{template}" not in catalog.EMPTY_FILES
+        if include_empty or f"{dataset}_{template}" not in catalog.UNUSABLE_FILES
     ]
 
 
 def check_files(data_dir: str | pathlib.Path | None = None) -> dict:
     """Compares the folder with the catalog: records per file, empty files, missing and unexpected files.
 
-    Returns {"records": {stem: n}, "empty": [...], "missing": [...], "unexpected": [...]} and logs
-    a warning for each empty, missing or unexpected file (nothing is skipped silently).
+    Returns {"records": {stem: n}, "empty": [...], "empty_completions": [...], "missing": [...],
+    "unexpected": [...]} and logs a warning for each kind that is not empty (nothing is skipped
+    silently). "empty_completions" lists files in which every completion is empty.
     """
     folder = pathlib.Path(data_dir) if data_dir is not None else data.data_dir()
     folder = folder / "t0"
     expected = set(catalog.file_stems())
     present = {path.stem: path for path in folder.glob("*.jsonl")}
-    report = {"records": {}, "empty": [], "missing": sorted(expected - set(present)),
+    report = {"records": {}, "empty": [], "empty_completions": [], "missing": sorted(expected - set(present)),
               "unexpected": sorted(set(present) - expected)}
     for stem in sorted(present):
         with open(present[stem], "rb") as f:
-            count = sum(1 for line in f if line.strip())
-        report["records"][stem] = count
-        if count == 0:
+            lines = [line for line in f if line.strip()]
+        report["records"][stem] = len(lines)
+        if not lines:
             report["empty"].append(stem)
-    for kind in ("empty", "missing", "unexpected"):
+        elif all(_completion_is_empty(line) for line in lines):
+            report["empty_completions"].append(stem)
+    for kind in ("empty", "empty_completions", "missing", "unexpected"):
         if report[kind]:
             logging.warning("t0: %d %s file(s): %s", len(report[kind]), kind, ", ".join(report[kind]))
     return report
+
+
+def _completion_is_empty(line: bytes) -> bool:
+    completion = json.loads(line).get("completion", "")
+    return not completion.removesuffix(END_OF_TEXT).strip()
 
 
 def register() -> None:

@@ -127,13 +127,23 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 # Published as zero-byte files: registered (so the catalog matches the folder) but left out of
-# every mixture, and reported by `tasks.t0.check_files`.
+# every mixture, and reported by `tasks.t0.check_files`. (All 18 TREC files are unusable in this
+# subset: these 11 are empty and the other 7 have empty completions, see below.)
 EMPTY_FILES: frozenset[str] = frozenset(
     f"trec_fine_grained_{kind}{suffix}"
     for kind, suffix in [("ABBR", ""), ("ABBR", "_context_first"), ("DESC", ""), ("DESC", "_context_first"),
                          ("ENTY", ""), ("HUM", ""), ("HUM", "_context_first"), ("LOC", ""),
                          ("LOC", "_context_first"), ("NUM", ""), ("NUM", "_context_first")]
 )
+
+# Non-empty files whose completions are all empty (only the end marker): registered, their
+# records dropped (counted and logged) by the tasks, and left out of every mixture.
+EMPTY_COMPLETION_FILES: frozenset[str] = frozenset(
+    f"trec_{template}" for template in ("fine_grained_open", "fine_grained_open_context_first",
+                                        "pick_the_best_descriptor", "trec1", "trec2",
+                                        "what_category_best_describe", "which_category_best_describes")
+)
+UNUSABLE_FILES = EMPTY_FILES | EMPTY_COMPLETION_FILES
 
 CLUSTER_OF_DATASET: dict[str, str] = {ds: cluster for cluster, datasets in CLUSTERS.items() for ds in datasets}
 

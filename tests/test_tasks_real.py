@@ -62,8 +62,9 @@ def test_t0_holdout_config_rejects_a_missing_or_unknown_cluster():
             _load_config("configs/t0_holdout.py", argument)
 
 
-def test_empty_files_are_in_no_mixture():
-    empty = {f"t0.trec.{stem.removeprefix('trec_')}" for stem in t0_catalog.EMPTY_FILES}
+def test_unusable_files_are_in_no_mixture():
+    assert len(t0_catalog.UNUSABLE_FILES) == 18  # every TREC file of this subset
+    empty = {f"t0.trec.{stem.removeprefix('trec_')}" for stem in t0_catalog.UNUSABLE_FILES}
     assert empty <= set(data.list_names("task"))
     for name in ["t0", "flan_mini", "t0_topic_classification", "t0_minus_sentiment"]:
         assert not empty & {task.name for task in data.get_mixture(name).tasks}, name
@@ -107,8 +108,9 @@ def test_t0_files_match_the_catalog_and_empty_files_are_reported(real_data_dir, 
         report = t0.check_files(real_data_dir)
     assert report["missing"] == [] and report["unexpected"] == []
     assert sorted(report["empty"]) == sorted(t0_catalog.EMPTY_FILES)
+    assert sorted(report["empty_completions"]) == sorted(t0_catalog.EMPTY_COMPLETION_FILES)
     assert sum(report["records"].values()) == 55_185
-    assert "11 empty file(s)" in caplog.text
+    assert "11 empty file(s)" in caplog.text and "7 empty_completions file(s)" in caplog.text
 
 
 def test_t0_records_per_task_and_cluster(real_data_dir, caplog):
@@ -135,6 +137,12 @@ def test_t0_records_per_task_and_cluster(real_data_dir, caplog):
     with caplog.at_level(logging.WARNING):
         assert empty_task.num_examples("train") == 0
     assert any("trec_fine_grained_ABBR.jsonl" in path for path in empty_task.source.empty_files)
+    # A file of empty completions: every record dropped, counted and logged.
+    blank = data.get_task("t0.trec.trec1")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert blank.num_examples("train") == 0
+    assert blank.filtered["train"] == 180 and "dropped 180 of 180" in caplog.text
 
 
 def test_t0_marker_is_stripped(real_data_dir):
@@ -151,7 +159,7 @@ def test_t0_marker_is_stripped(real_data_dir):
 
 def test_t0_mixture_rates_cover_every_non_empty_task(real_data_dir, caplog):
     rates = data.get_mixture("t0").rates()
-    assert len(rates) == 294 - 11
+    assert len(rates) == 294 - 18
     assert abs(sum(rates.values()) - 1.0) < 1e-9
 
 
