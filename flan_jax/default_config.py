@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     tok.path = ""  # empty: train a sentencepiece model on the training mixture into the workdir
     tok.vocab_size = 8000  # only used when training a tokenizer
     tok.train_examples = 50_000  # only used when training a tokenizer
+    tok.bos_token = ""  # hf only: BOS token text ("": from tokenizer_config.json or the usual names)
+    tok.eos_token = ""  # hf only: EOS token text (same rule)
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
