@@ -61,8 +61,15 @@ class Tokenizer:
         return [self.encode(text) for text in texts]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; PAD/BOS/EOS ids are dropped."""
+        """Text of `ids`; PAD/BOS/EOS ids are dropped.
+
+        So are ids past the tokenizer's vocabulary: models often pad their embedding table beyond
+        it (for efficient sharding), and an untrained or badly tuned model may emit those ids.
+        """
         raise NotImplementedError
+
+    def _known(self, ids: Iterable[int]) -> list[int]:
+        return [int(i) for i in ids if int(i) not in self._special and 0 <= int(i) < self.vocab_size]
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -99,7 +106,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids if int(i) not in self._special])
+        return self._sp.decode(self._known(ids))
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -147,7 +154,7 @@ class HFTokenizer(Tokenizer):
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tok.decode([int(i) for i in ids if int(i) not in self._special], skip_special_tokens=False)
+        return self._tok.decode(self._known(ids), skip_special_tokens=False)
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
