@@ -1,5 +1,6 @@
 """Features: the BOS/EOS shift, loss weights and prefix mask by hand, and the over-long policies."""
 
+import json
 import random
 
 import numpy as np
@@ -113,7 +114,15 @@ def test_feature_stats_count_per_task_and_survive_a_round_trip():
     total = stats.total()
     assert (total.examples, total.tokens, total.truncated, total.response_truncated, total.dropped) == (4, 42, 1, 1, 1)
     assert total.overlong == 3
+    assert stats.by_task["a"].truncated == 1 and stats.by_task["b"].dropped == 1
+    assert stats.to_dict()["b"] == {
+        "examples": 2, "tokens": 16, "truncated": 0, "response_truncated": 1, "dropped": 1
+    }
     restored = FeatureStats()
-    restored.load_dict(stats.to_dict())
+    restored.restore(json.loads(json.dumps(stats.snapshot())))  # as a checkpoint stores it
     assert restored.to_dict() == stats.to_dict()
+    merged = FeatureStats()
+    merged.merge(stats)
+    merged.merge(restored)
+    assert merged.total().examples == 8 and merged.by_task["a"].tokens == 52
     assert "4 examples: 1 instruction-truncated, 1 response-truncated, 1 dropped" == stats.summary()

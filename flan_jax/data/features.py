@@ -157,43 +157,51 @@ class TaskCounts:
 
 
 class FeatureStats:
-    """Per-task counts of examples, kept tokens, truncations and drops. JSON-friendly for checkpoints."""
+    """Per-task counts of examples, kept tokens, truncations and drops. JSON-friendly for checkpoints.
+
+    Counts are kept as immutable tuples per task, so `snapshot()` is a shallow dict copy: the packer
+    asks for its parent's state before every example, and a mixture can have hundreds of tasks.
+    """
+
+    _FIELDS = tuple(field.name for field in dataclasses.fields(TaskCounts))
 
     def __init__(self):
-        self.by_task: dict[str, TaskCounts] = {}
+        self._counts: dict[str, tuple[int, ...]] = {}
 
     def add(self, task: str, outcome: Outcome, num_tokens: int) -> None:
-        counts = self.by_task.get(task)
-        if counts is None:
-            counts = self.by_task[task] = TaskCounts()
-        counts.examples += 1
-        counts.tokens += num_tokens
-        if outcome is Outcome.TRUNCATED:
-            counts.truncated += 1
-        elif outcome is Outcome.RESPONSE_TRUNCATED:
-            counts.response_truncated += 1
-        elif outcome is Outcome.DROPPED:
-            counts.dropped += 1
+        examples, tokens, truncated, response_truncated, dropped = self._counts.get(task, (0, 0, 0, 0, 0))
+        self._counts[task] = (
+            examples + 1,
+            tokens + num_tokens,
+            truncated + (outcome is Outcome.TRUNCATED),
+            response_truncated + (outcome is Outcome.RESPONSE_TRUNCATED),
+            dropped + (outcome is Outcome.DROPPED),
+        )
+
+    @property
+    def by_task(self) -> dict[str, TaskCounts]:
+        return {task: TaskCounts(*counts) for task, counts in sorted(self._counts.items())}
 
     def total(self) -> TaskCounts:
-        total = TaskCounts()
-        for counts in self.by_task.values():
-            for field in dataclasses.fields(TaskCounts):
-                setattr(total, field.name, getattr(total, field.name) + getattr(counts, field.name))
-        return total
+        sums = [sum(column) for column in zip(*self._counts.values())] or [0] * len(self._FIELDS)
+        return TaskCounts(*sums)
 
     def merge(self, other: FeatureStats) -> None:
-        for task, counts in other.by_task.items():
-            mine = self.by_task.setdefault(task, TaskCounts())
-            for field in dataclasses.fields(TaskCounts):
-                setattr(mine, field.name, getattr(mine, field.name) + getattr(counts, field.name))
+        for task, counts in other._counts.items():
+            mine = self._counts.get(task, (0,) * len(self._FIELDS))
+            self._counts[task] = tuple(a + b for a, b in zip(mine, counts))
+
+    def snapshot(self) -> dict[str, tuple[int, ...]]:
+        """The counts as {task: (examples, tokens, truncated, response_truncated, dropped)} (cheap)."""
+        return dict(self._counts)
+
+    def restore(self, snapshot: Mapping[str, Sequence[int]]) -> None:
+        """Inverse of `snapshot` (also accepts the lists JSON turns the tuples into)."""
+        self._counts = {task: tuple(int(n) for n in counts) for task, counts in snapshot.items()}
 
     def to_dict(self) -> dict[str, dict[str, int]]:
-        # Cheap on purpose: the packer asks its parent for its state before every example.
-        return {task: dict(vars(counts)) for task, counts in sorted(self.by_task.items())}
-
-    def load_dict(self, state: Mapping[str, Mapping[str, int]]) -> None:
-        self.by_task = {task: TaskCounts(**counts) for task, counts in state.items()}
+        """{task: {field: count}} for reports and logs."""
+        return {task: dataclasses.asdict(counts) for task, counts in self.by_task.items()}
 
     def summary(self) -> str:
         total = self.total()

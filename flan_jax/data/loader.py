@@ -115,11 +115,11 @@ class _FeaturizeIterator(grain.DatasetIterator):
                 return features
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "counts": self._feature_stats.to_dict()}
+        return {"parent": self._parent.get_state(), "counts": self._feature_stats.snapshot()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._feature_stats.load_dict(state["counts"])
+        self._feature_stats.restore(state["counts"])
 
 
 # --------------------------------------------------------------------------- batches of row slots
