@@ -1,0 +1,24 @@
+"""Hugging Face <-> flan_jax checkpoints (safetensors only), proven by logit-parity tests.
+
+    python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR
+    python -m flan_jax.convert --to_hf=OUT_HF_DIR --workdir=DIR [--step=N]
+    python -m flan_jax.convert --to_hf=OUT_HF_DIR --checkpoint=CONVERTED_DIR
+
+`load_converted(OUT_DIR) -> (ModelConfig, params)` is what `checkpoint.init_from` uses.
+"""
+
+from flan_jax.convert.checkpoint import load_converted, save_converted
+from flan_jax.convert.hf_export import convert_checkpoint_to_hf, convert_workdir_to_hf, hf_tensors, write_hf
+from flan_jax.convert.hf_import import RefusedCheckpointError, convert_from_hf, load_hf_params
+
+__all__ = [
+    "RefusedCheckpointError",
+    "convert_checkpoint_to_hf",
+    "convert_from_hf",
+    "convert_workdir_to_hf",
+    "hf_tensors",
+    "load_converted",
+    "load_hf_params",
+    "save_converted",
+    "write_hf",
+]

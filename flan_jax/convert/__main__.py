@@ -1,0 +1,52 @@
+"""Command line: `python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR` or `--to_hf=...`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flan_jax.convert",
+        description="Convert Hugging Face safetensors checkpoints to flan_jax and back.",
+    )
+    parser.add_argument("--from_hf", help="Hugging Face model folder (config.json + *.safetensors)")
+    parser.add_argument("--out", help="with --from_hf: the converted checkpoint folder to write (for checkpoint.init_from)")
+    parser.add_argument("--to_hf", help="Hugging Face folder to write (config.json + model.safetensors)")
+    parser.add_argument("--workdir", help="with --to_hf: a training run's workdir")
+    parser.add_argument("--step", type=int, default=None, help="with --workdir: checkpoint step (default: newest)")
+    parser.add_argument("--checkpoint", help="with --to_hf: a converted checkpoint folder")
+    parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                        help="with --to_hf: dtype of the written tensors (default: the parameters' dtype)")
+    args = parser.parse_args(argv)
+    if bool(args.from_hf) == bool(args.to_hf):
+        parser.error("give exactly one of --from_hf or --to_hf")
+    if args.from_hf and not args.out:
+        parser.error("--from_hf needs --out")
+    if args.to_hf and bool(args.workdir) == bool(args.checkpoint):
+        parser.error("--to_hf needs exactly one of --workdir or --checkpoint")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    from flan_jax import convert
+
+    if args.from_hf:
+        cfg = convert.convert_from_hf(args.from_hf, args.out)
+        print(f"Wrote {args.out} ({cfg.family}, {cfg.num_params:,} parameters); train from it with "
+              f"--config.checkpoint.init_from={args.out}")
+    elif args.workdir:
+        step = convert.convert_workdir_to_hf(args.workdir, args.to_hf, step=args.step, dtype=args.dtype)
+        print(f"Wrote {args.to_hf} from {args.workdir} step {step}")
+    else:
+        convert.convert_checkpoint_to_hf(args.checkpoint, args.to_hf, dtype=args.dtype)
+        print(f"Wrote {args.to_hf} from {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Our parameters -> a Hugging Face folder (config.json + model.safetensors) transformers loads.
+
+Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
+read through `flan_jax.train.checkpointing.load_model`). Tied models write no `lm_head.weight`,
+as transformers 5 does itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from flan_jax.convert import checkpoint, mapping
+from flan_jax.model.config import ModelConfig
+from flan_jax.model.hf_config import to_hf
+
+
+def hf_tensors(cfg: ModelConfig, params, *, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """HF tensor name -> array for `params` (an nnx.State or (nested / flat) pure dict)."""
+    flat = {path: np.asarray(value) for path, value in checkpoint.flatten(params).items()}
+    expected = checkpoint.abstract_params(cfg)
+    checkpoint._check_same_params("export", expected, {p: v.shape for p, v in flat.items()})
+    tensors: dict[str, np.ndarray] = {}
+    for rule in mapping.rules(cfg):
+        arrays = rule.to_hf([flat[path] for path in rule.paths])
+        for key, array in zip(rule.hf_keys, arrays):
+            array = array if dtype is None else array.astype(np.dtype(dtype))
+            tensors[key] = np.ascontiguousarray(array)
+    return tensors
+
+
+def write_hf(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    params,
+    *,
+    dtype: str | None = None,
+    token_ids: Mapping[str, int | None] | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> pathlib.Path:
+    """Writes config.json, model.safetensors and (from `tokenizer_dir`) the tokenizer files."""
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(cfg, params, dtype=dtype)
+    stored_dtype = str(next(iter(tensors.values())).dtype)
+    hf_config = to_hf(cfg, dtype=stored_dtype, token_ids=token_ids)
+    save_file(tensors, os.fspath(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        checkpoint.copy_tokenizer_files(tokenizer_dir, out)
+    logging.info("Wrote %d tensors (%s) to %s", len(tensors), stored_dtype, out)
+    return out
+
+
+def _token_ids_from(hf_config_file: pathlib.Path) -> dict[str, int | None]:
+    if not hf_config_file.is_file():
+        return {}
+    source = json.loads(hf_config_file.read_text())
+    return {k: source[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in source}
+
+
+def convert_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str | None = None) -> None:
+    """`--to_hf=OUT --checkpoint=PATH`: a converted (or hand-saved) checkpoint folder."""
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    cfg, params = checkpoint.load_converted(checkpoint_dir)
+    write_hf(out_dir, cfg, params, dtype=dtype, token_ids=_token_ids_from(checkpoint_dir / checkpoint.HF_CONFIG),
+             tokenizer_dir=checkpoint_dir)
+
+
+def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
+                          dtype: str | None = None) -> int:
+    """`--to_hf=OUT --workdir=DIR [--step=N]`: a training run's checkpoint; returns the step used."""
+    from flax import nnx
+
+    from flan_jax.train import checkpointing
+
+    model, config, used_step = checkpointing.load_model(workdir, step)
+    params = nnx.state(model, nnx.Param)
+    token_ids = {}
+    init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
+    if init_from:  # keep the special-token ids of the checkpoint the run started from
+        token_ids = _token_ids_from(pathlib.Path(init_from) / checkpoint.HF_CONFIG)
+    write_hf(out_dir, model.cfg, params, dtype=dtype, token_ids=token_ids, tokenizer_dir=workdir)
+    tokenizer_path = config.data.tokenizer.path if hasattr(config, "data") else ""
+    if tokenizer_path:  # a tokenizer the run read from elsewhere (e.g. a converted checkpoint)
+        source = pathlib.Path(tokenizer_path)
+        checkpoint.copy_tokenizer_files(source if source.is_dir() else source.parent, out_dir)
+    return used_step

@@ -1,0 +1,127 @@
+"""Hugging Face folder (config.json + *.safetensors) -> converted checkpoint, tensor by tensor.
+
+Memory: each safetensors file is memory-mapped and read one tensor at a time; each tensor is
+converted (transpose / reshape, in its own dtype) as soon as every HF tensor its rule needs has
+been read, so the host holds the converted parameters once plus one tensor in flight. A 7B
+bf16 checkpoint (~13.5 GB) thus converts within a 24 GiB host (see benchmarks/convert_memory.py).
+
+Only safetensors are read. PyTorch pickle files (.bin / .pt / .pth) can run arbitrary code when
+loaded, so they are refused with instructions rather than unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+
+import numpy as np
+
+from flan_jax.convert import checkpoint, mapping
+from flan_jax.model.config import ModelConfig
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class RefusedCheckpointError(ValueError):
+    """The folder holds only PyTorch pickle weights, which are never loaded."""
+
+
+def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The weight files of `hf_dir`: from the shard index when there is one, else every *.safetensors."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no 'weight_map'")
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
+        return files
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in hf_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise RefusedCheckpointError(
+            f"{hf_dir} holds only PyTorch pickle weights {pickles}; flan_jax reads safetensors only "
+            "(unpickling can run arbitrary code). Convert once, in an environment you trust:\n"
+            "  from transformers import AutoModelForCausalLM\n"
+            f"  AutoModelForCausalLM.from_pretrained('{hf_dir}').save_pretrained('OUT', safe_serialization=True)\n"
+            "then copy the tokenizer files along and convert OUT."
+        )
+    raise FileNotFoundError(f"{hf_dir} has no *.safetensors weights")
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    file = hf_dir / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: --from_hf expects a Hugging Face model folder")
+    return json.loads(file.read_text())
+
+
+def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
+    """(ModelConfig, flat params) read from an HF folder, checked against the model's shapes."""
+    from safetensors import safe_open
+
+    hf_dir = pathlib.Path(hf_dir)
+    cfg = cfg or ModelConfig.from_hf_config(read_hf_config(hf_dir))
+    rules = mapping.rules(cfg)
+    rule_of = {key: rule for rule in rules for key in rule.hf_keys}
+    expected = checkpoint.abstract_params(cfg)
+    pending: dict[int, dict[str, np.ndarray]] = {}
+    params: dict[tuple, np.ndarray] = {}
+    unexpected: list[str] = []
+    skipped: list[str] = []
+    for file in safetensors_files(hf_dir):
+        with safe_open(os.fspath(file), framework="numpy") as f:
+            for raw_key in f.keys():
+                key = _canonical_key(cfg, raw_key)
+                rule = rule_of.get(key)
+                if rule is None:
+                    if key.endswith(mapping.IGNORED_SUFFIXES) or (cfg.tie_embeddings and key == "lm_head.weight"):
+                        skipped.append(raw_key)
+                    else:
+                        unexpected.append(f"{raw_key} (in {file.name})")
+                    continue
+                got = pending.setdefault(id(rule), {})
+                got[key] = f.get_tensor(raw_key)
+                if len(got) == len(rule.hf_keys):
+                    del pending[id(rule)]
+                    arrays = rule.to_ours([got[k] for k in rule.hf_keys])
+                    for path, array in zip(rule.paths, arrays):
+                        want = tuple(expected[path].shape)
+                        if array.shape != want:
+                            raise ValueError(
+                                f"{file}: tensor {raw_key} gives {'/'.join(map(str, path))} shape {array.shape}, "
+                                f"but config.json implies {want}"
+                            )
+                        params[path] = array
+    if unexpected:
+        raise ValueError(f"{hf_dir}: tensors this {cfg.family} model has no place for: {unexpected[:10]}")
+    missing = [key for rule in rules for key in rule.hf_keys if any(p not in params for p in rule.paths)]
+    if missing:
+        raise ValueError(f"{hf_dir}: tensors missing from the safetensors files: {missing[:10]}")
+    if skipped:
+        logging.info("Skipped %d buffers / duplicate tied weights: %s", len(skipped), skipped[:5])
+    return cfg, params
+
+
+def _canonical_key(cfg: ModelConfig, key: str) -> str:
+    """GPT-2 checkpoints saved from `GPT2Model` (e.g. the original release) lack "transformer."."""
+    if cfg.family == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
+        return "transformer." + key
+    return key
+
+
+def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> ModelConfig:
+    """`python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR`."""
+    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    cfg, params = load_hf_params(hf_dir)
+    checkpoint.save_converted(out_dir, cfg, params)
+    (out_dir / checkpoint.HF_CONFIG).write_text(json.dumps(read_hf_config(hf_dir), indent=2) + "\n")
+    copied = checkpoint.copy_tokenizer_files(hf_dir, out_dir)
+    logging.info("Converted %s (%s, %d tensors) to %s; tokenizer files: %s", hf_dir, cfg.family, len(params), out_dir, copied)
+    return cfg

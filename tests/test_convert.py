@@ -1,0 +1,205 @@
+"""HF import/export, proven by logit parity with transformers on tiny random models built offline."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from flan_jax import convert  # noqa: E402
+from flan_jax import model as fm  # noqa: E402
+from flan_jax.convert import checkpoint, hf_import  # noqa: E402
+from flan_jax.model import hf_config  # noqa: E402
+
+VOCAB = 96
+LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+HF_MODELS = {
+    "llama3_gqa": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)),
+    "llama_tied_bias": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**LLAMA_SIZES, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "mistral_window": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**LLAMA_SIZES, sliding_window=4, head_dim=8)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA_SIZES)),
+    "gemma": lambda: transformers.GemmaForCausalLM(
+        transformers.GemmaConfig(**{**LLAMA_SIZES, "num_key_value_heads": 1}, head_dim=8)),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)),
+}
+
+
+def randomize(model) -> None:
+    """Weights large enough that a wrong transpose or norm cannot hide below the tolerance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
+    out = {}
+    for name, build in HF_MODELS.items():
+        torch.manual_seed(0)
+        model = build().eval()
+        randomize(model)
+        path = tmp_path_factory.mktemp(name)
+        # The Llama model is saved in small shards to exercise the shard index.
+        model.save_pretrained(path, max_shard_size="40KB" if name == "llama3_gqa" else "50GB")
+        out[name] = path
+    return out
+
+
+def hf_logits(path_or_model, ids: np.ndarray) -> np.ndarray:
+    model = path_or_model
+    if not isinstance(model, torch.nn.Module):
+        model = transformers.AutoModelForCausalLM.from_pretrained(path_or_model, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+def our_model(cfg: fm.ModelConfig, params) -> fm.Transformer:
+    model = nnx.eval_shape(lambda: fm.Transformer(cfg, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, checkpoint.nest({p: jnp.asarray(v) for p, v in checkpoint.flatten(params).items()}))
+    nnx.update(model, state)
+    return model
+
+
+def random_ids(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, shape).astype(np.int32)
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_import_matches_transformers_logits(hf_dirs, name):
+    cfg, params = convert.load_hf_params(hf_dirs[name])
+    cfg = cfg.replace(attention="reference")
+    model = our_model(cfg, params)
+    ids = random_ids((2, 12))
+    reference = hf_logits(hf_dirs[name], ids)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), reference, atol=1e-4, rtol=1e-4)
+
+    # Several sequences packed in one row: each segment equals transformers on it alone.
+    lengths = [5, 9, 4]
+    seqs = [random_ids((1, n), seed=10 + i) for i, n in enumerate(lengths)]
+    total = sum(lengths) + 2
+    tokens, segments, positions = (np.zeros((1, total), np.int32) for _ in range(3))
+    start = 0
+    for i, seq in enumerate(seqs):
+        n = seq.shape[1]
+        tokens[0, start:start + n], segments[0, start:start + n], positions[0, start:start + n] = seq, i + 1, np.arange(n)
+        start += n
+    for attention in ("reference", "xla"):
+        packed = np.asarray(our_model(cfg.replace(attention=attention), params)(
+            jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments)))
+        start = 0
+        for seq in seqs:
+            n = seq.shape[1]
+            np.testing.assert_allclose(packed[:, start:start + n], hf_logits(hf_dirs[name], seq), atol=1e-4, rtol=1e-4)
+            start += n
+
+
+@pytest.mark.parametrize("name", list(HF_MODELS))
+def test_export_loads_in_transformers_and_round_trips_bitwise(hf_dirs, name, tmp_path):
+    cfg = fm.ModelConfig.from_hf_config(json.loads((hf_dirs[name] / "config.json").read_text()))
+    cfg = cfg.replace(init_std=0.15, attention="reference")
+    model = fm.Transformer(cfg, rngs=nnx.Rngs(3))  # our own random weights, not the imported ones
+    params = nnx.state(model, nnx.Param)
+    convert.write_hf(tmp_path, cfg, params)
+
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ids = random_ids((2, 12), seed=5)
+    np.testing.assert_allclose(hf_logits(loaded.eval(), ids), np.asarray(model(jnp.asarray(ids))), atol=1e-4, rtol=1e-4)
+
+    cfg_back, params_back = convert.load_hf_params(tmp_path)
+    assert cfg_back == cfg.replace(init_std=cfg_back.init_std, attention=cfg_back.attention)
+    original = checkpoint.flatten(params)
+    assert set(params_back) == set(original)
+    for path, value in original.items():
+        assert params_back[path].dtype == np.asarray(value).dtype
+        assert np.array_equal(params_back[path], np.asarray(value)), path  # bitwise
+
+
+def test_cli_round_trip_with_shards_and_tokenizer_files(hf_dirs, tmp_path):
+    from flan_jax.convert.__main__ import main
+
+    source = hf_dirs["llama3_gqa"]
+    assert (source / "model.safetensors.index.json").is_file()  # sharded on purpose
+    hf_copy = tmp_path / "hf"
+    hf_copy.mkdir()
+    for f in source.iterdir():
+        (hf_copy / f.name).write_bytes(f.read_bytes())
+    (hf_copy / "tokenizer.json").write_text('{"fake": true}')
+    (hf_copy / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+
+    assert main([f"--from_hf={hf_copy}", f"--out={tmp_path / 'ours'}"]) == 0
+    assert (tmp_path / "ours" / "tokenizer.json").read_text() == '{"fake": true}'
+    cfg, params = convert.load_converted(tmp_path / "ours")
+    assert cfg.rope_scaling == "llama3" and cfg.n_kv_heads == 2
+    _, direct = convert.load_hf_params(hf_copy)
+    flat = checkpoint.flatten(params)
+    assert set(flat) == set(direct) and all(np.array_equal(flat[p], direct[p]) for p in direct)
+    cfg32, params32 = convert.load_converted(tmp_path / "ours", dtype="bfloat16")
+    assert all(np.asarray(v).dtype == jnp.bfloat16 for v in checkpoint.flatten(params32).values())
+
+    assert main([f"--to_hf={tmp_path / 'back'}", f"--checkpoint={tmp_path / 'ours'}"]) == 0
+    assert (tmp_path / "back" / "tokenizer_config.json").is_file()
+    ids = random_ids((1, 10), seed=9)
+    np.testing.assert_allclose(hf_logits(tmp_path / "back", ids), hf_logits(source, ids), atol=1e-5)
+
+
+def test_bf16_checkpoint_stays_bf16_and_converts(hf_dirs, tmp_path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dirs["qwen2"]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.load_hf_params(tmp_path / "hf")
+    assert all(v.dtype == jnp.bfloat16 for v in params.values())
+    ids = random_ids((1, 8))
+    ours = np.asarray(our_model(cfg.replace(dtype="bfloat16"), params)(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, hf_logits(model, ids), atol=0.1)  # bf16 compute on both sides
+
+
+def test_pickle_weights_are_refused_without_unpickling(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(convert.RefusedCheckpointError, match="safe_serialization=True"):
+        hf_import.safetensors_files(tmp_path)
+
+
+def test_unknown_tensors_and_unsupported_configs_are_errors(hf_dirs, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    source = hf_dirs["qwen2"]
+    (tmp_path / "config.json").write_text((source / "config.json").read_text())
+    tensors = load_file(source / "model.safetensors")
+    save_file({**tensors, "model.layers.0.extra.weight": np.zeros(3, np.float32)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="extra.weight"):
+        convert.load_hf_params(tmp_path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="missing.*layers.1.mlp.up_proj"):
+        convert.load_hf_params(tmp_path)
+
+    with pytest.raises(hf_config.UnsupportedConfigError, match="bert"):
+        fm.ModelConfig.from_hf_config({"model_type": "bert"})
+    with pytest.raises(hf_config.UnsupportedConfigError, match="yarn"):
+        fm.ModelConfig.from_hf_config({**json.loads((source / "config.json").read_text()),
+                                       "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}})
+    qwen = fm.ModelConfig.for_family("qwen2", out_bias=True)
+    with pytest.raises(hf_config.UnsupportedConfigError, match="out_bias"):
+        hf_config.to_hf(qwen)
