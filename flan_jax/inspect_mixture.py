@@ -37,6 +37,7 @@ class TaskReport:
     truncated: int = 0  # in the sample (instruction and/or response cut)
     dropped: int = 0  # in the sample
     fill_rate: float = 0.0  # the task's sample packed alone
+    cluster: str = ""  # the task's cluster (FLAN groups held-out evaluation by it)
 
 
 @dataclasses.dataclass
@@ -63,6 +64,14 @@ class MixtureReport:
                 f"| {t.name} | {t.available:,} | {t.rate:.4f} | {t.rate:.2%} | {t.token_share:.2%} | "
                 f"{t.mean_tokens:.1f} | {t.truncated}/{t.sampled} | {t.dropped}/{t.sampled} | {t.fill_rate:.1%} |"
             )
+        clusters = by_cluster(self.tasks)
+        if len(clusters) > 1:
+            lines += ["", "| cluster | tasks | available | example share | token share | truncated |", "|---|---:|---:|---:|---:|---:|"]
+            for c in sorted(clusters, key=lambda c: -c.token_share):
+                lines.append(
+                    f"| {c.name} | {c.tasks} | {c.available:,} | {c.rate:.2%} | {c.token_share:.2%} | "
+                    f"{c.truncated}/{c.sampled} |"
+                )
         lines += [
             "",
             f"Mixed stream, {self.mixed_examples:,} examples: packing fill {self.fill_rate:.2%} "
@@ -72,10 +81,16 @@ class MixtureReport:
 
 
 def _packed_fill(features: list[dict], seq_len: int, num_packing_bins: int) -> float:
+    """Fill of best-fit packed rows. The last group of rows (flushed half-full because the sample ends,
+    which never happens in the endless training stream) is left out when the sample fills 3+ groups."""
     if not features:
         return 0.0
     stream = grain.MapDataset.source(features).to_iter_dataset()
-    return packing.fill_rate(list(packing.pack(stream, seq_len=seq_len, num_packing_bins=num_packing_bins, seed=0)))
+    rows = list(packing.pack(stream, seq_len=seq_len, num_packing_bins=num_packing_bins, seed=0))
+    if len(rows) >= 3 * num_packing_bins:
+        last_group = len(rows) % num_packing_bins or num_packing_bins  # full groups have one row per bin
+        rows = rows[: len(rows) - last_group]
+    return packing.fill_rate(rows)
 
 
 def _padded_fill(features: list[dict], seq_len: int) -> float:
@@ -133,6 +148,7 @@ def inspect(
                 truncated=counts.truncated + counts.response_truncated,
                 dropped=counts.dropped,
                 fill_rate=_packed_fill(features, seq_len, num_packing_bins),
+                cluster=task.cluster,
             )
         )
     weighted = {r.name: r.rate * r.mean_tokens for r in reports}
@@ -167,20 +183,75 @@ def render_examples(task_name: str, n: int, *, split: str = "train", seed: int =
     return "\n".join(blocks) if blocks else f"task {task_name!r} has no examples in split {split!r}"
 
 
-def plot_token_shares(report: MixtureReport, path: str | pathlib.Path) -> None:
+@dataclasses.dataclass
+class GroupReport:
+    name: str
+    tasks: int
+    available: int
+    rate: float
+    token_share: float
+    truncated: int
+    sampled: int
+
+
+def _group(name: str, tasks: Sequence[TaskReport]) -> GroupReport:
+    return GroupReport(
+        name=name,
+        tasks=len(tasks),
+        available=sum(t.available for t in tasks),
+        rate=sum(t.rate for t in tasks),
+        token_share=sum(t.token_share for t in tasks),
+        truncated=sum(t.truncated for t in tasks),
+        sampled=sum(t.sampled for t in tasks),
+    )
+
+
+def by_cluster(tasks: Sequence[TaskReport]) -> list[GroupReport]:
+    """Task reports summed per cluster (tasks without one form the cluster "(none)")."""
+    clusters: dict[str, list[TaskReport]] = {}
+    for task in tasks:
+        clusters.setdefault(task.cluster or "(none)", []).append(task)
+    return [_group(name, members) for name, members in sorted(clusters.items())]
+
+
+def chart_rows(report: MixtureReport, max_bars: int) -> list[TaskReport | GroupReport]:
+    """Bars by increasing token share: one per task, or one per cluster when there are more than
+    `max_bars` tasks (T0 has ~300); beyond `max_bars` groups, the smallest are summed into one bar."""
+    rows: list = list(report.tasks)
+    if len(rows) > max_bars:
+        clusters = by_cluster(report.tasks)
+        if len(clusters) > 1:
+            rows = clusters
+    rows.sort(key=lambda r: (r.token_share, r.name))
+    if len(rows) <= max_bars:
+        return rows
+    rest = rows[: len(rows) - max_bars + 1]
+    other = GroupReport(
+        name=f"({len(rest)} others)",
+        tasks=sum(getattr(r, "tasks", 1) for r in rest),
+        available=sum(r.available for r in rest),
+        rate=sum(r.rate for r in rest),
+        token_share=sum(r.token_share for r in rest),
+        truncated=sum(r.truncated for r in rest),
+        sampled=sum(r.sampled for r in rest),
+    )
+    return [other] + rows[len(rest) :]
+
+
+def plot_token_shares(report: MixtureReport, path: str | pathlib.Path, *, max_bars: int = 40) -> None:
     """A horizontal bar chart of token share (and example share) per task, saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted(report.tasks, key=lambda t: t.token_share)
+    tasks = chart_rows(report, max_bars)
     height = max(3.0, 0.22 * len(tasks) + 1.5)
     fig, ax = plt.subplots(figsize=(9, height))
     y = np.arange(len(tasks))
     ax.barh(y + 0.2, [100 * t.token_share for t in tasks], height=0.4, label="share of tokens")
     ax.barh(y - 0.2, [100 * t.rate for t in tasks], height=0.4, label="share of examples (rate)")
-    ax.set_yticks(y, [t.name for t in tasks], fontsize=7)
+    ax.set_yticks(y, [t.name if isinstance(t, TaskReport) else f"{t.name} ({t.tasks} tasks)" for t in tasks], fontsize=7)
     ax.set_xlabel("%")
     ax.set_title(f"{report.name}: token shares at seq_len {report.seq_len} (fill {report.fill_rate:.1%})")
     ax.legend(loc="lower right")
@@ -197,7 +268,13 @@ def _load_tokenizer_file(path: str) -> tokenizer_lib.Tokenizer:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    FLAGS = flags.FLAGS
+    try:
+        _run(flags.FLAGS)
+    except data.DataError as error:  # unknown names, missing data: say so without a traceback
+        raise SystemExit(f"inspect_mixture: {error}") from None
+
+
+def _run(FLAGS) -> None:
     if FLAGS.render:
         print(render_examples(FLAGS.render, FLAGS.n, split=FLAGS.split, seed=FLAGS.seed))
         print()

@@ -73,3 +73,19 @@ def test_command_line(tmp_path):
     assert "| cli_a | 40 | 0.8000 |" in result.stdout
     assert "Saved the token-share chart" in result.stdout
     assert (tmp_path / "p.png").is_file()
+
+
+def test_chart_groups_many_tasks_by_cluster_and_sums_the_smallest():
+    tasks = [
+        inspect_mixture.TaskReport(name=f"t{i}", available=10, rate=0.1, token_share=0.01 * i, cluster=f"c{i % 5}")
+        for i in range(10)
+    ]
+    report = inspect_mixture.MixtureReport("m", "train", 64, "tok", tasks)
+    assert inspect_mixture.chart_rows(report, max_bars=10) == sorted(tasks, key=lambda t: t.token_share)
+    clusters = inspect_mixture.chart_rows(report, max_bars=5)  # 10 tasks > 5 bars: one bar per cluster
+    assert [(c.name, c.tasks) for c in clusters] == [("c0", 2), ("c1", 2), ("c2", 2), ("c3", 2), ("c4", 2)]
+    assert clusters[-1].token_share == pytest.approx(0.04 + 0.09)
+    rows = inspect_mixture.chart_rows(report, max_bars=3)  # 5 clusters > 3 bars: the 3 smallest summed
+    assert [r.name for r in rows] == ["(3 others)", "c3", "c4"]
+    assert rows[0].tasks == 6 and rows[0].available == 60
+    assert "| c4 | 2 | 20 | 20.00% | 13.00% | 0/0 |" in report.table()
