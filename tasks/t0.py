@@ -27,6 +27,7 @@ from tasks import preprocessors
 from tasks import t0_catalog as catalog
 from tasks.splits import CarvedSplits
 
+logger = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
 # T0 capped each dataset at 500k examples; a task here is one template of a dataset (~10 per dataset).
 CAP_PER_TASK = 50_000
@@ -69,33 +70,37 @@ def tasks_of_cluster(cluster: str, *, include_empty: bool = False) -> list[str]:
 def check_files(data_dir: str | pathlib.Path | None = None) -> dict:
     """Compares the folder with the catalog: records per file, empty files, missing and unexpected files.
 
-    Returns {"records": {stem: n}, "empty": [...], "empty_completions": [...], "missing": [...],
-    "unexpected": [...]} and logs a warning for each kind that is not empty (nothing is skipped
-    silently). "empty_completions" lists files in which every completion is empty.
+    Returns {"records": {stem: n}, "empty": [...], "empty_completions": [...], "single_answer": [...],
+    "missing": [...], "unexpected": [...]} and logs a warning for each kind that is not empty
+    (nothing is skipped silently). "empty_completions": every completion is empty (unusable);
+    "single_answer": every record has the same completion (the subset took the first records of
+    label-sorted datasets: all of imdb is negative, all of rotten_tomatoes positive, all of dbpedia
+    "Company"), so exact match on those tasks rewards a constant answer.
     """
     folder = pathlib.Path(data_dir) if data_dir is not None else data.data_dir()
     folder = folder / "t0"
     expected = set(catalog.file_stems())
     present = {path.stem: path for path in folder.glob("*.jsonl")}
-    report = {"records": {}, "empty": [], "empty_completions": [], "missing": sorted(expected - set(present)),
-              "unexpected": sorted(set(present) - expected)}
+    report = {"records": {}, "empty": [], "empty_completions": [], "single_answer": [],
+              "missing": sorted(expected - set(present)), "unexpected": sorted(set(present) - expected)}
     for stem in sorted(present):
         with open(present[stem], "rb") as f:
-            lines = [line for line in f if line.strip()]
-        report["records"][stem] = len(lines)
-        if not lines:
+            completions = [_completion(line) for line in f if line.strip()]
+        report["records"][stem] = len(completions)
+        if not completions:
             report["empty"].append(stem)
-        elif all(_completion_is_empty(line) for line in lines):
+        elif not any(completions):
             report["empty_completions"].append(stem)
-    for kind in ("empty", "empty_completions", "missing", "unexpected"):
+        elif len(set(completions)) == 1 and len(completions) > 1:
+            report["single_answer"].append(stem)
+    for kind in ("empty", "empty_completions", "single_answer", "missing", "unexpected"):
         if report[kind]:
-            logging.warning("t0: %d %s file(s): %s", len(report[kind]), kind, ", ".join(report[kind]))
+            logger.warning("t0: %d %s file(s): %s", len(report[kind]), kind, ", ".join(report[kind]))
     return report
 
 
-def _completion_is_empty(line: bytes) -> bool:
-    completion = json.loads(line).get("completion", "")
-    return not completion.removesuffix(END_OF_TEXT).strip()
+def _completion(line: bytes) -> str:
+    return str(json.loads(line).get("completion", "")).removesuffix(END_OF_TEXT).strip()
 
 
 def register() -> None:

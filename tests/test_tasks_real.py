@@ -111,6 +111,9 @@ def test_t0_files_match_the_catalog_and_empty_files_are_reported(real_data_dir, 
     assert sorted(report["empty_completions"]) == sorted(t0_catalog.EMPTY_COMPLETION_FILES)
     assert sum(report["records"].values()) == 55_185
     assert "11 empty file(s)" in caplog.text and "7 empty_completions file(s)" in caplog.text
+    single = set(report["single_answer"])
+    assert {"imdb_Movie_Expressed_Sentiment", "rotten_tomatoes_Reviewer_Enjoyment", "dbpedia_14_pick_one_category_for_the_following_text"} <= single
+    assert "amazon_polarity_Is_this_review" not in single and not single & set(t0_catalog.UNUSABLE_FILES)
 
 
 def test_t0_records_per_task_and_cluster(real_data_dir, caplog):
