@@ -45,6 +45,7 @@ flags.DEFINE_integer("num_examples", 20000, "examples of the mixed stream to mea
 flags.DEFINE_list("seq_lens", ["1024", "2048"], "row lengths for the fill-rate comparison")
 flags.DEFINE_integer("batch_size", 8, "global rows per batch for the loader measurement")
 flags.DEFINE_integer("num_packing_bins", 64, "best-fit look-ahead (config.data.num_packing_bins)")
+flags.DEFINE_list("fill_bins", ["64", "128"], "num_packing_bins values for the fill-rate comparison")
 flags.DEFINE_float("trainer_tokens_per_sec", 4000.0, "the demo model's training consumption on this machine")
 flags.DEFINE_integer("seed", 0, "stream seed")
 
@@ -122,17 +123,20 @@ def main(argv: Sequence[str]) -> None:
     print(f"\nLoader batches: {len(batches)} x {FLAGS.batch_size} x {first_len}; over-long examples: "
           f"{counts.truncated + counts.response_truncated:,} truncated, {counts.dropped:,} dropped of {counts.examples:,}")
 
-    print("\n| seq_len | packed fill (best fit, loader) | one example per row | rows packed / padded |")
-    print("|---:|---:|---:|---:|")
+    bins = [int(b) for b in FLAGS.fill_bins]
+    print("\n| seq_len | " + " | ".join(f"packed fill, {b} bins (loader)" for b in bins) + " | one example per row |")
+    print("|---:|" + "---:|" * (len(bins) + 1))
     for seq_len in seq_lens:
         config.seq_len = seq_len
         feature_config = FeatureConfig(seq_len=seq_len)
         lengths = [len(f["input_tokens"]) for f in (featurize(e, tokenizer, feature_config)[0] for e in rendered) if f]
         padded_fill = sum(lengths) / (len(lengths) * seq_len)
-        batches, _ = _loader_run(config, tokenizer, examples, n)
-        packed_fill = packing.fill_rate({"segment_ids": np.concatenate([b["segment_ids"] for b in batches])})
-        packed_rows = len(batches) * FLAGS.batch_size
-        print(f"| {seq_len} | {packed_fill:.2%} | {padded_fill:.2%} | {packed_rows:,} / {len(lengths):,} |")
+        packed = []
+        for num_bins in bins:
+            config.num_packing_bins = num_bins
+            batches, _ = _loader_run(config, tokenizer, examples, n)
+            packed.append(packing.fill_rate({"segment_ids": np.concatenate([b["segment_ids"] for b in batches])}))
+        print(f"| {seq_len} | " + " | ".join(f"{fill:.2%}" for fill in packed) + f" | {padded_fill:.2%} |")
 
 
 FLAGS = flags.FLAGS
