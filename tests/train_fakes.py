@@ -6,6 +6,9 @@ be tested without the real model, data pipeline or tokenizer.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -71,3 +74,101 @@ def packed_batch(seed: int, rows: int = 8, length: int = 8, vocab: int = 32) -> 
         "loss_weights": loss_weights,
         "prefix_mask": np.zeros((rows, length), np.int32),
     }
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# configs/demo.py shrunk to a model and batch that train in milliseconds per step on CPU.
+TINY_DEMO = {
+    "data.seq_len": 64,
+    "data.batch_size": 8,
+    "data.tokenizer.vocab_size": 400,
+    "data.tokenizer.train_examples": 300,
+    "model.vocab_size": 400,
+    "model.d_model": 32,
+    "model.n_layers": 1,
+    "model.n_heads": 2,
+    "model.n_kv_heads": 1,
+    "model.head_dim": 16,
+    "model.d_ff": 64,
+    "model.max_positions": 64,
+    "optimizer.warmup_steps": 2,
+    "train.num_steps": 4,
+    "train.log_every": 1,
+    "train.progress_bar": False,
+    "train.peak_flops_per_device": -1.0,
+    "checkpoint.every_steps": 2,
+    "eval.mixtures": (),
+    "eval.max_examples_per_task": 2,
+    "eval.max_new_tokens": 4,
+    "eval.batch_size": 8,
+}
+
+
+def demo_overrides(tokenizer_path: str | pathlib.Path, **overrides) -> dict:
+    """TINY_DEMO plus `overrides` (keys with "__" for dots, e.g. train__num_steps=6)."""
+    values = dict(TINY_DEMO)
+    values["data.tokenizer.path"] = str(tokenizer_path)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return values
+
+
+def demo_config(overrides: dict) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def cli_args(overrides: dict) -> list[str]:
+    """The same overrides as `python -m flan_jax.train` flags."""
+    return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def train_tokenizer(directory: pathlib.Path) -> pathlib.Path:
+    """A small sentencepiece model of the demo mixture, trained once and shared by the tests."""
+    from flan_jax.data import tokenizer as tokenizer_lib
+
+    path = directory / "tokenizer.model"
+    if not path.exists():
+        config = demo_config(demo_overrides(""))
+        tokenizer_lib.load_tokenizer(config.data.tokenizer, workdir=directory, train_mixture=config.data.train_mixture)
+    return path
+
+
+def compilation_cache(tmp_path_factory):
+    """Fixture body: a persistent XLA compilation cache shared by the trainer tests of a session.
+
+    Every `train()` call (and every subprocess run) builds new jitted functions; with the cache the
+    identical programs compile once per session instead of once per run.
+    """
+    path = str(tmp_path_factory.getbasetemp() / "jax_compilation_cache")
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    previous = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (path, 0.0, 0)):
+        jax.config.update(name, value)
+    yield path
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+def subprocess_env(cache_dir: str, **extra: str) -> dict[str, str]:
+    """Environment for `python -m flan_jax.train` children: repo importable, shared compile cache."""
+    import os
+
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    env.update(extra)
+    return env

@@ -1,0 +1,282 @@
+"""The training loop: mesh -> data -> state (fresh, resumed or from converted weights) -> jit step -> loop.
+
+Read top to bottom; the pieces it wires live beside it (partitioning, optimizer, losses, step,
+checkpointing, metrics). Hooks run at step boundaries in this order: log, evaluate, checkpoint,
+preemption. A restart with the same workdir resumes from the newest readable checkpoint and
+continues bit for bit (same batches, same RNG, same compiled step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from flan_jax.train import checkpointing, metrics as metrics_lib, optimizer, partitioning, step as step_lib
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradients became NaN/inf and `config.train.on_nonfinite` is "stop"."""
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    maybe_initialize_distributed(config.distributed)
+    workdir = epath.Path(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+
+    mesh = partitioning.make_mesh(config.mesh)
+    rules = partitioning.axis_rules(config.mesh)
+    logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
+
+    tokenizer, data_iter = build_data(config, workdir)
+    model_cfg, parts = build_model(config, mesh, rules)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
+        )
+    num_steps = int(config.train.num_steps)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps)
+    shardings = step_lib.state_shardings(parts, tx, mesh)
+
+    checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
+    state = checkpoints.restore_latest(step_lib.abstract_state(parts, tx, shardings, config.seed), data_iter)
+    if state is None:
+        state = step_lib.init_state(parts, tx, shardings, config.seed, mesh)
+        if config.checkpoint.init_from:
+            state["params"] = load_init_params(config.checkpoint.init_from, parts)
+    start_step = int(state["step"])
+    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
+
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
+    flops_per_step = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len) * tokens_per_step
+    peak = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
+    progress = metrics_lib.Progress(num_steps, start_step, bar=config.train.progress_bar, enabled=is_main)
+    preemption = PreemptionWatcher()
+    batch_sharding = partitioning.batch_sharding(mesh, rules)
+
+    def evaluate(step: int, state: dict) -> dict | None:
+        return run_evaluation(config, parts.merge(state["params"]), tokenizer, workdir, step)
+
+    logged: dict[str, Any] = {}
+    eval_results = None
+    try:
+        with jax.set_mesh(mesh):
+            if start_step == 0 and config.eval.at_start:
+                evaluate(0, state)
+            timer_step, timer_start = start_step, None
+            for step in range(start_step + 1, num_steps + 1):
+                batch = next(data_iter)
+                if step == start_step + 1:
+                    step_lib.check_batch(batch, config, mesh)
+                state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
+                if timer_start is None:  # time from the end of the first (compiling) step
+                    jax.block_until_ready(step_metrics)
+                    timer_step, timer_start = step, time.perf_counter()
+
+                last = step == num_steps
+                if step % config.train.log_every == 0 or last:
+                    values = jax.device_get(step_metrics)
+                    stop_if_nonfinite(values, config, checkpoints)
+                    elapsed = time.perf_counter() - timer_start
+                    # None on the first step of a run: its time is mostly compilation.
+                    tokens_per_sec = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else None
+                    logged = {
+                        "loss": float(values["loss"]),
+                        "learning_rate": float(values["learning_rate"]),
+                        "grad_norm": float(values["grad_norm"]),
+                        "tokens_per_sec": tokens_per_sec,
+                        "mfu": flops_per_step / tokens_per_step * tokens_per_sec / peak if peak and tokens_per_sec else None,
+                        "skipped_steps": int(values["skipped_steps"]),
+                        "loss_weight_sum": float(values["loss_weight_sum"]),
+                    }
+                    writer.write(step, logged)
+                    progress.update(step, logged)
+                    timer_step, timer_start = step, time.perf_counter()
+
+                eval_due = (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+                if eval_due and config.eval.mixtures:
+                    eval_results = evaluate(step, state)
+                ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
+                if ckpt_due:
+                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    checkpoints.save(step, state, data_iter, config, metrics=best_metric(eval_results, config, eval_due))
+                if eval_due or ckpt_due:  # tokens/s measures training only
+                    jax.block_until_ready(state["step"])
+                    timer_step, timer_start = step, time.perf_counter()
+                if preemption.requested(step, config.train.log_every):
+                    logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
+                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    checkpoints.save(step, state, data_iter, config)
+                    break
+    finally:
+        preemption.close()
+        checkpoints.close()  # waits for pending async saves
+        writer.close()
+        progress.close()
+    return logged
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """(tokenizer, this process's checkpointable batch iterator)."""
+    from flan_jax.data import loader, tokenizer as tokenizer_lib
+
+    tokenizer = tokenizer_lib.load_tokenizer(
+        config.data.tokenizer,
+        workdir=workdir,
+        train_mixture=config.data.train_mixture,
+        train_split=config.data.train_split,
+    )
+    data_iter = loader.make_train_iterator(
+        config.data,
+        tokenizer,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    return tokenizer, data_iter
+
+
+def build_model(config: ml_collections.ConfigDict, mesh, rules):
+    from flan_jax import model as model_lib
+
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    parts = step_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+    return model_cfg, parts
+
+
+def load_init_params(path: str, parts: step_lib.ModelParts) -> dict:
+    """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings."""
+    from flan_jax import convert
+
+    loaded = convert.load_converted(path)
+    if isinstance(loaded, tuple):
+        loaded = loaded[0]
+    if isinstance(loaded, nnx.State):
+        loaded = nnx.to_pure_dict(loaded)
+    expected = jax.tree_util.tree_structure(parts.abstract_params)
+    if jax.tree_util.tree_structure(loaded) != expected:
+        raise ValueError(
+            f"checkpoint.init_from={path}: parameter tree does not match config.model\n"
+            f"  expected {expected}\n  got      {jax.tree_util.tree_structure(loaded)}"
+        )
+
+    def place(path_, value, abstract, sharding):
+        if tuple(np.shape(value)) != tuple(abstract.shape):
+            raise ValueError(
+                f"checkpoint.init_from={path}: {optimizer.param_path(path_)} has shape {np.shape(value)}, "
+                f"config.model expects {abstract.shape}"
+            )
+        return jax.device_put(np.asarray(value, abstract.dtype), sharding)
+
+    logging.info("Initialising parameters from %s", path)
+    return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+
+
+def run_evaluation(config, model, tokenizer, workdir, step: int) -> dict | None:
+    """Evaluates `config.eval.mixtures` and writes DIR/eval/step_<N>.json (no-op without mixtures)."""
+    if not config.eval.mixtures:
+        return None
+    from flan_jax.eval import evaluator
+
+    started = time.perf_counter()
+    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step)
+    logging.info("Evaluation at step %d took %.1fs: %s", step, time.perf_counter() - started, results.get("summary"))
+    return results
+
+
+def best_metric(eval_results: dict | None, config, eval_ran_now: bool) -> dict | None:
+    """The metric Orbax ranks checkpoints by, when this step was just evaluated."""
+    name = config.checkpoint.keep_best_metric
+    if not (name and eval_ran_now and eval_results):
+        return None
+    summary = eval_results.get("summary", {})
+    if name not in summary:
+        raise KeyError(f"config.checkpoint.keep_best_metric={name!r} is not an eval summary key: {sorted(summary)}")
+    return {name: float(summary[name])}
+
+
+def stop_if_nonfinite(values: dict, config, checkpoints: checkpointing.Checkpointer) -> None:
+    """In "stop" mode, ends the run at the first non-finite step (no checkpoint is written after it)."""
+    bad_step = int(values["first_nonfinite_step"])
+    if config.train.on_nonfinite != "stop" or bad_step < 0:
+        return
+    checkpoints.wait()
+    raise NonFiniteError(
+        f"Non-finite loss or gradients at step {bad_step}; stopping (config.train.on_nonfinite='stop'). "
+        f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; "
+        "set on_nonfinite='skip' to skip such updates instead."
+    )
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a request to checkpoint and exit cleanly at the next step boundary.
+
+    With several processes the flag is agreed on at log steps (an all-gather), so every process
+    saves at the same step.
+    """
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker)
+            logging.warning("SIGTERM handler not installed (not on the main thread)")
+
+    def close(self) -> None:
+        """Restores the previous handler (train() may run inside a longer-lived process)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        self._flag = True
+
+    def requested(self, step: int, every: int) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        if step % every:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
+
+
+def maybe_initialize_distributed(dist_config: Any) -> None:
+    """`jax.distributed.initialize` from config.distributed, or from JAX_COORDINATOR_ADDRESS & co.
+
+    Must run before anything touches a jax backend. On CPU the cross-process collectives go
+    through gloo.
+    """
+    from_env = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    if not (dist_config.initialize or from_env) or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {}
+    address = dist_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = dist_config.num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    process_id = dist_config.process_id if dist_config.process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if address:
+        kwargs["coordinator_address"] = address
+    if num_processes:
+        kwargs["num_processes"] = num_processes
+    if process_id >= 0:
+        kwargs["process_id"] = process_id
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())

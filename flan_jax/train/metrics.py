@@ -1,0 +1,207 @@
+"""What a run reports: metrics.jsonl, TensorBoard events, a console progress bar, and the MFU estimate.
+
+FLOPs per token (training = forward + backward = 3 x forward; PaLM, Chowdhery et al. 2022, App. B):
+
+    flops_per_token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
+
+  N_matmul  parameters that take part in a matrix multiply: every parameter of rank >= 2 except
+            lookup tables (token and learned position embeddings); a tied output head counts its
+            embedding matrix once. Each such weight costs 2 FLOPs per token forward, 4 backward.
+  second    attention scores Q.K^T and the weighted sum of V: 2 * 2 * n_heads * head_dim * seq_len
+  term      FLOPs per token forward per layer, x3 for training. The whole L x L score matrix is
+            counted even though causal/packed masks use about half of it (the usual convention).
+
+MFU = flops_per_token * tokens_per_sec / peak FLOP/s, with tokens = all batch_size x seq_len
+positions (padding included: that is what the hardware computes). The peak is
+`config.train.peak_flops_per_device` x devices when set, a table of known accelerators
+otherwise, and on CPU a dense float32 matmul measured once at start (all simulated CPU
+devices share the same cores, so the host is measured once, not per device).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+# Dense bf16 peak FLOP/s per chip for common accelerators (vendor numbers, no sparsity).
+_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+_LOOKUP_AXES = ("vocab", "positions")
+
+
+def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddings: bool) -> int:
+    """N_matmul of the module docstring, from parameter shapes and their logical axes."""
+    total = 0
+    shapes = jax.tree.leaves(abstract_params)
+    axes = jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
+    for shape_holder, names in zip(shapes, axes):
+        shape = shape_holder.shape
+        if len(shape) < 2:
+            continue
+        size = int(np.prod(shape))
+        if names and names[0] in _LOOKUP_AXES:  # a lookup table: gathers, no matmul
+            if tied_embeddings and names[0] == "vocab":
+                total += size
+            continue
+        total += size
+    return total
+
+
+def flops_per_token(model_config: Any, n_matmul: int, seq_len: int) -> float:
+    attention = 12 * model_config.n_layers * model_config.n_heads * model_config.head_dim * seq_len
+    return float(6 * n_matmul + attention)
+
+
+def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
+    """Dense float32 matmul FLOP/s on the default device: the practical ceiling on CPU."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(configured_per_device: float) -> float | None:
+    """Peak FLOP/s of all devices of the run (None if unknown: MFU is then not reported)."""
+    devices = jax.devices()
+    if configured_per_device > 0:
+        return configured_per_device * len(devices)
+    if configured_per_device < 0:
+        return None
+    kind = devices[0].device_kind
+    for name, value in _PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return value * len(devices)
+    if devices[0].platform == "cpu":
+        return measure_matmul_flops()
+    return None
+
+
+def truncate_jsonl(path: epath.Path, last_step: int) -> None:
+    """Drops entries logged after `last_step` (a run resumed from it will log them again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError):
+            # A line cut by a crash mid-write: it is past every complete entry, so it goes.
+            logging.warning("Dropping an unreadable metrics.jsonl line: %r", line[:200])
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars; process 0 only."""
+
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        self.path = epath.Path(workdir) / "metrics.jsonl"
+        truncate_jsonl(self.path, resume_step)
+        self._file = open(self.path, "a")  # noqa: SIM115 (kept open for the run)
+        self._tb = _summary_writer_class()(os.fspath(epath.Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tb.close()
+
+
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without torch.
+
+    tensorboardX imports torch (several seconds) only to recognise torch tensors; we log Python
+    floats. When torch is not loaded yet it is hidden during the import, then made importable again.
+    """
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  (makes `import torch` raise ImportError)
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+def _plain(value: Any) -> Any:
+    """Python scalars (json.dumps writes floats with full precision: the shortest exact repr)."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        value = np.asarray(value).item()
+    return value
+
+
+class Progress:
+    """A tqdm bar (step, loss, lr, tokens/s, MFU, ETA) or, without a bar, a log line per log step."""
+
+    def __init__(self, total: int, initial: int, *, bar: bool, enabled: bool = True):
+        self.enabled = enabled
+        self._bar = None
+        if enabled and bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self._last = initial
+
+    def update(self, step: int, values: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        shown = {
+            "loss": f"{values['loss']:.4f}",
+            "lr": f"{values['learning_rate']:.2e}",
+        }
+        if values.get("tokens_per_sec") is not None:
+            shown["tok/s"] = f"{values['tokens_per_sec']:,.0f}"
+        if values.get("mfu") is not None:
+            shown["mfu"] = f"{100 * values['mfu']:.1f}%"
+        if values.get("skipped_steps"):
+            shown["skipped"] = str(values["skipped_steps"])
+        if self._bar is not None:
+            self._bar.update(step - self._last)
+            self._bar.set_postfix(shown, refresh=True)
+        else:
+            logging.info("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in shown.items()))
+        self._last = step
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

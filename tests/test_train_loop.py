@@ -1,0 +1,117 @@
+"""The training loop on the demo config (tiny sizes): outputs, resume, SIGTERM, non-finite handling, CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from flan_jax.train import checkpointing, loop, partitioning
+from tests import train_fakes
+
+REQUIRED_FIELDS = {"step", "loss", "learning_rate", "tokens_per_sec", "grad_norm", "mfu", "skipped_steps"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    yield from train_fakes.compilation_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_demo_run_writes_metrics_checkpoints_eval_and_resumes(tmp_path, tokenizer_path):
+    demo = train_fakes.demo_config({})
+    overrides = train_fakes.demo_overrides(tokenizer_path, train__num_steps=3, eval__mixtures=demo.eval.mixtures)
+    loop.train(train_fakes.demo_config(overrides), tmp_path)
+
+    records = _metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(REQUIRED_FIELDS <= set(r) for r in records)
+    assert all(np.isfinite(r["loss"]) and r["learning_rate"] >= 0 for r in records)
+    assert records[0]["tokens_per_sec"] is None and records[1]["tokens_per_sec"] > 0
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["num_steps"] == 3
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "3"]
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    results = json.loads((tmp_path / "eval" / "step_3.json").read_text())
+    assert "overall" in results and (tmp_path / "eval" / "step_0.json").exists()  # demo: eval at start and end
+
+    model, config, step = checkpointing.load_model(tmp_path)
+    assert step == 3 and config.train.num_steps == 3
+    logits = model(np.ones((1, 4), np.int32))
+    assert logits.shape == (1, 4, config.model.vocab_size)
+
+    # Same workdir, more steps: resumes at 3, logs 4 and 5 only, no evaluation at start again.
+    overrides.update({"train.num_steps": 5, "eval.mixtures": ()})
+    loop.train(train_fakes.demo_config(overrides), tmp_path)
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
+    assert _metrics(tmp_path)[:3] == records
+
+
+def _poison(monkeypatch, at_call: int, *, sigterm: bool = False):
+    """Makes the `at_call`-th batch non-finite (NaN loss weights) or sends SIGTERM while it trains."""
+    original = partitioning.global_batch
+    calls = {"n": 0}
+
+    def patched(batch, sharding):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            if sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                batch = {**batch, "loss_weights": np.full_like(batch["loss_weights"], np.nan)}
+        return original(batch, sharding)
+
+    monkeypatch.setattr(partitioning, "global_batch", patched)
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tokenizer_path, monkeypatch):
+    overrides = train_fakes.demo_overrides(tokenizer_path, train__num_steps=5, train__log_every=2, checkpoint__every_steps=2)
+    _poison(monkeypatch, at_call=3)
+    with pytest.raises(loop.NonFiniteError, match="at step 3.*last good checkpoint is step 2"):
+        loop.train(train_fakes.demo_config(overrides), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert [r["step"] for r in _metrics(tmp_path)] == [2]
+
+
+def test_nonfinite_skip_skips_the_update_and_counts_it(tmp_path, tokenizer_path, monkeypatch):
+    overrides = train_fakes.demo_overrides(
+        tokenizer_path, train__num_steps=4, train__on_nonfinite="skip", checkpoint__every_steps=100
+    )
+    _poison(monkeypatch, at_call=3)
+    loop.train(train_fakes.demo_config(overrides), tmp_path)
+    records = _metrics(tmp_path)
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
+    assert np.isnan(records[2]["loss"]) and np.isfinite(records[3]["loss"])
+    _, _, step = checkpointing.load_model(tmp_path)
+    assert step == 4
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tmp_path, tokenizer_path, monkeypatch):
+    overrides = train_fakes.demo_overrides(tokenizer_path, train__num_steps=4, checkpoint__every_steps=100)
+    _poison(monkeypatch, at_call=2, sigterm=True)
+    loop.train(train_fakes.demo_config(overrides), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert [r["step"] for r in _metrics(tmp_path)] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+def test_cli_rejects_a_misspelt_override_at_once(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}", "--config.train.num_stepz=5"],
+        cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown config field" in result.stderr and 'Did you mean "num_steps"' in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "config.json").exists()
