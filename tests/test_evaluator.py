@@ -117,6 +117,16 @@ def test_unknown_metric_fails_naming_the_task(registry, tmp_path):
         evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=greedy_bigram_generate)
 
 
+def test_bad_examples_fail_with_the_task_named(registry):
+    registry["choice"]._splits["validation"][1]["options"] = ["b", "y"]  # the reference "a" is not an option
+    with pytest.raises(ValueError, match="'choice' example 1: no answer option"):
+        evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=greedy_bigram_generate)
+    registry["choice"]._splits = {"train": []}
+    registry["choice"].splits = ("train",)
+    with pytest.raises(ValueError, match="'choice' has neither a 'validation' nor a 'test' split"):
+        evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=greedy_bigram_generate)
+
+
 def test_generate_texts_batches_keep_the_order():
     prompts = ["x", "aaaaaaq", "bx", "q", "ccx"]
     texts = evaluator.generate_texts(

@@ -78,6 +78,11 @@ def _has_split(task, split: str) -> bool:
 
 def _load_examples(task, split: str, *, limit: int, num_shots: int, seed: int) -> tuple[str, list[dict]]:
     if not _has_split(task, split):
+        if not _has_split(task, "test"):
+            raise ValueError(
+                f"eval: task {task.name!r} has neither a {split!r} nor a 'test' split (it has {list(task.splits)}); "
+                "set config.eval.split or leave the task out of config.eval.mixtures"
+            )
         logging.info("eval: task %s has no %r split; using 'test'", task.name, split)
         split = "test"
     dataset = task.get_dataset(split, seed=seed, shuffle=False, template_set="eval", num_shots=num_shots)
@@ -160,7 +165,13 @@ def _task_metrics(item: _TaskData) -> dict[str, float]:
             values[name] = metrics_lib.mean_generation_metric(name, item.predictions, references)
         elif name == "rank_classification":
             correct = 0.0
-            for ex, refs, result in zip(item.examples, references, item.rank_results):
+            for index, (ex, refs, result) in enumerate(zip(item.examples, references, item.rank_results)):
+                if not any(metrics_lib.exact_match(option, refs) for option in ex["options"]):
+                    # Otherwise the example could never be right and would silently lower the accuracy.
+                    raise ValueError(
+                        f"eval: task {item.task.name!r} example {index}: no answer option {ex['options']} "
+                        f"matches the references {refs}"
+                    )
                 correct += metrics_lib.exact_match(ex["options"][result.choice], refs)
             values[name] = 100.0 * correct / len(item.examples)
         elif name == "loss":
