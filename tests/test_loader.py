@@ -194,3 +194,21 @@ def test_a_registered_task_alone_repeats_with_reshuffled_epochs(registered):
     for epoch in epochs:
         assert sorted(epoch) == list(range(12))
     assert len({tuple(epoch) for epoch in epochs}) == 3
+
+
+def test_worker_processes_give_a_restorable_stream():
+    """worker_count > 0 (grain worker processes): deterministic and restorable too."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (JAX_STACK_NOTES gotcha 7)
+    config = data_config(worker_count=2)
+    iterator = _iterator(config)
+    _take(iterator, 3)
+    state = iterator.get_state()
+    expected = _take(iterator, 3)
+    iterator.close()
+    restored = _iterator(config)
+    restored.set_state(state)
+    _assert_batches_equal(_take(restored, 3), expected)
+    restored.close()
