@@ -16,6 +16,11 @@ a small JSON dict (stream positions, packer positions, overlong counts) that
 
 The mixed stream is infinite: a mixture's training stream already is, and a single task is read with
 `num_epochs=None` (every epoch reshuffled).
+
+Costs of the design: each local slot keeps its own packer buffers (`num_packing_bins * seq_len * 24`
+bytes, 1.5 MB at 64 x 1024), and a restored packer re-reads the examples of its open group (at most
+`num_packing_bins` rows' worth). A checkpoint holds the states of this process's slots, so resuming
+needs the same process count (a different device count is fine).
 """
 
 from __future__ import annotations
