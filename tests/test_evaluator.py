@@ -98,7 +98,7 @@ def test_evaluate_hand_computed_metrics_and_files(registry, tmp_path):
     by_inputs = {(r["task"], r["inputs"]): r for r in records}
     assert by_inputs[("copy", "cq")]["prediction"] == "z"
     assert by_inputs[("copy", "bx")]["references"] == ["Y."]
-    assert by_inputs[("choice", "x")]["rank_prediction"] == "y"
+    assert by_inputs[("choice", "x")]["rank_prediction"] == by_inputs[("choice", "x")]["prediction"] == "y"
 
 
 def test_few_shot_uses_the_same_task_definition(registry, tmp_path):

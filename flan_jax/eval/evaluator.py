@@ -182,12 +182,15 @@ def _task_metrics(item: _TaskData) -> dict[str, float]:
 def _prediction_records(item: _TaskData) -> list[dict]:
     records = []
     for i, ex in enumerate(item.examples):
-        record = {"task": item.task.name, "inputs": ex["inputs"]}
+        # "prediction": the generated text, else the option rank classification chose, else None
+        # (a task scored by its loss only generates nothing).
+        record = {"task": item.task.name, "inputs": ex["inputs"], "prediction": None}
         if item.predictions is not None:
             record["prediction"] = item.predictions[i]
         if item.rank_results is not None:
             record["rank_prediction"] = ex["options"][item.rank_results[i].choice]
-            record.setdefault("prediction", record["rank_prediction"])
+            if record["prediction"] is None:
+                record["prediction"] = record["rank_prediction"]
             record["option_scores"] = list(item.rank_results[i].scores)
         record["references"] = list(ex.get("references") or [ex["targets"]])
         if ex.get("options"):
