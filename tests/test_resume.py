@@ -1,0 +1,112 @@
+"""Exact resume: SIGKILL at a random moment + the same command again == an uninterrupted run, bit for bit."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from flan_jax.train import checkpointing
+from tests import train_fakes
+
+NUM_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    yield from train_fakes.compilation_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+def _command(workdir, tokenizer_path):
+    overrides = train_fakes.demo_overrides(
+        tokenizer_path, train__num_steps=NUM_STEPS, checkpoint__every_steps=3, checkpoint__keep=2
+    )
+    return [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={workdir}"] + train_fakes.cli_args(overrides)
+
+
+def _run(cmd, env):
+    result = subprocess.run(cmd, cwd=train_fakes.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _lines(workdir):
+    path = workdir / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _kill_at_random_moment(cmd, env, workdir, rng) -> bool:
+    """Starts the run, SIGKILLs it after a seeded random number of steps plus a random delay.
+
+    Returns False if the run finished before the kill landed (the caller retries earlier).
+    """
+    kill_after_steps = rng.randint(4, NUM_STEPS // 2)
+    extra_delay = rng.uniform(0.0, 0.05)  # lands anywhere inside a step, a log write or a save
+    proc = subprocess.Popen(cmd, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while _lines(workdir) < kill_after_steps and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(extra_delay)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    return proc.returncode == -signal.SIGKILL
+
+
+def _records(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tokenizer_path, cache_dir):
+    env = train_fakes.subprocess_env(cache_dir)
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    _run(_command(reference, tokenizer_path), env)
+
+    rng = random.Random(1234)
+    for _ in range(3):
+        if _kill_at_random_moment(_command(resumed, tokenizer_path), env, resumed, rng):
+            break
+        shutil.rmtree(resumed)
+    else:
+        pytest.fail("the run always finished before SIGKILL landed")
+    assert _lines(resumed) < NUM_STEPS  # it really was interrupted
+    saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
+    print(f"killed after {_lines(resumed)} logged steps; complete checkpoints: {saved}")
+    _run(_command(resumed, tokenizer_path), env)  # the same command again
+
+    ref, res = _records(reference), _records(resumed)
+    assert [r["step"] for r in res] == list(range(1, NUM_STEPS + 1))  # no duplicated or missing steps
+    for key in ("loss", "learning_rate", "grad_norm", "skipped_steps", "loss_weight_sum"):
+        assert [r[key] for r in res] == [r[key] for r in ref], key  # exact float equality
+
+    ref_model, _, ref_step = checkpointing.load_model(reference)
+    res_model, _, res_step = checkpointing.load_model(resumed)
+    assert ref_step == res_step == NUM_STEPS
+    from flax import nnx
+
+    ref_params = nnx.to_pure_dict(nnx.state(ref_model, nnx.Param))
+    res_params = nnx.to_pure_dict(nnx.state(res_model, nnx.Param))
+    flat_ref, flat_res = _flatten(ref_params), _flatten(res_params)
+    assert flat_ref.keys() == flat_res.keys()
+    for name in flat_ref:
+        a, b = np.asarray(flat_ref[name]), np.asarray(flat_res[name])
+        assert a.tobytes() == b.tobytes(), name  # bitwise
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
