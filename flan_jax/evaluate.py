@@ -6,7 +6,8 @@
 The model (architecture and parameters) and the tokenizer come from the workdir's run; the
 config supplies what to evaluate and how (the `eval` section, `data.seq_len`, `data.prefix_lm`).
 Without --config the run's own config (DIR/config.json) is used. Results go to DIR/eval/
-(step_<N>.json, step_<N>.md, predictions_<N>.jsonl), and the table is printed.
+(step_<N>.json, step_<N>.md, predictions_<N>.jsonl; few-shot ones end in _<k>shot), and the
+table is printed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(run_config.data, workdir=_WORKDIR.value)
     results = evaluate(model, tokenizer, config, workdir=_WORKDIR.value, step=step)
     sys.stdout.write(report.markdown(results))
-    print(f"Results written to {_WORKDIR.value}/eval/step_{step}.json (+ .md, predictions_{step}.jsonl)")
+    stem = report.file_stem(step, int(config.eval.num_shots))
+    print(f"Results written to {_WORKDIR.value}/eval/{stem}.json (+ .md, {stem.replace('step_', 'predictions_', 1)}.jsonl)")
 
 
 if __name__ == "__main__":

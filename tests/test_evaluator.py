@@ -107,7 +107,7 @@ def test_few_shot_uses_the_same_task_definition(registry, tmp_path):
     )
     assert results["num_shots"] == 2
     assert registry["copy"].calls[-1]["num_shots"] == 2
-    records = (tmp_path / "eval" / "predictions_0.jsonl").read_text()
+    records = (tmp_path / "eval" / "predictions_0_2shot.jsonl").read_text()
     assert '"inputs": "example. example. ax"' in records
 
 
@@ -169,7 +169,9 @@ def test_zero_and_few_shot_from_the_same_registered_task(registered_task, tmp_pa
     def records(step):
         return [json.loads(line) for line in (tmp_path / "eval" / f"predictions_{step}.jsonl").read_text().splitlines()]
 
-    zero_records, few_records = records(1), records(2)
+    zero_records, few_records = records(1), records("2_2shot")
+    assert json.loads((tmp_path / "eval" / "step_2_2shot.json").read_text())["num_shots"] == 2
+    assert not (tmp_path / "eval" / "step_2.json").exists()
     assert [r["inputs"] for r in zero_records] == [f"held-out template va{i}x" for i in range(3)]
     for z, f in zip(zero_records, few_records):
         # Same query, rendered with the same (held-out) template, after two exemplars from the train split.

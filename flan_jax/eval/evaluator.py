@@ -14,7 +14,7 @@ Work is batched across tasks, not per task: all prompts of all tasks are generat
 one packed pass, so a small model on a CPU evaluates twenty tasks in seconds.
 
 Results (per task, per cluster, per mixture, overall; see flan_jax.eval.report) are returned and
-written to DIR/eval/step_<N>.json, step_<N>.md and predictions_<N>.jsonl.
+written to DIR/eval/step_<N>.json, step_<N>.md and predictions_<N>.jsonl (few-shot: step_<N>_<k>shot.*).
 """
 
 from __future__ import annotations

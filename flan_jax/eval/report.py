@@ -97,17 +97,27 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def file_stem(step: int, num_shots: int = 0) -> str:
+    """"step_<N>" for zero-shot results, "step_<N>_<k>shot" for k-shot ones (so both can sit side by side)."""
+    return f"step_{step}" if num_shots == 0 else f"step_{step}_{num_shots}shot"
+
+
 def write(workdir: str | pathlib.Path, step: int, results: Mapping[str, Any], predictions: Iterable[Mapping]) -> pathlib.Path:
     """Writes DIR/eval/step_<N>.json, step_<N>.md and predictions_<N>.jsonl; returns the folder.
 
+    Few-shot results get a `_<k>shot` suffix (step_<N>_<k>shot.json, predictions_<N>_<k>shot.jsonl),
+    so a zero-shot and a few-shot evaluation of the same checkpoint do not overwrite each other.
     Files are written under a temporary name and renamed, so a reader never sees half a file.
     """
     folder = pathlib.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
+    stem = file_stem(step, int(results.get("num_shots", 0)))
     outputs = {
-        f"step_{step}.json": json.dumps(results, indent=2, sort_keys=False) + "\n",
-        f"step_{step}.md": markdown(results),
-        f"predictions_{step}.jsonl": "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions),
+        f"{stem}.json": json.dumps(results, indent=2, sort_keys=False) + "\n",
+        f"{stem}.md": markdown(results),
+        f"{stem.replace('step_', 'predictions_', 1)}.jsonl": "".join(
+            json.dumps(p, ensure_ascii=False) + "\n" for p in predictions
+        ),
     }
     for name, text in outputs.items():
         tmp = folder / f".{name}.tmp"
