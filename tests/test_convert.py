@@ -203,3 +203,21 @@ def test_unknown_tensors_and_unsupported_configs_are_errors(hf_dirs, tmp_path):
     qwen = fm.ModelConfig.for_family("qwen2", out_bias=True)
     with pytest.raises(hf_config.UnsupportedConfigError, match="out_bias"):
         hf_config.to_hf(qwen)
+
+
+def test_writer_saves_each_layer_as_soon_as_it_is_complete(tmp_path):
+    cfg = fm.ModelConfig.for_family("llama", vocab_size=VOCAB, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    head_dim=8, d_ff=24)
+    params = checkpoint.flatten(nnx.state(fm.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    writer = checkpoint.StreamingWriter(tmp_path / "out", cfg)
+    layer0 = [p for p in params if p[:2] == ("layers", 0)]
+    for path in layer0[:-1]:
+        writer.add(path, np.asarray(params[path]))
+    assert not (tmp_path / "out" / "params" / "layers.0").exists()
+    writer.add(layer0[-1], np.asarray(params[layer0[-1]]))
+    assert (tmp_path / "out" / "params" / "layers.0").is_dir()  # written (and freed) before the rest arrive
+    with pytest.raises(ValueError, match="shape"):
+        writer.add(("embed",), np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="missing parameters"):
+        writer.close()
+    assert not (tmp_path / "out" / "model_config.json").exists()  # an incomplete conversion is not loadable

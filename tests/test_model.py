@@ -22,6 +22,12 @@ def make(cfg: fm.ModelConfig, seed: int = 0) -> fm.Transformer:
     return fm.Transformer(cfg, rngs=nnx.Rngs(seed))
 
 
+@nnx.jit
+def forward(model, tokens, positions=None, segment_ids=None, prefix_mask=None):
+    """The model's forward pass, jitted: one compile per shape beats op-by-op dispatch on CPU."""
+    return model(tokens, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask)
+
+
 def packed_row(lengths: list[int], total: int, seed: int = 0):
     """One packed row of random tokens: segments 1..n with restarting positions, then padding."""
     rng = np.random.default_rng(seed)
@@ -44,20 +50,20 @@ def test_packed_segments_equal_separate_sequences(family):
     model = make(cfg)
     lengths = [5, 7, 3]
     tokens, positions, segments = packed_row(lengths, total=18)
-    packed = model(jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    packed = forward(model, jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
     assert packed.dtype == jnp.float32 and packed.shape == (1, 18, TINY["vocab_size"])
     assert np.isfinite(np.asarray(packed)).all(), "padding tokens must not produce NaN/inf"
     start = 0
     for n in lengths:
-        alone = model(jnp.asarray(tokens[:, start:start + n]))
+        alone = forward(model, jnp.asarray(tokens[:, start:start + n]))
         np.testing.assert_allclose(packed[:, start:start + n], alone, atol=1e-5, rtol=1e-5)
         start += n
 
 
 def test_sliding_window_changes_attention():
     tokens, positions, segments = packed_row([12], total=12)
-    full = make(tiny("mistral"))(jnp.asarray(tokens))
-    windowed = make(tiny("mistral", sliding_window=4))(jnp.asarray(tokens))
+    full = forward(make(tiny("mistral")), jnp.asarray(tokens))
+    windowed = forward(make(tiny("mistral", sliding_window=4)), jnp.asarray(tokens))
     np.testing.assert_allclose(full[:, :4], windowed[:, :4], atol=1e-6)
     assert np.abs(np.asarray(full[:, 4:] - windowed[:, 4:])).max() > 1e-4
 
@@ -68,16 +74,16 @@ def test_causal_and_prefix_lm_visibility():
     changed = tokens.at[0, 2].set(40)  # change token 2 only
     prefix = jnp.asarray([[1, 1, 1, 1, 0, 0, 0, 0]])
 
-    causal_a, causal_b = model(tokens), model(changed)
+    causal_a, causal_b = forward(model, tokens), forward(model, changed)
     np.testing.assert_allclose(causal_a[:, :2], causal_b[:, :2], atol=1e-6)  # the past cannot see the future
 
-    prefix_a = model(tokens, prefix_mask=prefix)
-    prefix_b = model(changed, prefix_mask=prefix)
+    prefix_a = forward(model, tokens, prefix_mask=prefix)
+    prefix_b = forward(model, changed, prefix_mask=prefix)
     # Inside the prefix, earlier tokens now see token 2 ...
     assert np.abs(np.asarray(prefix_a[:, :2] - prefix_b[:, :2])).max() > 1e-4
     # ... but a change after the prefix is still invisible to the prefix.
     late = tokens.at[0, 6].set(40)
-    np.testing.assert_allclose(prefix_a[:, :6], model(late, prefix_mask=prefix)[:, :6], atol=1e-6)
+    np.testing.assert_allclose(prefix_a[:, :6], forward(model, late, prefix_mask=prefix)[:, :6], atol=1e-6)
 
 
 def test_prefix_does_not_cross_segments():
@@ -85,25 +91,25 @@ def test_prefix_does_not_cross_segments():
     tokens, positions, segments = packed_row([4, 4], total=8)
     prefix = jnp.ones((1, 8), jnp.int32)
     args = dict(positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments), prefix_mask=prefix)
-    out = model(jnp.asarray(tokens), **args)
+    out = forward(model, jnp.asarray(tokens), **args)
     other = tokens.copy()
     other[0, 5] = 1 if other[0, 5] != 1 else 2  # a token of segment 2
-    np.testing.assert_allclose(out[:, :4], model(jnp.asarray(other), **args)[:, :4], atol=1e-6)
+    np.testing.assert_allclose(out[:, :4], forward(model, jnp.asarray(other), **args)[:, :4], atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_xla_attention_matches_reference(family):
     tokens, positions, segments = packed_row([6, 5], total=14, seed=3)
     args = dict(positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
-    ref = make(tiny(family))(jnp.asarray(tokens), **args)
-    xla = make(tiny(family, attention="xla"))(jnp.asarray(tokens), **args)
+    ref = forward(make(tiny(family)), jnp.asarray(tokens), **args)
+    xla = forward(make(tiny(family, attention="xla")), jnp.asarray(tokens), **args)
     np.testing.assert_allclose(ref, xla, atol=1e-5, rtol=1e-5)
 
 
 def test_all_padding_row_is_finite():
     model = make(tiny(attention="xla"))
     zeros = jnp.zeros((2, 8), jnp.int32)
-    out = model(zeros, positions=zeros, segment_ids=zeros)
+    out = forward(model, zeros, positions=zeros, segment_ids=zeros)
     assert np.isfinite(np.asarray(out)).all()
 
 
@@ -135,10 +141,10 @@ def test_param_count_matches_config():
 
 def test_bf16_compute_fp32_params():
     tokens, positions, segments = packed_row([8], total=8)
-    fp32 = make(tiny(attention="xla"))(jnp.asarray(tokens))
+    fp32 = forward(make(tiny(attention="xla")), jnp.asarray(tokens))
     model = make(tiny(attention="xla", dtype="bfloat16"))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    bf16 = model(jnp.asarray(tokens))
+    bf16 = forward(model, jnp.asarray(tokens))
     assert bf16.dtype == jnp.float32
     np.testing.assert_allclose(bf16, fp32, atol=3e-2)
     half_params = make(tiny(param_dtype="bfloat16", dtype="bfloat16"))
@@ -153,7 +159,7 @@ def test_remat_gives_same_gradients(remat):
         logits = model(jnp.asarray(tokens), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
         return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
-    plain = nnx.grad(loss)(make(tiny()))
+    plain = jax.jit(nnx.grad(loss))(make(tiny()))
     rematted = jax.jit(nnx.grad(loss))(make(tiny(remat=remat)))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematted)):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
@@ -164,7 +170,7 @@ def test_sharded_forward_matches_single_device():
     model = make(cfg)
     tokens, positions, segments = packed_row([7, 9], total=16)
     batch = [jnp.asarray(np.repeat(a, 4, axis=0)) for a in (tokens, positions, segments)]
-    expected = model(batch[0], positions=batch[1], segment_ids=batch[2])
+    expected = forward(model, batch[0], positions=batch[1], segment_ids=batch[2])
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     graphdef, state = nnx.split(model)
@@ -175,12 +181,12 @@ def test_sharded_forward_matches_single_device():
     state = jax.device_put(state, shardings)
 
     @jax.jit
-    def forward(state, tokens, positions, segments):
+    def sharded_forward(state, tokens, positions, segments):
         with sharding.use_rules(mesh, sharding.DEFAULT_RULES):
             return nnx.merge(graphdef, state)(tokens, positions=positions, segment_ids=segments)
 
     with jax.set_mesh(mesh):
-        got = forward(state, *batch)
+        got = sharded_forward(state, *batch)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 

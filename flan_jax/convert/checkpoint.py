@@ -1,12 +1,21 @@
 """The converted-checkpoint folder that `checkpoint.init_from` starts from.
 
-    OUT_DIR/model_config.json      our ModelConfig (architecture + runtime fields)
-    OUT_DIR/params/                Orbax checkpoint of the params pure dict (nnx.state(model, nnx.Param))
+    OUT_DIR/model_config.json      our ModelConfig (architecture + runtime fields); written last
+    OUT_DIR/params/groups.json     the parameter groups below, in order
+    OUT_DIR/params/<group>/        one Orbax (StandardCheckpointer) checkpoint per group: the pure-dict
+                                   subtree of nnx.state(model, nnx.Param) for "embed", "layers.0", ...,
+                                   "final_norm", "lm_head"
     OUT_DIR/hf_config.json         the source config.json, kept for reference (token ids, ...)
     OUT_DIR/tokenizer.model|tokenizer.json|tokenizer_config.json|...   copied along
 
-Arrays are stored in the source checkpoint's dtype (a bf16 checkpoint stays bf16: half the disk
-and half the host memory while converting); `load_converted(dtype=...)` casts when asked.
+Why one Orbax checkpoint per group rather than one for the whole tree: Orbax's save keeps its own
+copy of every array it writes, so saving the whole tree at once needs twice the model in host
+memory (27 GB for a 7B bf16 model, over a 24 GiB host). Saving each layer as soon as its tensors
+are converted keeps the converter's memory near one layer plus the runtime
+(benchmarks/convert_memory.py measures it).
+
+Arrays are stored in the source checkpoint's dtype (a bf16 checkpoint stays bf16: half the disk);
+`load_converted(dtype=...)` casts when asked.
 """
 
 from __future__ import annotations
@@ -71,18 +80,62 @@ def abstract_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping[tuple, np.ndarray]) -> None:
-    """Writes model_config.json and the Orbax params of a converted checkpoint."""
-    import orbax.checkpoint as ocp
+def group_of(path: tuple) -> str:
+    """The checkpoint group of a parameter path: one per layer, one per top-level parameter."""
+    return f"layers.{path[1]}" if path[0] == "layers" else str(path[0])
 
-    out = pathlib.Path(out_dir).absolute()
-    if (out / PARAMS).exists():
-        raise FileExistsError(f"{out / PARAMS} already exists; choose an empty --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    tree = nest({tuple(str(k) for k in path): value for path, value in params.items()})
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out / PARAMS, tree)
-    (out / MODEL_CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+class StreamingWriter:
+    """Saves parameters group by group as they arrive, so the whole model is never held at once.
+
+        writer = StreamingWriter(out_dir, cfg)
+        for path, array in converted_params: writer.add(path, array)
+        writer.close()      # checks completeness, then writes model_config.json
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, cfg: ModelConfig):
+        import orbax.checkpoint as ocp
+
+        self.out = pathlib.Path(out_dir).absolute()
+        if (self.out / PARAMS).exists() or (self.out / MODEL_CONFIG).exists():
+            raise FileExistsError(f"{self.out} already holds a converted checkpoint; choose an empty --out folder")
+        (self.out / PARAMS).mkdir(parents=True)
+        self.cfg = cfg
+        self.expected = abstract_params(cfg)
+        self.groups = list(dict.fromkeys(group_of(p) for p in self.expected))
+        self.waiting = {g: {p for p in self.expected if group_of(p) == g} for g in self.groups}
+        self.pending: dict[str, dict[tuple, np.ndarray]] = {g: {} for g in self.groups}
+        self.checkpointer = ocp.StandardCheckpointer()
+
+    def add(self, path: tuple, array: np.ndarray) -> None:
+        if path not in self.expected:
+            raise KeyError(f"{'/'.join(map(str, path))} is not a parameter of this {self.cfg.family} model")
+        want = tuple(self.expected[path].shape)
+        if tuple(array.shape) != want:
+            raise ValueError(f"{'/'.join(map(str, path))} has shape {tuple(array.shape)}, the model expects {want}")
+        group = group_of(path)
+        self.pending[group][path] = array
+        self.waiting[group].discard(path)
+        if not self.waiting[group]:
+            tree = nest({tuple(str(k) for k in p): v for p, v in self.pending.pop(group).items()})
+            self.checkpointer.save(self.out / PARAMS / group, tree)
+            self.checkpointer.wait_until_finished()  # frees Orbax's copy before the next group
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        missing = sorted(str(p) for g in self.groups for p in self.waiting[g])
+        if missing:
+            raise ValueError(f"converted checkpoint {self.out} is missing parameters: {missing[:10]}")
+        (self.out / PARAMS / "groups.json").write_text(json.dumps(self.groups) + "\n")
+        (self.out / MODEL_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+
+
+def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping | nnx.State) -> None:
+    """Writes a converted checkpoint of `params` (flat {path: array}, pure dict or nnx.State)."""
+    writer = StreamingWriter(out_dir, cfg)
+    for path, value in flatten(params).items():
+        writer.add(path, np.asarray(value))
+    writer.close()
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
@@ -102,17 +155,16 @@ def load_converted(path: str | os.PathLike, *, dtype: str | None = None) -> tupl
 
     path = pathlib.Path(path).absolute()
     cfg = read_model_config(path)
-    expected = abstract_params(cfg)
+    groups = json.loads((path / PARAMS / "groups.json").read_text())
+    flat: dict[tuple, np.ndarray] = {}
     with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path / PARAMS)
-        stored = flatten(metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata)
-        _check_same_params(path, expected, {p: m.shape for p, m in stored.items()})
-        target = nest({
-            tuple(str(k) for k in p): jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype) if dtype else m.dtype)
-            for p, m in stored.items()
-        })
-        restored = checkpointer.restore(path / PARAMS, target)
-    flat = {p: np.asarray(v) for p, v in flatten(restored).items()}
+        for group in groups:
+            stored = checkpointer.metadata(path / PARAMS / group).item_metadata.tree
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(dtype) if dtype else m.dtype), stored
+            )
+            flat.update({p: np.asarray(v) for p, v in flatten(checkpointer.restore(path / PARAMS / group, target)).items()})
+    _check_same_params(path, abstract_params(cfg), {p: v.shape for p, v in flat.items()})
     state = nnx.state(nnx.eval_shape(lambda: _model(cfg)), nnx.Param)
     nnx.replace_by_pure_dict(state, nest(flat))
     return cfg, state

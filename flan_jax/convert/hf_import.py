@@ -2,8 +2,9 @@
 
 Memory: each safetensors file is memory-mapped and read one tensor at a time; each tensor is
 converted (transpose / reshape, in its own dtype) as soon as every HF tensor its rule needs has
-been read, so the host holds the converted parameters once plus one tensor in flight. A 7B
-bf16 checkpoint (~13.5 GB) thus converts within a 24 GiB host (see benchmarks/convert_memory.py).
+been read, and each layer is written (checkpoint.StreamingWriter) as soon as it is complete, so
+the host holds about one layer plus the tensors of layers split across shards, never the model.
+A 7B bf16 checkpoint (~13.5 GB) thus converts on a 24 GiB host (benchmarks/convert_memory.py).
 
 Only safetensors are read. PyTorch pickle files (.bin / .pt / .pth) can run arbitrary code when
 loaded, so they are refused with instructions rather than unpickled.
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -62,17 +64,17 @@ def read_hf_config(hf_dir: pathlib.Path) -> dict:
     return json.loads(file.read_text())
 
 
-def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
-    """(ModelConfig, flat params) read from an HF folder, checked against the model's shapes."""
+def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (our param path, array) as soon as each is converted; raises at the end if any
+    HF tensor was unexpected or missing (nothing is dropped silently)."""
     from safetensors import safe_open
 
     hf_dir = pathlib.Path(hf_dir)
-    cfg = cfg or ModelConfig.from_hf_config(read_hf_config(hf_dir))
     rules = mapping.rules(cfg)
     rule_of = {key: rule for rule in rules for key in rule.hf_keys}
     expected = checkpoint.abstract_params(cfg)
     pending: dict[int, dict[str, np.ndarray]] = {}
-    params: dict[tuple, np.ndarray] = {}
+    done: set[tuple] = set()
     unexpected: list[str] = []
     skipped: list[str] = []
     for file in safetensors_files(hf_dir):
@@ -88,25 +90,33 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) ->
                     continue
                 got = pending.setdefault(id(rule), {})
                 got[key] = f.get_tensor(raw_key)
-                if len(got) == len(rule.hf_keys):
-                    del pending[id(rule)]
-                    arrays = rule.to_ours([got[k] for k in rule.hf_keys])
-                    for path, array in zip(rule.paths, arrays):
-                        want = tuple(expected[path].shape)
-                        if array.shape != want:
-                            raise ValueError(
-                                f"{file}: tensor {raw_key} gives {'/'.join(map(str, path))} shape {array.shape}, "
-                                f"but config.json implies {want}"
-                            )
-                        params[path] = array
+                if len(got) < len(rule.hf_keys):
+                    continue
+                del pending[id(rule)]
+                arrays = rule.to_ours([got.pop(k) for k in rule.hf_keys])
+                for path, array in zip(rule.paths, arrays):
+                    want = tuple(expected[path].shape)
+                    if array.shape != want:
+                        raise ValueError(
+                            f"{file}: tensor {raw_key} gives {'/'.join(map(str, path))} shape {array.shape}, "
+                            f"but config.json implies {want}"
+                        )
+                    done.add(path)
+                    yield path, array
+                del arrays
     if unexpected:
         raise ValueError(f"{hf_dir}: tensors this {cfg.family} model has no place for: {unexpected[:10]}")
-    missing = [key for rule in rules for key in rule.hf_keys if any(p not in params for p in rule.paths)]
+    missing = [key for rule in rules for key in rule.hf_keys if any(p not in done for p in rule.paths)]
     if missing:
         raise ValueError(f"{hf_dir}: tensors missing from the safetensors files: {missing[:10]}")
     if skipped:
         logging.info("Skipped %d buffers / duplicate tied weights: %s", len(skipped), skipped[:5])
-    return cfg, params
+
+
+def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
+    """(ModelConfig, flat {path: array}) read from an HF folder, all in memory (tests, small models)."""
+    cfg = cfg or ModelConfig.from_hf_config(read_hf_config(pathlib.Path(hf_dir)))
+    return cfg, dict(iter_hf_params(hf_dir, cfg))
 
 
 def _canonical_key(cfg: ModelConfig, key: str) -> str:
@@ -117,11 +127,18 @@ def _canonical_key(cfg: ModelConfig, key: str) -> str:
 
 
 def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> ModelConfig:
-    """`python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR`."""
+    """`python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR`, streaming layer by layer."""
     hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
-    cfg, params = load_hf_params(hf_dir)
-    checkpoint.save_converted(out_dir, cfg, params)
-    (out_dir / checkpoint.HF_CONFIG).write_text(json.dumps(read_hf_config(hf_dir), indent=2) + "\n")
+    hf_config = read_hf_config(hf_dir)
+    cfg = ModelConfig.from_hf_config(hf_config)
+    safetensors_files(hf_dir)  # refuse pickle-only folders before creating anything
+    writer = checkpoint.StreamingWriter(out_dir, cfg)
+    count = 0
+    for path, array in iter_hf_params(hf_dir, cfg):
+        writer.add(path, array)
+        count += 1
+    writer.close()
+    (out_dir / checkpoint.HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n")
     copied = checkpoint.copy_tokenizer_files(hf_dir, out_dir)
-    logging.info("Converted %s (%s, %d tensors) to %s; tokenizer files: %s", hf_dir, cfg.family, len(params), out_dir, copied)
+    logging.info("Converted %s (%s, %d tensors) to %s; tokenizer files: %s", hf_dir, cfg.family, count, out_dir, copied)
     return cfg
