@@ -115,3 +115,24 @@ def test_cli_rejects_a_misspelt_override_at_once(tmp_path):
     assert "unknown config field" in result.stderr and 'Did you mean "num_steps"' in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "config.json").exists()
+
+
+def test_init_from_converted_weights_starts_from_them(tmp_path, tokenizer_path):
+    from flax import nnx
+
+    from flan_jax import convert, model as fm
+
+    config = train_fakes.demo_config(train_fakes.demo_overrides(tokenizer_path, train__num_steps=1))
+    cfg = fm.ModelConfig.from_config(config.model)
+    source = nnx.to_pure_dict(nnx.state(fm.Transformer(cfg, rngs=nnx.Rngs(7)), nnx.Param))
+    convert.save_converted(tmp_path / "converted", cfg, source)
+    config.checkpoint.init_from = str(tmp_path / "converted")
+    loop.train(config, tmp_path / "run")
+    # The one step ran at learning rate 0 (warmup starts at 0), so the params are the converted ones.
+    model, _, _ = checkpointing.load_model(tmp_path / "run")
+    trained = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, trained, source)
+
+    config.model.d_ff = 48  # a different architecture is refused with the differing field
+    with pytest.raises(ValueError, match="d_ff"):
+        loop.train(config, tmp_path / "other")

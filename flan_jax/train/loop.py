@@ -56,7 +56,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if state is None:
         state = step_lib.init_state(parts, tx, shardings, config.seed, mesh)
         if config.checkpoint.init_from:
-            state["params"] = load_init_params(config.checkpoint.init_from, parts)
+            state["params"] = load_init_params(config.checkpoint.init_from, parts, model_cfg)
     start_step = int(state["step"])
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
 
@@ -159,21 +159,26 @@ def build_model(config: ml_collections.ConfigDict, mesh, rules):
     return model_cfg, parts
 
 
-def load_init_params(path: str, parts: step_lib.ModelParts) -> dict:
-    """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings."""
-    from flan_jax import convert
+def load_init_params(path: str, parts: step_lib.ModelParts, model_cfg) -> dict:
+    """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
 
-    loaded = convert.load_converted(path)
-    if isinstance(loaded, tuple):
-        loaded = loaded[0]
-    if isinstance(loaded, nnx.State):
-        loaded = nnx.to_pure_dict(loaded)
-    expected = jax.tree_util.tree_structure(parts.abstract_params)
-    if jax.tree_util.tree_structure(loaded) != expected:
+    Params only: the optimizer state, step and data position start fresh.
+    """
+    from flan_jax import convert
+    from flan_jax.model.config import RUNTIME_FIELDS
+
+    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
+    differing = {
+        k: (v, model_cfg.to_dict().get(k))
+        for k, v in converted_cfg.to_dict().items()
+        if k not in RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
+    }
+    if differing:
         raise ValueError(
-            f"checkpoint.init_from={path}: parameter tree does not match config.model\n"
-            f"  expected {expected}\n  got      {jax.tree_util.tree_structure(loaded)}"
+            f"checkpoint.init_from={path}: its architecture differs from config.model "
+            f"(field: (converted, config)): {differing}"
         )
+    loaded = nnx.to_pure_dict(params)
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
