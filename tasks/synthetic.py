@@ -43,18 +43,20 @@ class _SplitRecords:
         return [dict(record) for record in _splits(self.family_name)[self.split]]
 
 
+def _templates(pairs: tuple[tuple[str, str], ...], prefix: str) -> list[data.Template]:
+    return [data.Template(inputs, targets, name=f"{prefix}{k}") for k, (inputs, targets) in enumerate(pairs)]
+
+
 def _task(family: families.Family) -> data.Task:
     source = data.FunctionSource({split: _SplitRecords(family.name, split) for split in ("train", "validation")})
+    train = _templates(family.train_templates, "train")
     heldout_cluster = family.cluster == families.HELDOUT_CLUSTER
     return data.Task(
         PREFIX + family.name,
         source,
-        [data.Template(i, t, name=f"train{k}") for k, (i, t) in enumerate(family.train_templates)],
+        train,
         # A held-out cluster is never trained on, so its evaluation may use all seven wordings.
-        eval_templates=[
-            data.Template(i, t, name=f"{'train' if k < 5 else 'heldout'}{k % 5}")
-            for k, (i, t) in enumerate(family.train_templates + (family.heldout_templates if heldout_cluster else ()))
-        ],
+        eval_templates=train + _templates(family.heldout_templates, "heldout") if heldout_cluster else train,
         metrics=("exact_match",),
         cluster=family.cluster,
         options_field="options" if family.has_options else None,
@@ -63,7 +65,7 @@ def _task(family: families.Family) -> data.Task:
 
 
 def _heldout_templates_task(task: data.Task, family: families.Family) -> data.Task:
-    heldout = [data.Template(i, t, name=f"heldout{k}") for k, (i, t) in enumerate(family.heldout_templates)]
+    heldout = _templates(family.heldout_templates, "heldout")
     return task.replace(name=task.name + HELDOUT_TEMPLATES_SUFFIX, templates=heldout, eval_templates=heldout)
 
 
