@@ -221,3 +221,32 @@ def test_writer_saves_each_layer_as_soon_as_it_is_complete(tmp_path):
     with pytest.raises(ValueError, match="missing parameters"):
         writer.close()
     assert not (tmp_path / "out" / "model_config.json").exists()  # an incomplete conversion is not loadable
+
+
+def test_to_hf_from_a_training_workdir(tmp_path):
+    """A workdir checkpoint in the trainer's layout (params + config items) exports and loads in HF."""
+    import orbax.checkpoint as ocp
+
+    from flan_jax import default_config
+    from flan_jax.convert.__main__ import main
+    from flan_jax.train import checkpointing
+
+    config = default_config.get_config()
+    config.model.update(family="gemma", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=1,
+                        head_dim=8, d_ff=48, max_positions=64)
+    cfg = fm.ModelConfig.from_config(config.model)
+    model = fm.Transformer(cfg.replace(init_std=0.15), rngs=nnx.Rngs(4))
+    manager = ocp.CheckpointManager(tmp_path / "run" / "checkpoints")
+    manager.save(7, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+        config=ocp.args.JsonSave(checkpointing.config_to_dict(config))))
+    manager.wait_until_finished()
+    manager.close()
+    (tmp_path / "run" / "tokenizer.model").write_bytes(b"sp model bytes")
+
+    assert main([f"--to_hf={tmp_path / 'hf'}", f"--workdir={tmp_path / 'run'}", "--step=7"]) == 0
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == b"sp model bytes"
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = random_ids((1, 10), seed=2)
+    np.testing.assert_allclose(hf_logits(loaded.eval(), ids), np.asarray(model(jnp.asarray(ids))), atol=1e-4, rtol=1e-4)

@@ -83,11 +83,18 @@ def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike
 
     model, config, used_step = checkpointing.load_model(workdir, step)
     params = nnx.state(model, nnx.Param)
+    cfg: ModelConfig = model.cfg
     token_ids = {}
     init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
-    if init_from:  # keep the special-token ids of the checkpoint the run started from
+    if init_from and (pathlib.Path(init_from) / checkpoint.MODEL_CONFIG).is_file():
+        # A run started from converted weights: its architecture details that config.model cannot
+        # express (rope scaling, norm eps, sliding window, ...) come from the converted checkpoint.
+        converted = checkpoint.read_model_config(init_from).replace(param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+        if converted != cfg:
+            logging.info("Using the architecture of %s (init_from) for the exported config", init_from)
+        cfg = converted
         token_ids = _token_ids_from(pathlib.Path(init_from) / checkpoint.HF_CONFIG)
-    write_hf(out_dir, model.cfg, params, dtype=dtype, token_ids=token_ids, tokenizer_dir=workdir)
+    write_hf(out_dir, cfg, params, dtype=dtype, token_ids=token_ids, tokenizer_dir=workdir)
     tokenizer_path = config.data.tokenizer.path if hasattr(config, "data") else ""
     if tokenizer_path:  # a tokenizer the run read from elsewhere (e.g. a converted checkpoint)
         source = pathlib.Path(tokenizer_path)
