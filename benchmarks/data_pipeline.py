@@ -4,11 +4,12 @@ Measures, on ONE core (worker_count=0, no threads), over the first `--num_exampl
 
   render     the registered mixture's stream -> rendered example dicts (sources, templates, mixing)
   tokenize   rendered examples -> truncated token features (sentencepiece)
-  pack       features -> best-fit packed rows (`--num_packing_bins` look-ahead)
+  pack       features -> best-fit packed rows (`OpenRows`, `--num_packing_bins` open rows), and grain's
+             BestFitPackIterDataset with as many bins as the baseline
   loader     all of it through `make_train_iterator` (row slots, batching), the trainer's real input
 
-and the packing fill rate (non-padding tokens / all tokens) at each `--seq_lens` versus one example per
-row. The pipeline is compared with the trainer's consumption (`--trainer_tokens_per_sec`, the demo model's
+and the steady-state packing fill rate (non-padding tokens / all tokens) at each `--seq_lens`: the
+loader's packer (`OpenRows`), grain's best-fit packer and one example per row. The pipeline is compared with the trainer's consumption (`--trainer_tokens_per_sec`, the demo model's
 ~4,000 tokens/s on this machine; JAX_STACK_NOTES). Targets: fill >= 98% at 1024; loader >= 20x the trainer.
 
   FLAN_JAX_DATA_DIR=/path/to/data python benchmarks/data_pipeline.py --mixture=t0 [--tokenizer=tok.model]
@@ -45,7 +46,7 @@ flags.DEFINE_integer("num_examples", 20000, "examples of the mixed stream to mea
 flags.DEFINE_list("seq_lens", ["1024", "2048"], "row lengths for the fill-rate comparison")
 flags.DEFINE_integer("batch_size", 8, "global rows per batch for the loader measurement")
 flags.DEFINE_integer("num_packing_bins", 64, "best-fit look-ahead (config.data.num_packing_bins)")
-flags.DEFINE_list("fill_bins", ["64", "128"], "num_packing_bins values for the fill-rate comparison")
+flags.DEFINE_list("fill_bins", ["16", "64"], "num_packing_bins values for the fill-rate comparison")
 flags.DEFINE_float("trainer_tokens_per_sec", 4000.0, "the demo model's training consumption on this machine")
 flags.DEFINE_integer("seed", 0, "stream seed")
 
@@ -96,8 +97,11 @@ def main(argv: Sequence[str]) -> None:
     features, tok_wall, tok_cpu = _timed(lambda: [featurize(e, tokenizer, feature_config)[0] for e in rendered])
     features = [f for f in features if f is not None]
     tokens = sum(len(f["input_tokens"]) for f in features)
-    source = grain.MapDataset.source(features).to_iter_dataset()
     rows, pack_wall, pack_cpu = _timed(
+        lambda: packing.pack_list(features, seq_len=first_len, num_open_rows=FLAGS.num_packing_bins)
+    )
+    source = grain.MapDataset.source(features).to_iter_dataset()
+    _, grain_wall, grain_cpu = _timed(
         lambda: list(packing.pack(source, seq_len=first_len, num_packing_bins=FLAGS.num_packing_bins, seed=0))
     )
 
@@ -114,7 +118,9 @@ def main(argv: Sequence[str]) -> None:
     print("|---|---:|---:|---:|---:|")
     print(_row("render", n, tokens, render_wall, render_cpu, trainer))
     print(_row(f"tokenize + truncate ({first_len})", n, tokens, tok_wall, tok_cpu, trainer))
-    print(_row(f"best-fit pack ({FLAGS.num_packing_bins} bins)", n, tokens, pack_wall, pack_cpu, trainer))
+    print(_row(f"best-fit pack, OpenRows ({FLAGS.num_packing_bins} rows)", n, tokens, pack_wall, pack_cpu, trainer))
+    print(_row(f"(baseline) grain BestFitPack ({FLAGS.num_packing_bins} bins)", n, tokens, grain_wall, grain_cpu,
+               trainer))
     # counts: every example the loader tokenized and placed into a packing bin (emitted or still open);
     # rendering them is charged at the measured render cost per example.
     share = counts.examples / n
@@ -123,20 +129,22 @@ def main(argv: Sequence[str]) -> None:
     print(f"\nLoader batches: {len(batches)} x {FLAGS.batch_size} x {first_len}; over-long examples: "
           f"{counts.truncated + counts.response_truncated:,} truncated, {counts.dropped:,} dropped of {counts.examples:,}")
 
+    # Fill rates, in steady state (packing.steady_state_fill: the sample's lengths, cycled, warm-up left
+    # out), per packing look-ahead; grain's packer on the sample cycled 3 times, final flush left out.
     bins = [int(b) for b in FLAGS.fill_bins]
-    print("\n| seq_len | " + " | ".join(f"packed fill, {b} bins (loader)" for b in bins) + " | one example per row |")
-    print("|---:|" + "---:|" * (len(bins) + 1))
+    print("\n| seq_len | " + " | ".join(f"loader packing (OpenRows), {b} open rows" for b in bins)
+          + f" | grain BestFitPack, {FLAGS.num_packing_bins} bins | one example per row |")
+    print("|---:|" + "---:|" * (len(bins) + 2))
     for seq_len in seq_lens:
-        config.seq_len = seq_len
         feature_config = FeatureConfig(seq_len=seq_len)
-        lengths = [len(f["input_tokens"]) for f in (featurize(e, tokenizer, feature_config)[0] for e in rendered) if f]
-        padded_fill = sum(lengths) / (len(lengths) * seq_len)
-        packed = []
-        for num_bins in bins:
-            config.num_packing_bins = num_bins
-            batches, _ = _loader_run(config, tokenizer, examples, n)
-            packed.append(packing.fill_rate({"segment_ids": np.concatenate([b["segment_ids"] for b in batches])}))
-        print(f"| {seq_len} | " + " | ".join(f"{fill:.2%}" for fill in packed) + f" | {padded_fill:.2%} |")
+        features = [f for f in (featurize(e, tokenizer, feature_config)[0] for e in rendered) if f]
+        padded_fill = sum(len(f["input_tokens"]) for f in features) / (len(features) * seq_len)
+        packed = [packing.steady_state_fill(features, seq_len=seq_len, num_open_rows=b) for b in bins]
+        source = grain.MapDataset.source(features * 3).to_iter_dataset()
+        grain_rows = list(packing.pack(source, seq_len=seq_len, num_packing_bins=FLAGS.num_packing_bins, seed=0))
+        grain_rows = grain_rows[: -(len(grain_rows) % FLAGS.num_packing_bins or FLAGS.num_packing_bins)] or grain_rows
+        print(f"| {seq_len} | " + " | ".join(f"{fill:.2%}" for fill in packed)
+              + f" | {packing.fill_rate(grain_rows):.2%} | {padded_fill:.2%} |")
 
 
 FLAGS = flags.FLAGS

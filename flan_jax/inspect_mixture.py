@@ -16,7 +16,6 @@ import itertools
 import pathlib
 from collections.abc import Sequence
 
-import grain
 import numpy as np
 from absl import flags
 
@@ -81,16 +80,8 @@ class MixtureReport:
 
 
 def _packed_fill(features: list[dict], seq_len: int, num_packing_bins: int) -> float:
-    """Fill of best-fit packed rows. The last group of rows (flushed half-full because the sample ends,
-    which never happens in the endless training stream) is left out when the sample fills 3+ groups."""
-    if not features:
-        return 0.0
-    stream = grain.MapDataset.source(features).to_iter_dataset()
-    rows = list(packing.pack(stream, seq_len=seq_len, num_packing_bins=num_packing_bins, seed=0))
-    if len(rows) >= 3 * num_packing_bins:
-        last_group = len(rows) % num_packing_bins or num_packing_bins  # full groups have one row per bin
-        rows = rows[: len(rows) - last_group]
-    return packing.fill_rate(rows)
+    """Steady-state fill of the loader's packing (`OpenRows`) for the sample's lengths."""
+    return packing.steady_state_fill(features, seq_len=seq_len, num_open_rows=num_packing_bins)
 
 
 def _padded_fill(features: list[dict], seq_len: int) -> float:

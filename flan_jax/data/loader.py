@@ -5,7 +5,7 @@ equals a single-host one, and a restart equals an uninterrupted run). Each row s
 batch (0 <= r < batch_size) therefore has its own pipeline, fed by the examples of the mixed stream whose
 index is `r (mod batch_size)`:
 
-    mixed stream[r::B] -> tokenize + truncate (counted) -> best-fit packing -> row r of every batch
+    mixed stream[r::B] -> tokenize + truncate (counted) -> best-fit packing (OpenRows) -> row r of every batch
 
 Process `p` of `P` owns the contiguous slots `[p*B/P, (p+1)*B/P)` and only ever reads, renders and
 tokenizes the examples of its own slots. Concatenating the batches of all processes in process order gives
@@ -17,10 +17,9 @@ a small JSON dict (stream positions, packer positions, overlong counts) that
 The mixed stream is infinite: a mixture's training stream already is, and a single task is read with
 `num_epochs=None` (every epoch reshuffled).
 
-Costs of the design: each local slot keeps its own packer buffers (`num_packing_bins * seq_len * 24`
-bytes, 1.5 MB at 64 x 1024), and a restored packer re-reads the examples of its open group (at most
-`num_packing_bins` rows' worth). A checkpoint holds the states of this process's slots, so resuming
-needs the same process count (a different device count is fine).
+Costs of the design: each local slot keeps up to `num_packing_bins` open rows, and a restored packer
+re-renders and re-tokenizes the examples waiting in them. A checkpoint holds the states of this
+process's slots, so resuming needs the same process count (a different device count is fine).
 """
 
 from __future__ import annotations
@@ -71,60 +70,135 @@ def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
     return endless(dataset)
 
 
-# --------------------------------------------------------------------------- tokenize + count
+# --------------------------------------------------------------------------- tokenize + count + pack
+
+
+class Featurizer:
+    """Rendered example -> features (None when dropped), counting every outcome in `stats`."""
+
+    def __init__(self, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats):
+        self.tokenizer = tokenizer
+        self.config = config
+        self.stats = stats
+
+    def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
+        features, outcome = self.uncounted(example)
+        self.stats.add(example.get("task", "?"), outcome, 0 if features is None else len(features["input_tokens"]))
+        return features
+
+    def uncounted(self, example: Mapping[str, Any]) -> tuple[dict[str, np.ndarray] | None, Outcome]:
+        try:
+            return featurize(example, self.tokenizer, self.config)
+        except KeyError as error:
+            raise DataError(
+                f"rendered example has no {error.args[0]!r} (expected keys inputs, targets, task)",
+                task=example.get("task"),
+                field=str(error.args[0]),
+            ) from error
 
 
 class FeaturizeIterDataset(grain.IterDataset):
-    """Rendered examples -> feature dicts; over-long examples truncated or dropped and counted in `stats`.
+    """Rendered examples -> feature dicts, over-long ones truncated or dropped and counted (`pack=False`).
 
-    The counts are part of the iterator state, so a restored run continues them exactly; `feature_stats` mirrors
-    the counts of the (single) iterator made from this dataset.
+    The counts are part of the iterator state, so a restored run continues them exactly.
     """
 
-    def __init__(
-        self, parent: grain.IterDataset, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats
-    ):
+    def __init__(self, parent: grain.IterDataset, featurizer: Featurizer):
         super().__init__(parent)
-        self._tokenizer = tokenizer
-        self._config = config
-        self.feature_stats = stats
+        self._featurizer = featurizer
 
     def __iter__(self) -> _FeaturizeIterator:
-        return _FeaturizeIterator(self._parent.__iter__(), self._tokenizer, self._config, self.feature_stats)
+        return _FeaturizeIterator(self._parent.__iter__(), self._featurizer)
 
     def __str__(self) -> str:
-        return f"FeaturizeIterDataset(seq_len={self._config.seq_len}, overlong={self._config.overlong!r})"
+        return f"FeaturizeIterDataset(seq_len={self._featurizer.config.seq_len})"
 
 
 class _FeaturizeIterator(grain.DatasetIterator):
-    def __init__(self, parent, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats):
+    def __init__(self, parent, featurizer: Featurizer):
         super().__init__(parent)
-        self._tokenizer = tokenizer
-        self._config = config
-        self._feature_stats = stats
+        self._featurizer = featurizer
 
     def __next__(self) -> dict[str, np.ndarray]:
         while True:
-            example = next(self._parent)
-            task = example.get("task", "?")
-            try:
-                features, outcome = featurize(example, self._tokenizer, self._config)
-            except KeyError as error:
-                raise DataError(
-                    f"rendered example has no {error.args[0]!r} (expected keys inputs, targets, task)",
-                    task=task,
-                    field=str(error.args[0]),
-                ) from error
-            self._feature_stats.add(task, outcome, 0 if features is None else len(features["input_tokens"]))
-            if outcome is not Outcome.DROPPED:
+            features = self._featurizer(next(self._parent))
+            if features is not None:
                 return features
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "counts": self._feature_stats.snapshot()}
+        return {"parent": self._parent.get_state(), "counts": self._featurizer.stats.snapshot()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._feature_stats.restore(state["counts"])
+        self._featurizer.stats.restore(state["counts"])
+
+
+class PackedRowsIterDataset(grain.IterDataset):
+    """One row slot's stream (a MapDataset of rendered examples) -> featurized -> packed rows (`OpenRows`).
+
+    Reads its examples by stream position, so the state is just the next position, the positions of
+    the examples waiting in open rows (re-featurized on restore) and the counts: small and exact.
+    """
+
+    def __init__(self, source: grain.MapDataset, featurizer: Featurizer, *, num_open_rows: int):
+        super().__init__(source)
+        self._featurizer = featurizer
+        self._num_open_rows = num_open_rows
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Lets grain worker processes (`mp_prefetch`) each take every k-th example of the slot."""
+        if sequential_slice:
+            raise NotImplementedError("an endless stream cannot be cut into sequential slices")
+        self._parents = (self._parent.slice(sl),)
+
+    def __iter__(self) -> _PackedRowsIterator:
+        return _PackedRowsIterator(self._parent, self._featurizer, self._num_open_rows)
+
+    def __str__(self) -> str:
+        return f"PackedRowsIterDataset(seq_len={self._featurizer.config.seq_len}, open_rows={self._num_open_rows})"
+
+
+class _PackedRowsIterator(grain.DatasetIterator):
+    def __init__(self, source: grain.MapDataset, featurizer: Featurizer, num_open_rows: int):
+        super().__init__()
+        self._source = source
+        self._featurizer = featurizer
+        self._rows = packing.OpenRows(featurizer.config.seq_len, num_open_rows)
+        self._next_index = 0
+        self._flushed: list[dict[str, np.ndarray]] | None = None
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        while self._next_index < len(self._source):
+            index = self._next_index
+            features = self._featurizer(self._source[index])
+            self._next_index += 1
+            if features is not None:
+                row = self._rows.add(index, features)
+                if row is not None:
+                    return row
+        if self._flushed is None:  # only a finite stream ends: emit what is still open
+            self._flushed = self._rows.flush()
+        if self._flushed:
+            return self._flushed.pop(0)
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        if self._flushed is not None:
+            raise ValueError("cannot checkpoint a finite slot stream after its end")
+        return {
+            "next_index": self._next_index,
+            "open_rows": self._rows.keys(),
+            "counts": self._featurizer.stats.snapshot(),
+        }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._next_index = int(state["next_index"])
+        self._featurizer.stats.restore(state["counts"])
+        self._flushed = None
+        reopened = []
+        for keys in state["open_rows"]:  # rendering and tokenizing are deterministic: same features
+            reopened.append([(int(key), self._featurizer.uncounted(self._source[int(key)])[0]) for key in keys])
+        self._rows.restore(reopened)
 
 
 # --------------------------------------------------------------------------- batches of row slots
@@ -249,10 +323,6 @@ def _process_slots(batch_size: int, process_index: int | None, process_count: in
     return list(range(process_index * rows, (process_index + 1) * rows))
 
 
-def _slot_seed(seed: int, slot: int) -> int:
-    return (seed * 1_000_003 + slot) % (2**31)
-
-
 def make_train_dataset(
     data_config: Any,
     tokenizer: Tokenizer,
@@ -275,16 +345,12 @@ def make_train_dataset(
     slot_rows, slot_stats = [], []
     for slot in slots:
         stats = FeatureStats()
-        rendered = examples[slot::global_rows].to_iter_dataset(_READ_OPTIONS)
-        features = FeaturizeIterDataset(rendered, tokenizer, feature_config, stats)
+        featurizer = Featurizer(tokenizer, feature_config, stats)
+        slot_examples = examples[slot::global_rows]
         if data_config.pack:
-            rows = packing.pack(
-                features,
-                seq_len=feature_config.seq_len,
-                num_packing_bins=int(data_config.num_packing_bins),
-                seed=_slot_seed(seed, slot),
-            )
+            rows = PackedRowsIterDataset(slot_examples, featurizer, num_open_rows=int(data_config.num_packing_bins))
         else:
+            features = FeaturizeIterDataset(slot_examples.to_iter_dataset(_READ_OPTIONS), featurizer)
             rows = packing.pad(features, seq_len=feature_config.seq_len)
         slot_rows.append(rows)
         slot_stats.append(stats)

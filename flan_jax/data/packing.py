@@ -1,19 +1,25 @@
 """Packing variable-length examples into fixed-length rows (docs/design.md §4).
 
-`pack` uses grain's best-fit packer: it keeps `num_packing_bins` open rows, puts each example into the
-row it fills most tightly, and emits all rows once an example fits in none. Examples never cross a row
-boundary; `segment_ids` (1, 2, ... per example, 0 on padding) and `positions` (restarting at 0 per
-example) let attention and RoPE keep them apart. `pad` is the one-example-per-row baseline.
+Examples never cross a row boundary; `segment_ids` (1, 2, ... per example, 0 on padding) and
+`positions` (restarting at 0 per example) let attention and RoPE keep them apart. Two best-fit packers:
 
-The four feature columns are stacked into a single `[length, 4]` int32 array before packing, so grain
-keeps one set of buffers instead of four (memory is `num_packing_bins * seq_len * 24` bytes per stream)
-and copies one array per example. Loss weights are 0/1 and are cast back to float32 afterwards.
+`OpenRows` (used by the loader) keeps up to `num_open_rows` rows open and puts each example into the
+open row it fills most tightly; a row is emitted when it is exactly full, or, when an example fits in no
+open row and all are in use, the fullest row is emitted to make room. Only one row leaves at a time, so
+rows with room keep collecting small examples: on T0 at 1024 tokens it fills 99% of positions with 16
+open rows, where grain's packer needs 64 bins for 98.4% (16 bins: 89%).
+
+`pack` wraps grain's `BestFitPackIterDataset`, which emits ALL its bins as soon as one example fits in
+none (a single 1024-token document closes the whole group). It is kept as the reference baseline for
+`benchmarks/data_pipeline.py`; its features are stacked into one `[length, 4]` int32 array so grain
+keeps one set of buffers. `pad` is the one-example-per-row baseline.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import numpy as np
@@ -58,6 +64,117 @@ def pack(
         shuffle_bins=True,
     )
     return packed.map(_from_packed)
+
+
+class OpenRows:
+    """Streaming best-fit packing into at most `num_open_rows` open rows of `seq_len` positions.
+
+    Each open row is a list of (key, features); the caller chooses keys (the loader uses stream positions,
+    so a checkpoint can store `keys()` and rebuild the open rows with `restore`).
+    """
+
+    def __init__(self, seq_len: int, num_open_rows: int):
+        if num_open_rows < 1:
+            raise ValueError(f"num_packing_bins={num_open_rows} must be at least 1")
+        self.seq_len = seq_len
+        self.num_open_rows = num_open_rows
+        self._rows: list[list[tuple[Any, Mapping[str, np.ndarray]]]] = []
+        self._free: list[int] = []
+
+    def add(self, key: Any, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Places an example; returns the row this frees up (a full row, or the fullest one), if any."""
+        length = len(features["input_tokens"])
+        if length > self.seq_len:
+            raise ValueError(f"example of {length} features does not fit in seq_len={self.seq_len}: truncate it first")
+        if length == self.seq_len:  # fills a row alone (a truncated document): straight out
+            return build_row([features], self.seq_len)
+        best, best_free = -1, self.seq_len + 1
+        for row, free in enumerate(self._free):  # a plain loop beats numpy for <= ~100 rows
+            if length <= free < best_free:
+                best, best_free = row, free
+        if best >= 0:
+            self._rows[best].append((key, features))
+            self._free[best] -= length
+            return self._emit(best) if self._free[best] == 0 else None
+        emitted = None
+        if len(self._rows) >= self.num_open_rows:
+            emitted = self._emit(min(range(len(self._free)), key=self._free.__getitem__))
+        self._rows.append([(key, features)])
+        self._free.append(self.seq_len - length)
+        return emitted
+
+    def _emit(self, row: int) -> dict[str, np.ndarray]:
+        examples = self._rows.pop(row)
+        del self._free[row]
+        return build_row([features for _, features in examples], self.seq_len)
+
+    def flush(self) -> list[dict[str, np.ndarray]]:
+        """Emits every open row (at the end of a finite stream)."""
+        rows = [build_row([f for _, f in examples], self.seq_len) for examples in self._rows]
+        self._rows, self._free = [], []
+        return rows
+
+    def keys(self) -> list[list[Any]]:
+        """The keys of the examples waiting in each open row, in order (for checkpoints)."""
+        return [[key for key, _ in examples] for examples in self._rows]
+
+    def restore(self, rows: list[list[tuple[Any, Mapping[str, np.ndarray]]]]) -> None:
+        """Reopens rows saved with `keys()` (the caller maps keys back to features)."""
+        self._rows = [list(examples) for examples in rows]
+        self._free = [self.seq_len - sum(len(f["input_tokens"]) for _, f in examples) for examples in rows]
+
+
+def build_row(examples: Sequence[Mapping[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+    """One row holding `examples` one after another, then padding (segment 0, all features 0)."""
+    row = {key: np.zeros(seq_len, dtype=np.float32 if key == "loss_weights" else np.int32) for key in BATCH_KEYS}
+    start = 0
+    for segment, features in enumerate(examples, start=1):
+        end = start + len(features["input_tokens"])
+        for key in FEATURE_KEYS:
+            row[key][start:end] = features[key]
+        row["segment_ids"][start:end] = segment
+        row["positions"][start:end] = np.arange(end - start, dtype=np.int32)
+        start = end
+    if start > seq_len:
+        raise ValueError(f"{start} features do not fit in seq_len={seq_len}")
+    return row
+
+
+def pack_list(
+    examples: Sequence[Mapping[str, np.ndarray]], *, seq_len: int, num_open_rows: int, flush: bool = True
+) -> list[dict[str, np.ndarray]]:
+    """`OpenRows` over a finite list; `flush=False` leaves out the rows still open at the end (for
+    steady-state fill rates: an endless training stream never flushes)."""
+    packer = OpenRows(seq_len, num_open_rows)
+    rows = [row for i, features in enumerate(examples) if (row := packer.add(i, features)) is not None]
+    return rows + packer.flush() if flush else rows
+
+
+def steady_state_fill(
+    examples: Sequence[Mapping[str, np.ndarray]], *, seq_len: int, num_open_rows: int, min_rows: int = 0
+) -> float:
+    """Fill rate `OpenRows` reaches on an endless stream with the length distribution of `examples`.
+
+    Rows that leave early are biased towards full ones (a row only leaves when full or when it is the
+    fullest), and rows still open at the end towards empty ones, so a short sample over- or under-states
+    the fill. Here the examples are cycled: the first `4 * num_open_rows` emitted rows warm the packer
+    up, and the fill is measured over the next `max(min_rows, 16 * num_open_rows)` rows.
+    """
+    if not examples:
+        return 0.0
+    warmup = 4 * num_open_rows
+    measured = max(min_rows, 16 * num_open_rows)
+    packer = OpenRows(seq_len, num_open_rows)
+    used = emitted = 0
+    index = 0
+    while emitted < warmup + measured:
+        row = packer.add(index, examples[index % len(examples)])
+        index += 1
+        if row is not None:
+            emitted += 1
+            if emitted > warmup:
+                used += int(np.count_nonzero(row["segment_ids"]))
+    return used / (measured * seq_len)
 
 
 def pad_one(features: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
