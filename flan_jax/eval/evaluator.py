@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 
 from flan_jax.eval import metrics as metrics_lib
 from flan_jax.eval import report, scoring
@@ -199,6 +198,57 @@ def _prediction_records(item: _TaskData) -> list[dict]:
     return records
 
 
+def _split_back(flat: Sequence, items: Sequence[_TaskData]):
+    """Cuts a list built from all items' examples (in order) back into one slice per item."""
+    offset = 0
+    for item in items:
+        yield item, flat[offset:offset + len(item.examples)]
+        offset += len(item.examples)
+
+
+def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate_fn: GenerateFn | None) -> None:
+    """Greedy generations for every task with a text metric, batched across tasks."""
+    items = [it for it in items if any(m in metrics_lib.GENERATION_METRICS for m in it.metric_names)]
+    if not items:
+        return
+    texts = generate_texts(
+        model, tokenizer, [ex["inputs"] for it in items for ex in it.examples],
+        max_new_tokens=config.eval.max_new_tokens, max_len=int(config.data.seq_len),
+        batch_size=config.eval.batch_size, generate_fn=generate_fn,
+    )
+    for item, predictions in _split_back(texts, items):
+        item.predictions = predictions
+
+
+def _rank_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
+    """Rank classification of all options of all tasks in one packed pass."""
+    if not items:
+        return
+    results = scoring.rank_classify(
+        model, tokenizer, [ex for it in items for ex in it.examples], max_len=int(config.data.seq_len),
+        batch_rows=config.eval.batch_size, prefix_lm=bool(config.data.prefix_lm),
+        length_normalized=config.eval.length_normalized_options,
+    )
+    for item, rank_results in _split_back(results, items):
+        item.rank_results = rank_results
+
+
+def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
+    """Per-task loss on the reference targets, all tasks in one packed pass."""
+    if not items:
+        return
+    sequences = [
+        (scoring.encode_prompt(tokenizer, ex["inputs"]), scoring.encode_target(tokenizer, ex["targets"]))
+        for it in items for ex in it.examples
+    ]
+    scores = scoring.score_targets(
+        model, sequences, max_len=int(config.data.seq_len), batch_rows=config.eval.batch_size,
+        prefix_lm=bool(config.data.prefix_lm),
+    )
+    for item, task_scores in _split_back(scores, items):
+        item.loss = scoring.mean_loss(task_scores)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -216,49 +266,10 @@ def evaluate(
     """
     ev = config.eval
     start_time = time.perf_counter()
-    max_len = int(config.data.seq_len)
-    prefix_lm = bool(config.data.prefix_lm)
     items = _collect(config)
-
-    # 1. Greedy generation for every task with a text metric, batched across tasks.
-    gen_items = [it for it in items if any(m in metrics_lib.GENERATION_METRICS for m in it.metric_names)]
-    prompts = [ex["inputs"] for it in gen_items for ex in it.examples]
-    if prompts:
-        texts = generate_texts(
-            model, tokenizer, prompts, max_new_tokens=ev.max_new_tokens, max_len=max_len,
-            batch_size=ev.batch_size, generate_fn=generate_fn,
-        )
-        offset = 0
-        for it in gen_items:
-            it.predictions = texts[offset:offset + len(it.examples)]
-            offset += len(it.examples)
-
-    # 2. Rank classification of all options of all tasks in one packed pass.
-    rank_items = [it for it in items if "rank_classification" in it.metric_names]
-    if rank_items:
-        flat = scoring.rank_classify(
-            model, tokenizer, [ex for it in rank_items for ex in it.examples], max_len=max_len,
-            batch_rows=ev.batch_size, prefix_lm=prefix_lm, length_normalized=ev.length_normalized_options,
-        )
-        offset = 0
-        for it in rank_items:
-            it.rank_results = flat[offset:offset + len(it.examples)]
-            offset += len(it.examples)
-
-    # 3. Loss on the reference targets, also in one packed pass.
-    loss_items = [it for it in items if "loss" in it.metric_names]
-    if loss_items:
-        sequences = [
-            (scoring.encode_prompt(tokenizer, ex["inputs"]), scoring.encode_target(tokenizer, ex["targets"]))
-            for it in loss_items for ex in it.examples
-        ]
-        flat_scores = scoring.score_targets(model, sequences, max_len=max_len, batch_rows=ev.batch_size, prefix_lm=prefix_lm)
-        offset = 0
-        for it in loss_items:
-            scores = flat_scores[offset:offset + len(it.examples)]
-            offset += len(it.examples)
-            loss = -sum(s.log_likelihood for s in scores) / sum(s.num_tokens for s in scores)
-            it.loss = {"loss": loss, "perplexity": float(np.exp(min(loss, 700.0)))}
+    _generate_all(model, tokenizer, config, items, generate_fn)
+    _rank_all(model, tokenizer, config, [it for it in items if "rank_classification" in it.metric_names])
+    _loss_all(model, tokenizer, config, [it for it in items if "loss" in it.metric_names])
 
     tasks = {
         it.task.name: {

@@ -251,7 +251,10 @@ def target_loss(
 ) -> dict[str, float]:
     """Mean negative log-likelihood per target token (training's "tokens" normalization) and perplexity."""
     sequences = [(encode_prompt(tokenizer, ex["inputs"]), encode_target(tokenizer, ex["targets"])) for ex in examples]
-    scores = score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm)
-    total_tokens = sum(s.num_tokens for s in scores)
-    loss = -sum(s.log_likelihood for s in scores) / total_tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    return mean_loss(score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm))
+
+
+def mean_loss(scores: Sequence[TargetScore]) -> dict[str, float]:
+    """Loss (nats per target token, pooled over the examples) and its perplexity."""
+    loss = -sum(s.log_likelihood for s in scores) / sum(s.num_tokens for s in scores)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # capped: exp overflows past ~709
