@@ -1,0 +1,262 @@
+"""Training throughput of the flan_jax train step vs transformers + torch, and vs a dense matmul.
+
+    python benchmarks/train_throughput.py                 # ~7M Llama, batch 8 x 512, CPU (takes minutes)
+    python benchmarks/train_throughput.py --tiny          # seconds: checks that everything runs
+    python benchmarks/train_throughput.py --preset=1b --skip_torch --variants=bf16   # on a GPU
+
+What is measured, in one process on the same machine:
+  * ceiling   the best dense float32 (and bfloat16) matmul FLOP/s of jax and torch here
+  * flan_jax  `flan_jax.train.step.make_train_step` (the trainer's own jitted step: AdamW, clipping,
+              loss, sharding) on the real `flan_jax.model.Transformer`, for each variant:
+              fp32 = float32 params and compute; bf16 = float32 params, bfloat16 compute
+              (matmuls in bf16, logits and loss in float32), each on 1 device and, with
+              --devices=2, data-parallel over 2 simulated CPU devices (XLA splits the work
+              into two partitions; on a 2-core CPU that helps its thread use)
+  * torch     `transformers.LlamaForCausalLM` + `torch.optim.AdamW`, same architecture and batch.
+
+Steps are timed after `--warmup` steps (compilation), with one host sync at the end of the timed
+steps, as the trainer does between log steps. Model FLOPs use the formula of
+flan_jax/train/metrics.py (6 x matmul params + attention, per token), the same for both.
+Prints a Markdown table (paste it into benchmarks/RESULTS.md) and, with --json, writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+PRESETS = {
+    # The issue's configuration: ~7M parameters.
+    "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
+    # A ~1B Llama (TinyLlama-like widths) for accelerators.
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632, batch=8, seq_len=2048),
+    # Seconds on CPU: only checks that every path runs.
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=32, d_ff=128, batch=4, seq_len=64),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="7m")
+    parser.add_argument("--tiny", action="store_true", help="same as --preset=tiny --steps=2 --warmup=1")
+    parser.add_argument("--variants", default="fp32,bf16", help="comma list of fp32, bf16")
+    parser.add_argument("--devices", type=int, default=2, help="also run data-parallel over this many devices (1: off)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    args = parser.parse_args()
+    if args.tiny:
+        args.preset, args.steps, args.warmup = "tiny", 2, 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    on_cpu = not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
+    if on_cpu and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import jax
+
+    shape = PRESETS[args.preset]
+    rows = []
+    ceiling = matmul_ceiling(jax)
+    for variant in args.variants.split(","):
+        device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
+        for n in device_counts:
+            rows.append(run_flan_jax(shape, variant, n, args.steps, args.warmup))
+    if not args.skip_torch:
+        rows.append(run_torch(shape, args.steps, args.warmup))
+    report(rows, ceiling, shape, args)
+
+
+def matmul_ceiling(jax) -> dict[str, float]:
+    """Best dense matmul FLOP/s of jax (and torch, when installed) on this machine."""
+    import jax.numpy as jnp
+
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        a = jnp.ones((size, size), dtype)
+        matmul = jax.jit(lambda x: x @ x)
+        out[f"jax_{dtype}"] = _best_flops(lambda: matmul(a).block_until_ready(), 2 * size**3)
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        t = torch.ones((size, size))
+        out["torch_float32"] = _best_flops(lambda: t @ t, 2 * size**3)
+    except ImportError:
+        pass
+    out["float32"] = max(v for k, v in out.items() if k.endswith("float32"))
+    return out
+
+
+def _best_flops(fn, flops: float, repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return flops / best
+
+
+def _config(shape: dict, variant: str):
+    from flan_jax import default_config
+
+    config = default_config.get_config()
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+        config.model[key] = shape[key]
+    config.model.max_positions = shape["seq_len"]
+    config.model.dtype = {"fp32": "float32", "bf16": "bfloat16"}[variant]
+    config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
+    config.optimizer.warmup_steps = 0
+    return config
+
+
+def _batch(shape: dict, seed: int = 0) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, n = shape["batch"], shape["seq_len"]
+    tokens = rng.integers(1, shape["vocab_size"], size=(b, n + 1)).astype(np.int32)
+    return {
+        "input_tokens": tokens[:, :-1],
+        "target_tokens": tokens[:, 1:],
+        "segment_ids": np.ones((b, n), np.int32),
+        "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
+        "loss_weights": np.ones((b, n), np.float32),
+        "prefix_mask": np.zeros((b, n), np.int32),
+    }
+
+
+def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: int) -> dict:
+    """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
+    import jax
+    from flax import nnx
+
+    from flan_jax import model as model_lib
+    from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
+
+    config = _config(shape, variant)
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
+    rules = partitioning.axis_rules(config.mesh)
+    model_cfg = model_lib.ModelConfig.from_config(config.model)
+    parts = step_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
+    shardings = step_lib.state_shardings(parts, tx, mesh)
+    state = step_lib.init_state(parts, tx, shardings, 0, mesh)
+    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
+    batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
+    with jax.set_mesh(mesh):
+        for _ in range(warmup):
+            state, m = train_step(state, batch)
+        jax.block_until_ready(m)
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, m = train_step(state, batch)
+        loss = float(m["loss"])  # the one host sync
+        elapsed = time.perf_counter() - start
+    n_matmul = metrics.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
+    per_token = metrics.flops_per_token(model_cfg, n_matmul, shape["seq_len"])
+    n_params = sum(int(p.size) for p in jax.tree.leaves(parts.abstract_params))
+    tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
+    return {
+        "name": "flan_jax train step",
+        "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
+        "devices": n_devices,
+        "tokens_per_sec": tokens_per_sec,
+        "flops_per_sec": tokens_per_sec * per_token,
+        "flops_per_token": per_token,
+        "params": n_params,
+        "final_loss": loss,
+    }
+
+
+def run_torch(shape: dict, steps: int, warmup: int) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_config = LlamaConfig(
+        vocab_size=shape["vocab_size"],
+        hidden_size=shape["d_model"],
+        intermediate_size=shape["d_ff"],
+        num_hidden_layers=shape["n_layers"],
+        num_attention_heads=shape["n_heads"],
+        num_key_value_heads=shape["n_kv_heads"],
+        head_dim=shape["head_dim"],
+        max_position_embeddings=shape["seq_len"],
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = LlamaForCausalLM(hf_config)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    batch = _batch(shape)
+    inputs = torch.from_numpy(batch["input_tokens"]).long()
+    labels = torch.from_numpy(batch["target_tokens"]).long()
+
+    def one_step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    for _ in range(warmup):
+        one_step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
+    elapsed = time.perf_counter() - start
+    n_params = sum(p.numel() for p in model.parameters())
+    tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
+    return {
+        "name": "transformers + torch AdamW",
+        "dtype": "float32",
+        "devices": 1,
+        "tokens_per_sec": tokens_per_sec,
+        "params": n_params,
+        "final_loss": float(loss.detach()),
+    }
+
+
+def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
+    per_token = next(r["flops_per_token"] for r in rows if "flops_per_token" in r)
+    torch_rate = next((r["tokens_per_sec"] for r in rows if r["name"].startswith("transformers")), None)
+    for r in rows:
+        r.setdefault("flops_per_sec", r["tokens_per_sec"] * per_token)
+    print(
+        f"\n{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
+        f"{per_token / 1e6:.1f} MFLOP/token; {args.steps} timed steps after {args.warmup} warm-up steps\n"
+        f"dense matmul ceiling here: float32 {ceiling['float32'] / 1e9:.0f} GFLOP/s"
+        + (f", bfloat16 (jax) {ceiling['jax_bfloat16'] / 1e9:.0f} GFLOP/s" if "jax_bfloat16" in ceiling else "")
+        + "\n"
+    )
+    print("| implementation | dtype | devices | tokens/s | model GFLOP/s | % of fp32 matmul ceiling | vs torch |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        vs_torch = f"{r['tokens_per_sec'] / torch_rate:.2f}x" if torch_rate else "n/a"
+        print(
+            f"| {r['name']} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
+            f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / ceiling['float32']:.0f}% | {vs_torch} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"preset": args.preset, "shape": shape, "ceiling": ceiling, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
