@@ -21,7 +21,7 @@ def make(family: str = "llama", **overrides) -> fm.Transformer:
     return fm.Transformer(cfg, rngs=nnx.Rngs(1))
 
 
-def full_forward_logits(model, prompts: list[list[int]], new_tokens: np.ndarray) -> np.ndarray:
+def full_forward_logits(model, prompts: list[list[int]], new_tokens: np.ndarray, prefix_lm: bool = False) -> np.ndarray:
     """Logits that chose each new token, from the plain forward pass over prompt + new tokens.
 
     No cache: by causality, position len(prompt) - 1 + t of the full sequence sees exactly what
@@ -35,17 +35,26 @@ def full_forward_logits(model, prompts: list[list[int]], new_tokens: np.ndarray)
     for r, seq in enumerate(seqs):
         tokens[r, : len(seq)], segments[r, : len(seq)] = seq, 1
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape)
-    logits = nnx.jit(lambda m, t, p, s: m(t, positions=p, segment_ids=s))(model, tokens, positions, segments)
+    prefix = np.zeros_like(tokens)
+    for r, p in enumerate(prompts):
+        prefix[r, : len(p)] = prefix_lm
+    logits = nnx.jit(lambda m, t, p, s, x: m(t, positions=p, segment_ids=s, prefix_mask=x))(
+        model, tokens, positions, segments, prefix)
     return np.stack([np.asarray(logits[r, len(p) - 1: len(p) - 1 + steps]) for r, p in enumerate(prompts)])
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gpt2", {}), ("mistral", {"sliding_window": 4})])
-def test_cached_greedy_equals_full_recompute(family, overrides):
+@pytest.mark.parametrize("family,overrides,prefix_lm", [
+    ("llama", {}, False), ("gpt2", {}, False), ("mistral", {"sliding_window": 4}, False), ("gemma", {}, True),
+])
+def test_cached_greedy_equals_full_recompute(family, overrides, prefix_lm):
     model = make(family, **overrides)
-    out = gen.generate_arrays(model, PROMPTS, max_new_tokens=6, eos_id=-1, return_logits=True)
+    out = gen.generate_arrays(model, PROMPTS, max_new_tokens=6, eos_id=-1, return_logits=True, prefix_lm=prefix_lm)
     assert out.tokens.shape == (3, 6) and (out.lengths == 6).all()
     assert len({tuple(r) for r in out.tokens.tolist()}) > 1
-    expected = full_forward_logits(model, PROMPTS, out.tokens)
+    expected = full_forward_logits(model, PROMPTS, out.tokens, prefix_lm)
+    if prefix_lm:  # the prefix mask matters: causal decoding would give other logits
+        causal = full_forward_logits(model, PROMPTS, out.tokens)
+        assert np.abs(causal - expected).max() > 1e-3
     np.testing.assert_allclose(out.logits, expected, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(out.tokens, expected.argmax(-1))
 

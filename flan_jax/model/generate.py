@@ -58,11 +58,16 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     rng: jax.Array | None = None,
+    prefix_lm: bool = False,
 ) -> list[list[int]]:
-    """New tokens for each prompt (EOS excluded). temperature 0 = greedy."""
+    """New tokens for each prompt (EOS excluded). temperature 0 = greedy.
+
+    prefix_lm=True: the prompt tokens attend to each other bidirectionally, as in training with
+    `config.data.prefix_lm` (the prompt is the instruction part).
+    """
     return generate_arrays(
         model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-        temperature=temperature, top_k=top_k, top_p=top_p, rng=rng,
+        temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, prefix_lm=prefix_lm,
     ).as_lists()
 
 
@@ -77,6 +82,7 @@ def generate_arrays(
     top_k: int = 0,
     top_p: float = 1.0,
     rng: jax.Array | None = None,
+    prefix_lm: bool = False,
     return_logits: bool = False,
 ) -> Generation:
     """Like `generate`, returning arrays (and optionally the per-step logits, for tests)."""
@@ -118,7 +124,7 @@ def generate_arrays(
         jnp.int32(max_new_tokens), jnp.int32(eos_id), jnp.int32(pad_id),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), rng,
         steps=_bucket(max_new_tokens, minimum=1), greedy=greedy, top_k=top_k,
-        use_top_p=top_p < 1.0, return_logits=return_logits,
+        use_top_p=top_p < 1.0, prefix_lm=prefix_lm, return_logits=return_logits,
     )
     out_tokens = np.asarray(out_tokens)[: len(prompts), :max_new_tokens]
     is_eos = out_tokens == eos_id
@@ -150,10 +156,10 @@ def sample(logits: jax.Array, rng: jax.Array, temperature, top_p, *, greedy: boo
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "use_top_p", "return_logits"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "use_top_p", "prefix_lm", "return_logits"))
 def _decode(
     graphdef, state, tokens, positions, segments, max_new, eos_id, pad_id, temperature, top_p, rng,
-    *, steps: int, greedy: bool, top_k: int, use_top_p: bool, return_logits: bool,
+    *, steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
 ):
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
@@ -162,7 +168,7 @@ def _decode(
     slots = jnp.arange(cache_len)
 
     # Prefill: the whole (left-padded) prompt in one pass, keys/values into slots [0, P).
-    prompt_mask = attention_mask(segments, None, cfg.sliding_window)
+    prompt_mask = attention_mask(segments, segments if prefix_lm else None, cfg.sliding_window)
     prompt_mask = jnp.pad(prompt_mask, ((0, 0), (0, 0), (0, 0), (0, steps)))
     logits, cache = model.forward(tokens, positions, prompt_mask, model.init_cache(batch, cache_len), 0)
     key_valid = jnp.concatenate([segments > 0, jnp.ones((batch, steps), bool)], axis=1)
