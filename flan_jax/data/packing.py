@@ -6,8 +6,9 @@ Examples never cross a row boundary; `segment_ids` (1, 2, ... per example, 0 on 
 `OpenRows` (used by the loader) keeps up to `num_open_rows` rows open and puts each example into the
 open row it fills most tightly; a row is emitted when it is exactly full, or, when an example fits in no
 open row and all are in use, the fullest row is emitted to make room. Only one row leaves at a time, so
-rows with room keep collecting small examples: on T0 at 1024 tokens it fills 99% of positions with 16
-open rows, where grain's packer needs 64 bins for 98.4% (16 bins: 89%).
+rows with room keep collecting small examples. On T0 at 1024 tokens (8,000-piece tokenizer, steady
+state) it fills 99.5% of positions with 16 open rows and 99.6% with 64, where grain's packer reaches
+96.1% with 16 bins and 98.4% with 64.
 
 `pack` wraps grain's `BestFitPackIterDataset`, which emits ALL its bins as soon as one example fits in
 none (a single 1024-token document closes the whole group). It is kept as the reference baseline for
