@@ -174,3 +174,10 @@ def test_command_line_trains_from_a_mixture(tmp_path):
     assert f"Wrote {out}" in result.stdout
     tok = tokenizer_lib.SentencePieceTokenizer(out)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3)
+
+
+def test_decode_drops_ids_past_the_vocabulary():
+    """Models pad their embedding tables; an untrained model may emit those ids."""
+    tok = tiny_tokenizer()
+    ids = tok.encode("alpha beta")
+    assert tok.decode(ids[:1] + [tok.vocab_size, tok.vocab_size + 7] + ids[1:]) == "alpha beta"
