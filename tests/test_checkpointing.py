@@ -3,7 +3,6 @@
 import grain
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 from flan_jax.train import checkpointing, optimizer, partitioning, step

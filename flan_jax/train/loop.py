@@ -60,16 +60,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     start_step = int(state["step"])
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
 
-    tokens_per_step = config.data.batch_size * config.data.seq_len
     n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
-    flops_per_step = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len) * tokens_per_step
-    peak = metrics_lib.peak_flops(float(config.train.peak_flops_per_device))
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, enabled=is_main)
-    progress = metrics_lib.Progress(num_steps, start_step, bar=config.train.progress_bar, enabled=is_main)
+    flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
+    reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
     preemption = PreemptionWatcher()
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
-    def evaluate(step: int, state: dict) -> dict | None:
+    def evaluate(step: int) -> dict | None:
         return run_evaluation(config, parts.merge(state["params"]), tokenizer, workdir, step)
 
     logged: dict[str, Any] = {}
@@ -77,47 +74,32 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     try:
         with jax.set_mesh(mesh):
             if start_step == 0 and config.eval.at_start:
-                evaluate(0, state)
-            timer_step, timer_start = start_step, None
+                evaluate(0)
             for step in range(start_step + 1, num_steps + 1):
                 batch = next(data_iter)
                 if step == start_step + 1:
                     step_lib.check_batch(batch, config, mesh)
                 state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
-                if timer_start is None:  # time from the end of the first (compiling) step
-                    jax.block_until_ready(step_metrics)
-                    timer_step, timer_start = step, time.perf_counter()
+                if step == start_step + 1:  # throughput excludes the compiling first step
+                    reporter.restart_timer(step, step_metrics)
 
                 last = step == num_steps
                 if step % config.train.log_every == 0 or last:
                     values = jax.device_get(step_metrics)
                     stop_if_nonfinite(values, config, checkpoints)
-                    elapsed = time.perf_counter() - timer_start
-                    # None on the first step of a run: its time is mostly compilation.
-                    tokens_per_sec = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else None
-                    logged = {
-                        "loss": float(values["loss"]),
-                        "learning_rate": float(values["learning_rate"]),
-                        "grad_norm": float(values["grad_norm"]),
-                        "tokens_per_sec": tokens_per_sec,
-                        "mfu": flops_per_step / tokens_per_step * tokens_per_sec / peak if peak and tokens_per_sec else None,
-                        "skipped_steps": int(values["skipped_steps"]),
-                        "loss_weight_sum": float(values["loss_weight_sum"]),
-                    }
-                    writer.write(step, logged)
-                    progress.update(step, logged)
-                    timer_step, timer_start = step, time.perf_counter()
+                    logged = reporter.log(step, values)
 
-                eval_due = (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
-                if eval_due and config.eval.mixtures:
-                    eval_results = evaluate(step, state)
+                eval_due = bool(config.eval.mixtures) and (
+                    (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+                )
+                if eval_due:
+                    eval_results = evaluate(step)
                 ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
                 if ckpt_due:
                     stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
                     checkpoints.save(step, state, data_iter, config, metrics=best_metric(eval_results, config, eval_due))
                 if eval_due or ckpt_due:  # tokens/s measures training only
-                    jax.block_until_ready(state["step"])
-                    timer_step, timer_start = step, time.perf_counter()
+                    reporter.restart_timer(step, state["step"])
                 if preemption.requested(step, config.train.log_every):
                     logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
                     stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
@@ -126,8 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     finally:
         preemption.close()
         checkpoints.close()  # waits for pending async saves
-        writer.close()
-        progress.close()
+        reporter.close()
     return logged
 
 

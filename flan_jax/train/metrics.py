@@ -205,3 +205,47 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+class Reporter:
+    """Turns the step's device metrics into one logged record, written everywhere it goes.
+
+    Owns the throughput timer: tokens/s covers training steps only (the timer restarts after the
+    compiling first step and after evaluation / checkpoint hooks), and is None when no timed step
+    lies behind it.
+    """
+
+    def __init__(self, workdir, config: Any, flops_per_token_: float, *, start_step: int, enabled: bool):
+        self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
+        self.flops_per_token = flops_per_token_
+        self.peak = peak_flops(float(config.train.peak_flops_per_device))
+        self.writer = MetricsWriter(workdir, resume_step=start_step, enabled=enabled)
+        self.progress = Progress(int(config.train.num_steps), start_step, bar=config.train.progress_bar, enabled=enabled)
+        self._timer_step, self._timer_start = start_step, None
+
+    def restart_timer(self, step: int, wait_for: Any) -> None:
+        jax.block_until_ready(wait_for)
+        self._timer_step, self._timer_start = step, time.perf_counter()
+
+    def log(self, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
+        timed_steps = step - self._timer_step
+        tokens_per_sec = None
+        if self._timer_start is not None and timed_steps > 0:
+            tokens_per_sec = timed_steps * self.tokens_per_step / (time.perf_counter() - self._timer_start)
+        record = {
+            "loss": float(values["loss"]),
+            "learning_rate": float(values["learning_rate"]),
+            "grad_norm": float(values["grad_norm"]),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": self.flops_per_token * tokens_per_sec / self.peak if self.peak and tokens_per_sec else None,
+            "skipped_steps": int(values["skipped_steps"]),
+            "loss_weight_sum": float(values["loss_weight_sum"]),
+        }
+        self.writer.write(step, record)
+        self.progress.update(step, record)
+        self._timer_step, self._timer_start = step, time.perf_counter()
+        return record
+
+    def close(self) -> None:
+        self.writer.close()
+        self.progress.close()
