@@ -1,5 +1,7 @@
 """Our parameters -> a Hugging Face folder (config.json + model.safetensors) transformers loads.
 
+Large models are written in 5 GiB shards with the usual index file, one shard in memory at a time.
+
 Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
 read through `flan_jax.train.checkpointing.load_model`). Tied models write no `lm_head.weight`,
 as transformers 5 does itself.
@@ -20,18 +22,42 @@ from flan_jax.model.config import ModelConfig
 from flan_jax.model.hf_config import to_hf
 
 
-def hf_tensors(cfg: ModelConfig, params, *, dtype: str | None = None) -> dict[str, np.ndarray]:
-    """HF tensor name -> array for `params` (an nnx.State or (nested / flat) pure dict)."""
+MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
+
+
+def _flat_params(cfg: ModelConfig, params) -> dict[tuple, np.ndarray]:
     flat = {path: np.asarray(value) for path, value in checkpoint.flatten(params).items()}
-    expected = checkpoint.abstract_params(cfg)
-    checkpoint._check_same_params("export", expected, {p: v.shape for p, v in flat.items()})
-    tensors: dict[str, np.ndarray] = {}
-    for rule in mapping.rules(cfg):
-        arrays = rule.to_hf([flat[path] for path in rule.paths])
-        for key, array in zip(rule.hf_keys, arrays):
-            array = array if dtype is None else array.astype(np.dtype(dtype))
-            tensors[key] = np.ascontiguousarray(array)
-    return tensors
+    checkpoint._check_same_params("export", checkpoint.abstract_params(cfg), {p: v.shape for p, v in flat.items()})
+    return flat
+
+
+def _convert_rule(rule: mapping.Rule, flat: Mapping[tuple, np.ndarray], dtype: str | None) -> dict[str, np.ndarray]:
+    arrays = rule.to_hf([flat[path] for path in rule.paths])
+    return {
+        key: np.ascontiguousarray(array if dtype is None else array.astype(np.dtype(dtype)))
+        for key, array in zip(rule.hf_keys, arrays)
+    }
+
+
+def hf_tensors(cfg: ModelConfig, params, *, dtype: str | None = None) -> dict[str, np.ndarray]:
+    """HF tensor name -> array for `params` (an nnx.State, nested or flat pure dict), all in memory."""
+    flat = _flat_params(cfg, params)
+    return {k: v for rule in mapping.rules(cfg) for k, v in _convert_rule(rule, flat, dtype).items()}
+
+
+def _shard_plan(rules: list[mapping.Rule], flat, dtype: str | None, max_bytes: int) -> list[list[mapping.Rule]]:
+    """Rules grouped into consecutive shards of at most `max_bytes` (one tensor may exceed it alone)."""
+    shards: list[list[mapping.Rule]] = [[]]
+    size = 0
+    for rule in rules:
+        itemsize = np.dtype(dtype).itemsize if dtype else flat[rule.paths[0]].dtype.itemsize
+        nbytes = sum(flat[p].size for p in rule.paths) * itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(rule)
+        size += nbytes
+    return shards
 
 
 def write_hf(
@@ -42,20 +68,38 @@ def write_hf(
     dtype: str | None = None,
     token_ids: Mapping[str, int | None] | None = None,
     tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> pathlib.Path:
-    """Writes config.json, model.safetensors and (from `tokenizer_dir`) the tokenizer files."""
+    """Writes config.json, the weights and (from `tokenizer_dir`) the tokenizer files.
+
+    The weights go to `model.safetensors`, or, above `max_shard_bytes`, to shards
+    `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json` (as transformers
+    writes them); only one shard's HF tensors are in memory at a time.
+    """
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = hf_tensors(cfg, params, dtype=dtype)
-    stored_dtype = str(next(iter(tensors.values())).dtype)
+    flat = _flat_params(cfg, params)
+    stored_dtype = dtype or str(next(iter(flat.values())).dtype)
     hf_config = to_hf(cfg, dtype=stored_dtype, token_ids=token_ids)
-    save_file(tensors, os.fspath(out / "model.safetensors"), metadata={"format": "pt"})
+    shards = _shard_plan(mapping.rules(cfg), flat, dtype, max_shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: v for rule in shard for k, v in _convert_rule(rule, flat, dtype).items()}
+        save_file(tensors, os.fspath(out / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:
         checkpoint.copy_tokenizer_files(tokenizer_dir, out)
-    logging.info("Wrote %d tensors (%s) to %s", len(tensors), stored_dtype, out)
+    logging.info("Wrote %d tensors (%s, %d file(s)) to %s", len(weight_map), stored_dtype, len(shards), out)
     return out
 
 

@@ -39,7 +39,8 @@ def _one(f: Callable[[np.ndarray], np.ndarray]) -> Callable[[Arrays], Arrays]:
     return lambda arrays: [np.ascontiguousarray(f(arrays[0]))]
 
 
-def copy(hf_key: str, path: Path) -> Rule:
+def same(hf_key: str, path: Path) -> Rule:
+    """The same array on both sides (norm scales, biases, embeddings, Conv1D weights)."""
     return Rule((hf_key,), (path,), _one(lambda a: a), _one(lambda a: a))
 
 
@@ -64,36 +65,36 @@ def rules(cfg: ModelConfig) -> list[Rule]:
 
 def _llama_rules(cfg: ModelConfig) -> Iterator[Rule]:
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    yield copy("model.embed_tokens.weight", ("embed",))
+    yield same("model.embed_tokens.weight", ("embed",))
     for i in range(cfg.n_layers):
         hf, ours = f"model.layers.{i}.", ("layers", i)
-        yield copy(hf + "input_layernorm.weight", (*ours, "attn_norm", "scale"))
-        yield copy(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "scale"))
+        yield same(hf + "input_layernorm.weight", (*ours, "attn_norm", "scale"))
+        yield same(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "scale"))
         for name, heads in (("q", h), ("k", kv), ("v", kv)):
             yield linear(hf + f"self_attn.{name}_proj.weight", (*ours, "attn", name, "kernel"), (d, heads, hd), 1)
             if cfg.qkv_bias:
                 yield reshaped(hf + f"self_attn.{name}_proj.bias", (*ours, "attn", name, "bias"), (heads * hd,), (heads, hd))
         yield linear(hf + "self_attn.o_proj.weight", (*ours, "attn", "o", "kernel"), (h, hd, d), 2)
         if cfg.out_bias:
-            yield copy(hf + "self_attn.o_proj.bias", (*ours, "attn", "o", "bias"))
+            yield same(hf + "self_attn.o_proj.bias", (*ours, "attn", "o", "bias"))
         for name, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
             yield linear(hf + f"mlp.{name}_proj.weight", (*ours, "mlp", name, "kernel"), shape, 1)
             if cfg.mlp_bias:
-                yield copy(hf + f"mlp.{name}_proj.bias", (*ours, "mlp", name, "bias"))
-    yield copy("model.norm.weight", ("final_norm", "scale"))
+                yield same(hf + f"mlp.{name}_proj.bias", (*ours, "mlp", name, "bias"))
+    yield same("model.norm.weight", ("final_norm", "scale"))
     if not cfg.tie_embeddings:
         yield linear("lm_head.weight", ("lm_head",), (d, cfg.vocab_size), 1)
 
 
 def _gpt2_rules(cfg: ModelConfig) -> Iterator[Rule]:
     d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
-    yield copy("transformer.wte.weight", ("embed",))
-    yield copy("transformer.wpe.weight", ("pos_embed",))
+    yield same("transformer.wte.weight", ("embed",))
+    yield same("transformer.wpe.weight", ("pos_embed",))
     for i in range(cfg.n_layers):
         hf, ours = f"transformer.h.{i}.", ("layers", i)
         for hf_norm, norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
-            yield copy(hf + f"{hf_norm}.weight", (*ours, norm, "scale"))
-            yield copy(hf + f"{hf_norm}.bias", (*ours, norm, "bias"))
+            yield same(hf + f"{hf_norm}.weight", (*ours, norm, "scale"))
+            yield same(hf + f"{hf_norm}.bias", (*ours, norm, "bias"))
         qkv = tuple((*ours, "attn", name) for name in ("q", "k", "v"))
         # c_attn: [d, 3 * h * hd] = [q | k | v] along the output dimension.
         yield Rule(
@@ -110,8 +111,8 @@ def _gpt2_rules(cfg: ModelConfig) -> Iterator[Rule]:
         for hf_name, path in (("attn.c_proj.bias", ("attn", "o", "bias")), ("mlp.c_fc.weight", ("mlp", "up", "kernel")),
                               ("mlp.c_fc.bias", ("mlp", "up", "bias")), ("mlp.c_proj.weight", ("mlp", "down", "kernel")),
                               ("mlp.c_proj.bias", ("mlp", "down", "bias"))):
-            yield copy(hf + hf_name, (*ours, *path))
-    yield copy("transformer.ln_f.weight", ("final_norm", "scale"))
-    yield copy("transformer.ln_f.bias", ("final_norm", "bias"))
+            yield same(hf + hf_name, (*ours, *path))
+    yield same("transformer.ln_f.weight", ("final_norm", "scale"))
+    yield same("transformer.ln_f.bias", ("final_norm", "bias"))
     if not cfg.tie_embeddings:
         yield linear("lm_head.weight", ("lm_head",), (d, cfg.vocab_size), 1)  # an nn.Linear, unlike Conv1D
