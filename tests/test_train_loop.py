@@ -136,3 +136,30 @@ def test_init_from_converted_weights_starts_from_them(tmp_path, tokenizer_path):
     config.model.d_ff = 48  # a different architecture is refused with the differing field
     with pytest.raises(ValueError, match="d_ff"):
         loop.train(config, tmp_path / "other")
+
+
+def test_flops_per_token_follows_the_documented_formula():
+    from flax import nnx
+
+    from flan_jax import model as fm
+    from flan_jax.train import metrics, step
+
+    config = train_fakes.demo_config({})
+    cfg = fm.ModelConfig.from_config(config.model)
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
+    parts = step.ModelParts(lambda: fm.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh))
+    n = metrics.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=cfg.tie_embeddings)
+    d, h, kv, hd, ff, v, layers = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
+    # Llama: q, k, v, o projections + gated MLP (3 matrices) per layer, + the untied output head.
+    by_hand = layers * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * ff) + d * v
+    assert n == by_hand
+    assert metrics.flops_per_token(cfg, n, 256) == 6 * by_hand + 12 * layers * h * hd * 256
+
+
+def test_truncate_jsonl_drops_later_steps_and_a_torn_last_line(tmp_path):
+    from flan_jax.train import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.25}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
+    metrics.truncate_jsonl(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.25}\n'
