@@ -195,7 +195,9 @@ class Attention(nnx.Module):
         if cfg.attention == "reference":
             out = reference_attention(q, k, v, mask)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=cfg.attention)
+            # cuDNN's fused kernel targets training shapes; one-token decode steps use XLA's.
+            implementation = "xla" if cache is not None and q.shape[1] == 1 else cfg.attention
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out), cache
 
