@@ -53,6 +53,25 @@ def get_config() -> ml_collections.ConfigDict:
     # None: the family's default (tied for gemma and gpt2, untied otherwise).
     model.tie_embeddings = ml_collections.config_dict.placeholder(bool)
     model.norm_eps = ml_collections.config_dict.placeholder(float)  # None: the family's default
+    # Architecture switches a family fixes (see flan_jax/model/config.py); None keeps the family's
+    # value. Set them only to match a converted checkpoint (its model_config.json) or to experiment.
+    model.norm = ml_collections.config_dict.placeholder(str)  # rms | layer
+    model.norm_bias = ml_collections.config_dict.placeholder(bool)
+    model.norm_scale_plus_one = ml_collections.config_dict.placeholder(bool)  # Gemma's (1 + w)
+    model.gated_mlp = ml_collections.config_dict.placeholder(bool)  # SwiGLU / GeGLU
+    model.activation = ml_collections.config_dict.placeholder(str)  # silu | gelu_tanh | gelu
+    model.position = ml_collections.config_dict.placeholder(str)  # rope | learned
+    model.rope_scaling = ml_collections.config_dict.placeholder(str)  # none | llama3 | linear
+    model.rope_factor = ml_collections.config_dict.placeholder(float)
+    model.rope_low_freq_factor = ml_collections.config_dict.placeholder(float)  # llama3
+    model.rope_high_freq_factor = ml_collections.config_dict.placeholder(float)  # llama3
+    model.rope_original_max_positions = ml_collections.config_dict.placeholder(int)  # llama3
+    model.qkv_bias = ml_collections.config_dict.placeholder(bool)
+    model.out_bias = ml_collections.config_dict.placeholder(bool)
+    model.mlp_bias = ml_collections.config_dict.placeholder(bool)
+    model.embed_scale = ml_collections.config_dict.placeholder(bool)  # Gemma's sqrt(d_model)
+    model.sliding_window = ml_collections.config_dict.placeholder(int)  # 0: off
+    model.init_std = ml_collections.config_dict.placeholder(float)  # None: 0.02
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)

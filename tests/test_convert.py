@@ -155,6 +155,13 @@ def test_cli_round_trip_with_shards_and_tokenizer_files(hf_dirs, tmp_path):
     _, direct = convert.load_hf_params(hf_copy)
     flat = checkpoint.flatten(params)
     assert set(flat) == set(direct) and all(np.array_equal(flat[p], direct[p]) for p in direct)
+    # The printed config.model overrides make an experiment config describe exactly this model.
+    from flan_jax import default_config
+
+    experiment = default_config.get_config()
+    experiment.model.update(convert.config_model_overrides(cfg))
+    assert fm.ModelConfig.from_config(experiment.model) == cfg
+    assert "config.model.rope_scaling = 'llama3'" in (tmp_path / "ours" / "config_overrides.py.txt").read_text()
     cfg32, params32 = convert.load_converted(tmp_path / "ours", dtype="bfloat16")
     assert all(np.asarray(v).dtype == jnp.bfloat16 for v in checkpoint.flatten(params32).values())
 

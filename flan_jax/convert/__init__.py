@@ -7,11 +7,12 @@
 `load_converted(OUT_DIR) -> (ModelConfig, params)` is what `checkpoint.init_from` uses.
 """
 
-from flan_jax.convert.checkpoint import load_converted, save_converted
+from flan_jax.convert.checkpoint import config_model_overrides, load_converted, save_converted
 from flan_jax.convert.hf_export import convert_checkpoint_to_hf, convert_workdir_to_hf, hf_tensors, write_hf
 from flan_jax.convert.hf_import import RefusedCheckpointError, convert_from_hf, load_hf_params
 
 __all__ = [
+    "config_model_overrides",
     "RefusedCheckpointError",
     "convert_checkpoint_to_hf",
     "convert_from_hf",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pathlib
 import sys
 
 
@@ -37,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.from_hf:
         cfg = convert.convert_from_hf(args.from_hf, args.out)
-        print(f"Wrote {args.out} ({cfg.family}, {cfg.num_params:,} parameters); train from it with "
-              f"--config.checkpoint.init_from={args.out}")
+        overrides = convert.config_model_overrides(cfg)
+        lines = [f"config.checkpoint.init_from = {str(args.out)!r}"]
+        lines += [f"config.model.{k} = {v!r}" for k, v in overrides.items()]
+        (pathlib.Path(args.out) / "config_overrides.py.txt").write_text("\n".join(lines) + "\n")
+        print(f"Wrote {args.out} ({cfg.family}, {cfg.num_params:,} parameters). To train from it, "
+              "set in your experiment config (also saved in config_overrides.py.txt):")
+        print("\n".join("    " + line for line in lines))
     elif args.workdir:
         step = convert.convert_workdir_to_hf(args.workdir, args.to_hf, step=args.step, dtype=args.dtype)
         print(f"Wrote {args.to_hf} from {args.workdir} step {step}")

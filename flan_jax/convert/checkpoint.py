@@ -138,6 +138,23 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping
     writer.close()
 
 
+def config_model_overrides(cfg: ModelConfig) -> dict[str, Any]:
+    """The `config.model` fields to set so an experiment config describes exactly `cfg`.
+
+    `checkpoint.init_from` requires config.model to match the converted architecture; these are
+    the fields whose default (for `cfg.family`) differs, runtime fields (dtypes, remat) excepted.
+    """
+    from flan_jax import default_config
+    from flan_jax.model.config import RUNTIME_FIELDS
+
+    section = default_config.get_config().model
+    section.family = cfg.family
+    base = ModelConfig.from_config(section)
+    return {"family": cfg.family, **{
+        k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and getattr(base, k) != v
+    }}
+
+
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     file = pathlib.Path(path) / MODEL_CONFIG
     if not file.is_file():
