@@ -3,6 +3,7 @@
 import grain
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from flan_jax.train import checkpointing, optimizer, partitioning, step
@@ -85,7 +86,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     with caplog.at_level("WARNING"):
         restored = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, it)
     assert int(restored["step"]) == 0  # the saved state's own step counter (state was never trained)
-    assert "cannot be restored" in caplog.text and "/4" in caplog.text
+    assert "is corrupt" in caplog.text and "/4" in caplog.text
     assert int(next(it)["x"][0]) == 1  # iterator state of checkpoint 2 (one element consumed)
     assert not (tmp_path / "checkpoints" / "4").exists()
     assert len(list((tmp_path / "checkpoints_corrupt").iterdir())) == 1
@@ -97,3 +98,13 @@ def test_config_json_round_trip():
     assert back.mesh.axis_rules == config.mesh.axis_rules
     assert back.optimizer.no_decay_patterns == config.optimizer.no_decay_patterns
     assert back.train.num_steps == config.train.num_steps
+
+
+def test_when_no_checkpoint_fits_the_run_nothing_is_moved_and_the_error_is_clear(tmp_path):
+    config = train_fakes.tiny_config()
+    abstract = _save_steps(tmp_path, config, [2, 4])
+    wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype, sharding=s.sharding) if s.ndim == 2 else s, abstract)
+    with pytest.raises(RuntimeError, match="Does the config .* differ"):
+        checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(wrong, _iterator())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert not (tmp_path / "checkpoints_corrupt").exists()

@@ -163,3 +163,28 @@ def test_truncate_jsonl_drops_later_steps_and_a_torn_last_line(tmp_path):
     path.write_text('{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.25}\n{"step": 3, "loss": 1.0}\n{"step": 4, "lo')
     metrics.truncate_jsonl(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.25}\n'
+
+
+def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path, tokenizer_path, monkeypatch):
+    from flan_jax.eval import evaluator
+
+    scores = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3}
+    seen = []
+
+    def fake_evaluate(model, tokenizer, config, *, workdir, step):
+        seen.append(step)
+        return {"summary": {"overall/exact_match": scores[step]}}
+
+    monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
+    overrides = train_fakes.demo_overrides(
+        tokenizer_path,
+        eval__mixtures=("synthetic_eval_heldout_cluster",),
+        eval__every_steps=1,
+        eval__at_start=False,
+        checkpoint__every_steps=100,
+        checkpoint__keep=1,
+        checkpoint__keep_best_metric="overall/exact_match",
+    )
+    loop.train(train_fakes.demo_config(overrides), tmp_path)
+    assert seen == [1, 2, 3, 4]  # every step, evaluated once (also the last one)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]

@@ -107,7 +107,13 @@ class Checkpointer:
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
 
     def restore_latest(self, abstract_state: Mapping[str, Any], data_iter: Any) -> dict | None:
-        """The newest readable checkpoint restored into `abstract_state`'s shardings, or None."""
+        """The newest readable checkpoint restored into `abstract_state`'s shardings, or None.
+
+        Newer checkpoints that fail while an older one restores are corrupt: they are moved aside.
+        If every checkpoint fails the cause is almost surely this run's config (another model
+        shape, another process count), so nothing is moved and the first error is raised.
+        """
+        failed: list[tuple[int, Exception]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(
@@ -119,18 +125,28 @@ class Checkpointer:
                         data_iter=grain.checkpoint.CheckpointRestore(data_iter),
                     ),
                 )
-            except Exception as error:  # noqa: BLE001 (any failure means: this checkpoint is unusable)
-                self._set_aside(step, error)
+            except Exception as error:  # noqa: BLE001 (judged below, once an older one is tried)
+                logging.warning("Checkpoint %s cannot be restored: %s: %s", self.directory / str(step), type(error).__name__, str(error)[:500])
+                failed.append((step, error))
                 continue
+            for bad_step, error in failed:
+                self._set_aside(bad_step, error)
             state = {"params": restored["params"], "opt_state": restored["opt_state"], **restored["train_meta"]}
             logging.info("Resumed from checkpoint %s", self.directory / str(step))
             return state
+        if failed:
+            step, error = failed[0]
+            raise RuntimeError(
+                f"No checkpoint in {self.directory} can be restored into this run (newest: step {step}). "
+                "Does the config (model shape, optimizer, number of processes) differ from the run that "
+                "wrote them? Use another --workdir for a different run."
+            ) from error
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
         logging.warning(
-            "Checkpoint %s cannot be restored (%s: %s); moving it to %s and using the previous one.",
-            self.directory / str(step), type(error).__name__, str(error)[:500], self.corrupt_directory,
+            "Checkpoint %s is corrupt (%s) while an older one restores: moving it to %s.",
+            self.directory / str(step), type(error).__name__, self.corrupt_directory,
         )
         if jax.process_index() == 0:
             self.corrupt_directory.mkdir(parents=True, exist_ok=True)
