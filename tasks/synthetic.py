@@ -57,7 +57,8 @@ def _task(family: families.Family) -> data.Task:
         train,
         # A held-out cluster is never trained on, so its evaluation may use all seven wordings.
         eval_templates=train + _templates(family.heldout_templates, "heldout") if heldout_cluster else train,
-        metrics=("exact_match",),
+        # Tasks with answer options are also scored FLAN/T0's way, by ranking the options.
+        metrics=("exact_match", "rank_classification") if family.has_options else ("exact_match",),
         cluster=family.cluster,
         options_field="options" if family.has_options else None,
         description=f"synthetic {family.cluster} task {family.name!r} (generated in code, no files)",
