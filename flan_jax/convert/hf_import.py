@@ -42,6 +42,9 @@ def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
         if absent:
             raise FileNotFoundError(f"{index} lists shards that are missing: {absent}")
         return files
+    if (hf_dir / "model.safetensors").is_file():
+        # Some repos also ship the original weights (e.g. Mistral's consolidated.safetensors).
+        return [hf_dir / "model.safetensors"]
     files = sorted(hf_dir.glob("*.safetensors"))
     if files:
         return files

@@ -116,6 +116,7 @@ def generate_arrays(
         positions[row, prompt_len - n:] = np.arange(n)
 
     greedy = temperature == 0.0
+    top_k = min(top_k, cfg.vocab_size)
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
