@@ -36,14 +36,10 @@ from flan_jax.model.config import ModelConfig
 LayerCache = tuple[jax.Array, jax.Array]
 
 
-def _dtype(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
 def _param(rngs: nnx.Rngs, init: Any, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
     """A parameter with its logical axis names (see flan_jax.sharding.DEFAULT_RULES)."""
     assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(init(rngs.params(), shape, _dtype(cfg.param_dtype)), logical_axes=axes)
+    return nnx.Param(init(rngs.params(), shape, jnp.dtype(cfg.param_dtype)), logical_axes=axes)
 
 
 class Dense(nnx.Module):
@@ -55,7 +51,7 @@ class Dense(nnx.Module):
 
     def __init__(self, in_shape, out_shape, axes, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
         self.n_in = len(in_shape)
-        self.dtype = _dtype(cfg.dtype)
+        self.dtype = jnp.dtype(cfg.dtype)
         init = nnx.initializers.normal(cfg.init_std)
         self.kernel = _param(rngs, init, (*in_shape, *out_shape), axes, cfg)
         if use_bias:
@@ -87,7 +83,7 @@ class Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        dtype = _dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.dtype)
         x32 = x.astype(jnp.float32)
         if cfg.norm == "layer":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -294,7 +290,7 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, list[LayerCache] | None]:
         """The model with an explicit attention mask [B, 1, L, S] and optional KV cache."""
         cfg = self.cfg
-        dtype = _dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.embed_multiplier, dtype)
@@ -321,7 +317,7 @@ class Transformer(nnx.Module):
         """Zeroed KV cache for `batch` rows of `length` tokens, in the compute dtype."""
         cfg = self.cfg
         shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-        return [(jnp.zeros(shape, _dtype(cfg.dtype)), jnp.zeros(shape, _dtype(cfg.dtype))) for _ in range(cfg.n_layers)]
+        return [(jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))) for _ in range(cfg.n_layers)]
 
 
 def logical_axes(model: nnx.Module) -> Any:
