@@ -157,9 +157,11 @@ def make_train_step(
         def body(carry, mb):
             mb = {k: sharding.constrain(v, partitioning.BATCH_AXES) for k, v in mb.items()}
             value, grads = grad_fn(params, mb, mb["__weights"])
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
             return jax.tree.map(jnp.add, carry, (value, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        # Accumulated in float32 whatever the parameter dtype (bf16 sums lose small gradients).
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         (value, grads), _ = jax.lax.scan(body, zeros, micro)
         return value, grads
 
