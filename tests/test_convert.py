@@ -264,3 +264,14 @@ def test_to_hf_from_a_training_workdir(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = random_ids((1, 10), seed=2)
     np.testing.assert_allclose(hf_logits(loaded.eval(), ids), np.asarray(model(jnp.asarray(ids))), atol=1e-4, rtol=1e-4)
+
+
+def test_hf_config_reading_follows_transformers_conventions(hf_dirs):
+    gemma = json.loads((hf_dirs["gemma"] / "config.json").read_text())
+    assert fm.ModelConfig.from_hf_config({**gemma, "hidden_act": "gelu"}).activation == "gelu_tanh"  # legacy Gemma value
+    llama = json.loads((hf_dirs["llama_tied_bias"] / "config.json").read_text())
+    legacy = {k: v for k, v in llama.items() if k != "rope_parameters"}  # transformers 4 layout
+    legacy.update(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0})
+    cfg = fm.ModelConfig.from_hf_config(legacy)
+    assert (cfg.rope_theta, cfg.rope_scaling, cfg.rope_factor) == (5e5, "linear", 4.0)
+    assert cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias and cfg.tie_embeddings

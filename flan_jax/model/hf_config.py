@@ -81,8 +81,8 @@ def _llama_like_fields(family: str, hf: Mapping[str, Any]) -> dict[str, Any]:
     d_model = _require(hf, "hidden_size")
     n_heads = _require(hf, "num_attention_heads")
     act = hf.get("hidden_act")
-    if family == "gemma" and hf.get("hidden_activation"):
-        act = hf["hidden_activation"]
+    if family == "gemma" and act in (None, "gelu"):
+        act = "gelu_pytorch_tanh"  # as transformers 5: Gemma's legacy "gelu" means the tanh approximation
     fields = dict(
         vocab_size=_require(hf, "vocab_size"),
         d_model=d_model,
