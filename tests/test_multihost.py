@@ -30,7 +30,8 @@ def _free_port() -> int:
 
 
 def _command(workdir, tokenizer_path, **extra):
-    overrides = train_fakes.demo_overrides(tokenizer_path, train__num_steps=NUM_STEPS, checkpoint__every_steps=2, **extra)
+    extra.setdefault("train__num_steps", NUM_STEPS)
+    overrides = train_fakes.demo_overrides(tokenizer_path, checkpoint__every_steps=2, **extra)
     return [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={workdir}"] + train_fakes.cli_args(overrides)
 
 
@@ -94,3 +95,18 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     # Each process saved only its own data-iterator state (it loaded only its own rows).
     iterator_files = sorted(p.name for p in (multi / "checkpoints" / "2" / "data_iter").glob("*.json"))
     assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # The one-process run resumes on 8 devices and a (2, 2, 2) mesh: same workdir, other device count.
+    resumed = subprocess.run(
+        _command(single, tokenizer_path, train__num_steps=NUM_STEPS + 2, mesh__fsdp=2, mesh__tensor=2),
+        cwd=train_fakes.ROOT,
+        env=train_fakes.subprocess_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed from checkpoint" in resumed.stderr and "'fsdp': 2" in resumed.stderr
+    steps = [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, NUM_STEPS + 3))
+
