@@ -93,6 +93,8 @@ def test_nonfinite_skip_skips_the_update_and_counts_it(tmp_path, tokenizer_path,
     records = _metrics(tmp_path)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
     assert np.isnan(records[2]["loss"]) and np.isfinite(records[3]["loss"])
+    # The skipped update did not advance the optimizer: step 4 used the rate step 3 would have.
+    assert records[3]["learning_rate"] == records[2]["learning_rate"] != records[1]["learning_rate"]
     _, _, step = checkpointing.load_model(tmp_path)
     assert step == 4
 

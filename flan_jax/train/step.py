@@ -191,7 +191,8 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state["step"]),
+            # The rate this update used: optax counts applied updates only (skipped ones do not count).
+            "learning_rate": schedule(state["step"] - state["nonfinite_steps"]),
             "loss_weight_sum": jnp.sum(batch["loss_weights"].astype(jnp.float32)),
             "skipped_steps": new_state["nonfinite_steps"],
             "first_nonfinite_step": new_state["first_nonfinite_step"],
