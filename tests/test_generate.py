@@ -126,3 +126,13 @@ def test_bad_requests_are_refused():
         gen.generate(model, [[1], []], max_new_tokens=2, eos_id=2)
     with pytest.raises(ValueError, match="learned positions"):
         gen.generate(make("gpt2"), [[1] * 60], max_new_tokens=10, eos_id=2)
+
+
+def test_dummy_rows_of_the_batch_bucket_do_not_prolong_decoding():
+    model = make()
+    eos = gen.generate(model, [PROMPTS[0]], max_new_tokens=1, eos_id=-1)[0][0]
+    # 3 prompts -> a bucket of 4 rows; the row stops at once, and so must the whole batch.
+    out = gen.generate_arrays(model, [PROMPTS[0]] * 3, max_new_tokens=8, eos_id=eos, pad_id=0)
+    assert (out.lengths == 0).all() and (out.tokens[:, 1:] == 0).all()
+    assert out.steps_run == 1
+    assert gen.generate_arrays(model, [PROMPTS[0]] * 3, max_new_tokens=8, eos_id=-1).steps_run == 8

@@ -9,7 +9,7 @@ Padding gets segment id 0 and is masked out of every key set; positions restart 
 row's first real token, so a row decodes exactly as it would alone.
 
 Compilation: the prompt length is rounded up to a power of two (at least 8), the batch to a
-power of two (dummy rows are dropped from the output) and `max_new_tokens` to a power of two
+power of two (dummy rows start finished and are dropped from the output) and `max_new_tokens` to a power of two
 (the loop stops at the real limit, or earlier when every row has produced EOS). One compiled
 program therefore serves every batch of an evaluation run with similar lengths. Sampling
 settings that change the program (greedy or not, top-k, whether top-p is on) are static;
@@ -42,6 +42,7 @@ class Generation:
     tokens: np.ndarray
     lengths: np.ndarray
     logits: np.ndarray | None = None
+    steps_run: int = 0  # decoding steps executed (stops early once every row has ended)
 
     def as_lists(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
@@ -120,8 +121,9 @@ def generate_arrays(
     if rng is None:
         rng = jax.random.key(0)
     graphdef, state = nnx.split(model)
-    out_tokens, out_logits = _decode(
+    out_tokens, out_logits, steps_run = _decode(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments),
+        jnp.arange(batch) >= len(prompts),  # dummy rows start finished so they never prolong the loop
         jnp.int32(max_new_tokens), jnp.int32(eos_id), jnp.int32(pad_id),
         jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), rng,
         steps=_bucket(max_new_tokens, minimum=1), greedy=greedy, top_k=top_k,
@@ -131,7 +133,7 @@ def generate_arrays(
     is_eos = out_tokens == eos_id
     lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), max_new_tokens).astype(np.int32)
     logits = None if out_logits is None else np.asarray(out_logits)[: len(prompts), :max_new_tokens]
-    return Generation(out_tokens, lengths, logits)
+    return Generation(out_tokens, lengths, logits, int(steps_run))
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -159,7 +161,7 @@ def sample(logits: jax.Array, rng: jax.Array, temperature, top_p, *, greedy: boo
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "use_top_p", "prefix_lm", "return_logits"))
 def _decode(
-    graphdef, state, tokens, positions, segments, max_new, eos_id, pad_id, temperature, top_p, rng,
+    graphdef, state, tokens, positions, segments, finished, max_new, eos_id, pad_id, temperature, top_p, rng,
     *, steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
 ):
     model = nnx.merge(graphdef, state)
@@ -180,7 +182,7 @@ def _decode(
         logits=logits[:, -1],
         cache=cache,
         position=positions[:, -1] + 1,
-        done=jnp.zeros((batch,), bool),
+        done=finished,
         tokens=jnp.full((batch, steps), pad_id, jnp.int32),
         all_logits=jnp.zeros((batch, steps, vocab), jnp.float32) if return_logits else None,
         rng=rng,
@@ -211,4 +213,4 @@ def _decode(
         return out
 
     final = jax.lax.while_loop(keep_going, one_step, carry)
-    return final["tokens"], final["all_logits"]
+    return final["tokens"], final["all_logits"], final["step"]
