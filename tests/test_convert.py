@@ -188,11 +188,16 @@ def test_bf16_checkpoint_stays_bf16_and_converts(hf_dirs, tmp_path):
     np.testing.assert_allclose(ours, hf_logits(model, ids), atol=0.1)  # bf16 compute on both sides
 
 
-def test_pickle_weights_are_refused_without_unpickling(tmp_path):
+def test_pickle_weights_are_refused_without_unpickling(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even a pickle")
     with pytest.raises(convert.RefusedCheckpointError, match="safe_serialization=True"):
         hf_import.safetensors_files(tmp_path)
+    from flan_jax.convert.__main__ import main
+
+    assert main([f"--from_hf={tmp_path}", f"--out={tmp_path / 'out'}"]) == 2
+    assert "save_pretrained('OUT', safe_serialization=True)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_tensors_and_unsupported_configs_are_errors(hf_dirs, tmp_path):

@@ -34,6 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # user errors: the message says what to do
+        print(f"python -m flan_jax.convert: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     from flan_jax import convert
 
     if args.from_hf:

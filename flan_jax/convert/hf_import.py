@@ -133,8 +133,8 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Mo
     """`python -m flan_jax.convert --from_hf=HF_DIR --out=OUT_DIR`, streaming layer by layer."""
     hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
     hf_config = read_hf_config(hf_dir)
+    safetensors_files(hf_dir)  # refuse pickle-only folders first, before creating anything
     cfg = ModelConfig.from_hf_config(hf_config)
-    safetensors_files(hf_dir)  # refuse pickle-only folders before creating anything
     writer = checkpoint.StreamingWriter(out_dir, cfg)
     count = 0
     for path, array in iter_hf_params(hf_dir, cfg):
