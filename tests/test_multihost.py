@@ -47,32 +47,34 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
 
     address = f"127.0.0.1:{_free_port()}"
     multi = tmp_path / "multi"
-    procs = [
-        subprocess.Popen(
-            _command(
-                multi,
-                tokenizer_path,
-                distributed__initialize=True,
-                distributed__coordinator_address=address,
-                distributed__num_processes=2,
-                distributed__process_id=i,
-            ),
-            cwd=train_fakes.ROOT,
-            env=train_fakes.subprocess_env(cache_dir, **two_devices),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = []
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = []
+    for i in range(2):
+        with open(logs[i], "w") as log:  # files, not pipes: a full pipe would block one process and both hang
+            procs.append(
+                subprocess.Popen(
+                    _command(
+                        multi,
+                        tokenizer_path,
+                        distributed__initialize=True,
+                        distributed__coordinator_address=address,
+                        distributed__num_processes=2,
+                        distributed__process_id=i,
+                    ),
+                    cwd=train_fakes.ROOT,
+                    env=train_fakes.subprocess_env(cache_dir, **two_devices),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=300)[0])
+            proc.wait(timeout=300)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+    outputs = [log.read_text() for log in logs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
     assert "process 1 of 2" in outputs[1] or "process 1 of 2" in outputs[0]

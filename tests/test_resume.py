@@ -44,6 +44,16 @@ def _lines(workdir):
     return path.read_text().count("\n") if path.exists() else 0
 
 
+def _wait_for_lines(workdir, count: int, proc, limit_s: float = 240.0) -> None:
+    """Waits until metrics.jsonl has `count` lines or the process ended (limit: a hung child)."""
+    deadline = time.monotonic() + limit_s
+    while _lines(workdir) < count and proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the training process logged {_lines(workdir)} steps in {limit_s}s")
+        time.sleep(0.005)
+
+
 def _kill_at_random_moment(cmd, env, workdir, rng) -> bool:
     """Starts the run, SIGKILLs it after a seeded random number of steps plus a random delay.
 
@@ -53,8 +63,7 @@ def _kill_at_random_moment(cmd, env, workdir, rng) -> bool:
     extra_delay = rng.uniform(0.0, 0.05)  # lands anywhere inside a step, a log write or a save
     proc = subprocess.Popen(cmd, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while _lines(workdir) < kill_after_steps and proc.poll() is None:
-            time.sleep(0.005)
+        _wait_for_lines(workdir, kill_after_steps, proc)
         time.sleep(extra_delay)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -66,10 +75,17 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tokenizer_path, cache_dir):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tokenizer_path, cache_dir):
+    """An uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    _run(_command(workdir, tokenizer_path), train_fakes.subprocess_env(cache_dir))
+    return workdir
+
+
+def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tokenizer_path, cache_dir, reference):
     env = train_fakes.subprocess_env(cache_dir)
-    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _run(_command(reference, tokenizer_path), env)
+    resumed = tmp_path / "resumed"
 
     rng = random.Random(1234)
     for _ in range(3):
@@ -100,6 +116,30 @@ def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     for name in flat_ref:
         a, b = np.asarray(flat_ref[name]), np.asarray(flat_res[name])
         assert a.tobytes() == b.tobytes(), name  # bitwise
+
+
+def test_sigterm_saves_exits_0_and_the_restart_matches(tmp_path, tokenizer_path, cache_dir, reference):
+    env = train_fakes.subprocess_env(cache_dir)
+    cmd = _command(tmp_path, tokenizer_path)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr_file:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen(cmd, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr_file)
+        try:
+            _wait_for_lines(tmp_path, 5, proc)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stderr = log.read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    logged = _lines(tmp_path)
+    assert logged < NUM_STEPS, "the run finished before SIGTERM arrived"
+    assert "SIGTERM received" in stderr
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == logged  # the step it stopped at was checkpointed
+    _run(cmd, env)
+    assert [r["loss"] for r in _records(tmp_path)] == [r["loss"] for r in _records(reference)]
 
 
 def _flatten(tree, prefix=""):
