@@ -190,3 +190,10 @@ def test_periodic_evaluation_keeps_the_best_checkpoint(tmp_path, tokenizer_path,
     loop.train(train_fakes.demo_config(overrides), tmp_path)
     assert seen == [1, 2, 3, 4]  # every step, evaluated once (also the last one)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+
+
+def test_bad_loop_settings_fail_before_any_work(tmp_path):
+    config = train_fakes.demo_config(train_fakes.demo_overrides("", train__log_every=0))
+    with pytest.raises(ValueError, match="train.log_every"):
+        loop.train(config, tmp_path)
+    assert not (tmp_path / "config.json").exists()

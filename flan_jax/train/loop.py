@@ -30,6 +30,7 @@ class NonFiniteError(RuntimeError):
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    check_config(config)
     maybe_initialize_distributed(config.distributed)
     workdir = epath.Path(workdir)
     is_main = jax.process_index() == 0
@@ -110,6 +111,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         checkpoints.close()  # waits for pending async saves
         reporter.close()
     return logged
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Errors for trainer settings that would otherwise fail deep inside the loop."""
+    positive = {
+        "train.num_steps": config.train.num_steps,
+        "train.log_every": config.train.log_every,
+        "checkpoint.every_steps": config.checkpoint.every_steps,
+        "checkpoint.keep": config.checkpoint.keep,
+        "optimizer.grad_accum_steps": config.optimizer.grad_accum_steps,
+    }
+    bad = {name: value for name, value in positive.items() if int(value) < 1}
+    if bad:
+        raise ValueError(f"These config fields must be >= 1: {bad}")
+    if config.eval.every_steps < 0:
+        raise ValueError(f"config.eval.every_steps={config.eval.every_steps} must be >= 0 (0: only at start/end)")
+    if config.checkpoint.get("best_mode", "max") not in ("max", "min"):
+        raise ValueError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: expected 'max' or 'min'")
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
