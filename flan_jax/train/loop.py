@@ -88,7 +88,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 if step % config.train.log_every == 0 or last:
                     values = jax.device_get(step_metrics)
                     stop_if_nonfinite(values, config, checkpoints)
-                    logged = reporter.log(step, values)
+                    logged = reporter.log(step, values, extra=data_counts(data_iter))
 
                 eval_due = bool(config.eval.mixtures) and (
                     (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
@@ -190,6 +190,23 @@ def load_init_params(path: str, parts: step_lib.ModelParts, model_cfg) -> dict:
 
     logging.info("Initialising parameters from %s", path)
     return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+
+
+def data_counts(data_iter) -> dict[str, int]:
+    """This process's running totals of examples read and over-long ones truncated or dropped.
+
+    Logged with the metrics so no truncation goes unseen (per-task counts: `data_iter.stats`).
+    """
+    stats = getattr(data_iter, "stats", None)
+    if stats is None:
+        return {}
+    total = stats.total()
+    return {
+        "data_examples": total.examples,
+        "data_truncated": total.truncated,
+        "data_response_truncated": total.response_truncated,
+        "data_dropped": total.dropped,
+    }
 
 
 def run_evaluation(config, model, tokenizer, workdir, step: int) -> dict | None:

@@ -227,7 +227,8 @@ class Reporter:
         jax.block_until_ready(wait_for)
         self._timer_step, self._timer_start = step, time.perf_counter()
 
-    def log(self, step: int, values: Mapping[str, Any]) -> dict[str, Any]:
+    def log(self, step: int, values: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Writes one metrics.jsonl record; `extra` adds fields (e.g. the data pipeline's counts)."""
         timed_steps = step - self._timer_step
         tokens_per_sec = None
         if self._timer_start is not None and timed_steps > 0:
@@ -240,6 +241,7 @@ class Reporter:
             "mfu": self.flops_per_token * tokens_per_sec / self.peak if self.peak and tokens_per_sec else None,
             "skipped_steps": int(values["skipped_steps"]),
             "loss_weight_sum": float(values["loss_weight_sum"]),
+            **(extra or {}),
         }
         self.writer.write(step, record)
         self.progress.update(step, record)
