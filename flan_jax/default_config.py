@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
     data.train_mixture = ""  # a registered task or mixture name (see tasks/)
+    data.task_modules = ()  # extra modules to import that register tasks outside tasks/ (e.g. "my_lab.tasks")
     data.train_split = "train"
     data.seq_len = 512  # tokens per packed row
     data.batch_size = 8  # global rows per step, across all processes

@@ -27,6 +27,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # Imported here so that `--help` and flag errors are instant.
+    from flan_jax import data
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.eval import report
     from flan_jax.eval.evaluator import evaluate
@@ -34,6 +35,7 @@ def main(argv: list[str]) -> None:
 
     model, run_config, step = load_model(_WORKDIR.value, step=_STEP.value)
     config = _CONFIG.value if _CONFIG.value is not None else run_config
+    data.import_task_modules(tuple(run_config.data.get("task_modules", ())) + tuple(config.data.get("task_modules", ())))
     if not config.eval.mixtures:
         raise app.UsageError("config.eval.mixtures is empty: name the tasks or mixtures to evaluate")
     tokenizer = load_tokenizer(run_config.data, workdir=_WORKDIR.value)

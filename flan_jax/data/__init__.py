@@ -33,6 +33,7 @@ from flan_jax.data.registry import (
     get,
     get_mixture,
     get_task,
+    import_task_modules,
     list_names,
     register_mixture,
     register_task,
@@ -69,6 +70,6 @@ __all__ = [
     "DataUnavailableError", "FewShot", "FunctionSource", "InMemorySource", "JsonSource", "JsonlSource", "Mixture",
     "PromptCompletionFormat", "Records", "Source", "StripSuffix", "Task", "Template", "TfdsSource", "TsvSource",
     "UnescapeNewlines", "UnknownNameError", "alpaca_task", "answer_only_templates", "chat_task", "cot_templates",
-    "data_dir", "get", "get_mixture", "get_task", "list_names", "prompt_completion_task", "proportional_rates",
+    "data_dir", "get", "get_mixture", "get_task", "import_task_modules", "list_names", "prompt_completion_task", "proportional_rates",
     "register_mixture", "register_task", "render_options", "set_default_on_bad_record", "unregister",
 ]

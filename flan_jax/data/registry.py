@@ -561,6 +561,22 @@ def get_mixture(name: str) -> Mixture:
     return item if isinstance(item, Mixture) else Mixture(item.name, [(item, 1.0)])
 
 
+def import_task_modules(modules: Sequence[str]) -> None:
+    """Imports modules that register tasks/mixtures living outside `tasks/` (a lab's own package).
+
+    Configs name them in `config.data.task_modules`, like seqio's `--module_import`, so a run can
+    train on tasks this repository has never heard of.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            raise ModuleNotFoundError(
+                f"config.data.task_modules names {module!r}, which cannot be imported ({error}); "
+                "is its package installed or on PYTHONPATH?"
+            ) from error
+
+
 def list_names(kind: str | None = None) -> list[str]:
     """Sorted registered names; kind="task" or "mixture" to filter."""
     _import_tasks()

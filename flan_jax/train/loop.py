@@ -133,8 +133,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
     """(tokenizer, this process's checkpointable batch iterator)."""
+    from flan_jax import data
     from flan_jax.data import loader, tokenizer as tokenizer_lib
 
+    data.import_task_modules(config.data.task_modules)
     tokenizer = tokenizer_lib.load_tokenizer(
         config.data.tokenizer,
         workdir=workdir,
