@@ -101,6 +101,18 @@ def test_evaluate_hand_computed_metrics_and_files(registry, tmp_path):
     assert by_inputs[("choice", "x")]["rank_prediction"] == by_inputs[("choice", "x")]["prediction"] == "y"
 
 
+def test_a_task_without_metrics_is_generated_for_a_judge_and_not_scored(registry, tmp_path):
+    registry["open"] = FakeTask("open", "chat", [], {"test": [{"inputs": "x", "targets": ""}]})
+    config = _config()
+    config.eval.mixtures = ("mix_a", "open")
+    model = BigramModel(_table())
+    results = evaluator.evaluate(model, TOK, config, workdir=str(tmp_path), step=1, generate_fn=greedy_bigram_generate)
+    assert results["tasks"]["open"]["metrics"] == {}
+    assert results["overall"]["exact_match"] == pytest.approx(50.0)  # copy only: "open" does not dilute it
+    records = [json.loads(line) for line in (tmp_path / "eval" / "predictions_1.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in records if r["task"] == "open"] == ["y"]
+
+
 def test_few_shot_uses_the_same_task_definition(registry, tmp_path):
     results = evaluator.evaluate(
         BigramModel(_table()), TOK, _config(num_shots=2), workdir=str(tmp_path), step=0, generate_fn=greedy_bigram_generate

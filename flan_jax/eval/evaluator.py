@@ -98,7 +98,9 @@ def _collect(config) -> list[_TaskData]:
                 if mixture not in by_name[task.name].mixtures:
                     by_name[task.name].mixtures.append(mixture)
                 continue
-            names = list(dict.fromkeys([*task.metrics, *ev.extra_metrics]))
+            # A task without metrics has no references (e.g. MT-bench): its answers are generated
+            # and written to the predictions for a judge, and no metric (not even loss) is made up.
+            names = list(dict.fromkeys([*task.metrics, *ev.extra_metrics])) if task.metrics else []
             metrics_lib.check_metric_names(names, task=task.name)
             split, examples = _load_examples(
                 task, ev.split, limit=ev.max_examples_per_task, num_shots=ev.num_shots, seed=config.seed
@@ -207,8 +209,11 @@ def _split_back(flat: Sequence, items: Sequence[_TaskData]):
 
 
 def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate_fn: GenerateFn | None) -> None:
-    """Greedy generations for every task with a text metric, batched across tasks."""
-    items = [it for it in items if any(m in metrics_lib.GENERATION_METRICS for m in it.metric_names)]
+    """Greedy generations for every task with a text metric or none at all, batched across tasks."""
+    items = [
+        it for it in items
+        if not it.metric_names or any(m in metrics_lib.GENERATION_METRICS for m in it.metric_names)
+    ]
     if not items:
         return
     texts = generate_texts(
