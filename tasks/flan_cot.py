@@ -48,7 +48,8 @@ def _cot_source(name: str) -> data.Source:
 
 def _cot_tasks(name: str) -> tuple[data.Task, data.Task]:
     with_options = name in WITH_OPTIONS
-    steps = [data.UnescapeNewlines(*COLUMNS)] + ([preprocessors.add_cot_options] if with_options else [])
+    steps = [data.UnescapeNewlines(*COLUMNS), preprocessors.repair_mojibake(*COLUMNS)]
+    steps += [preprocessors.add_cot_options] if with_options else []
     source = _cot_source(name)
     cot = data.Task(
         f"flan_cot.{name}", source, data.cot_templates(QUESTION_PATTERNS),

@@ -100,3 +100,29 @@ class DropEmpty:
         if not isinstance(value, str):
             raise DataError(f"expected a string, got {type(value).__name__}", field=self.field)
         return record if value.strip() else None
+
+
+_MOJIBAKE_MARKERS = ("\u00e2\u20ac", "\u00c3")  # "â€" and "Ã": UTF-8 bytes read as Windows-1252
+
+
+def repair_mojibake(*fields: str):
+    """Undoes UTF-8 text that was decoded as Windows-1252 and re-encoded ("â€“" -> "–").
+
+    FLAN's AQuA CoT file has ~70 such records. Only a field that shows the markers and round-trips
+    exactly is changed; anything else is left as published (never guessed at).
+    """
+
+    def repair(record: dict) -> dict:
+        out = dict(record)
+        for field in fields:
+            text = out.get(field)
+            if isinstance(text, str) and any(marker in text for marker in _MOJIBAKE_MARKERS):
+                try:
+                    out[field] = text.encode("cp1252").decode("utf-8")
+                except (UnicodeEncodeError, UnicodeDecodeError):
+                    pass
+        return out
+
+    repair.__name__ = f"repair_mojibake({', '.join(fields)})"
+    return repair
+

@@ -103,6 +103,20 @@ def test_gsm8k_answer_split_removes_calculator_annotations():
 
 
 # ----------------------------------------------------------------------------- real data
+def test_mojibake_is_repaired_only_where_it_round_trips():
+    repair = preprocessors.repair_mojibake("question")
+    assert repair({"question": "Age of (A + B) \u00e2\u20ac\u201c Age of A"})["question"] == "Age of (A + B) \u2013 Age of A"
+    untouched = {"question": "caf\u00e9 \u00c3 la carte \u20ac5"}  # markers, but not a valid round trip
+    assert repair(untouched) == untouched
+    assert repair({"question": "plain"}) == {"question": "plain"}
+
+
+def test_aqua_cot_text_has_no_mojibake_left(real_data_dir):
+    records = data.get("flan_cot.aqua").records("train")
+    assert not [r for r in records if "\u00e2\u20ac" in r["question"] + r["rationale"]]
+    assert any("\u2013" in r["question"] + r["rationale"] or "\u2018" in r["question"] for r in records)
+
+
 def test_t0_files_match_the_catalog_and_empty_files_are_reported(real_data_dir, caplog):
     with caplog.at_level(logging.WARNING):
         report = t0.check_files(real_data_dir)
