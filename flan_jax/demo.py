@@ -45,22 +45,35 @@ def read_eval(workdir: pathlib.Path, step: int) -> dict:
     return json.loads(path.read_text())
 
 
-def comparison_table(before: dict, after: dict, metric: str = "exact_match") -> str:
-    """Untrained vs tuned, per evaluation mixture and per cluster, as Markdown."""
-    lines = [
-        f"| evaluation | tasks | untrained {metric} | tuned {metric} |",
-        "|---|---|---|---|",
-    ]
-    for name, title in QUESTIONS.items():
-        b, a = before["mixtures"].get(name, {}), after["mixtures"].get(name, {})
-        num_tasks = sum(1 for t in after["tasks"].values() if name in t.get("mixtures", ()))
-        lines.append(f"| {title} | {num_tasks} | {b.get(metric, float('nan')):.1f} | {a.get(metric, float('nan')):.1f} |")
-    for cluster in sorted(after["clusters"]):
-        b, a = before["clusters"].get(cluster, {}), after["clusters"][cluster]
-        num_tasks = sum(1 for t in after["tasks"].values() if t.get("cluster") == cluster)
-        lines.append(
-            f"| cluster `{cluster}` | {num_tasks} | {b.get(metric, float('nan')):.1f} | {a.get(metric, float('nan')):.1f} |"
-        )
+METRICS = (
+    ("exact_match", "exact match %"),
+    ("rank_classification", "rank classification %"),
+    ("loss", "target loss (nats/token)"),
+)
+
+
+def _cell(before: dict, after: dict, metric: str) -> str:
+    if metric not in after:
+        return "-"
+    return f"{before.get(metric, float('nan')):.1f} -> {after[metric]:.1f}"
+
+
+def comparison_table(before: dict, after: dict) -> str:
+    """Untrained -> tuned, per evaluation question and per cluster, as Markdown.
+
+    Rank classification (scoring each answer option, no generation) exists only for tasks with
+    options; the target loss exists for all and shows progress before exact match does.
+    """
+    header = " | ".join(f"{title}: untrained -> tuned" for _, title in METRICS)
+    lines = [f"| evaluation | tasks | {header} |", "|---|---|" + "---|" * len(METRICS)]
+    rows = [(title, before["mixtures"].get(name, {}), after["mixtures"].get(name, {}),
+             sum(1 for t in after["tasks"].values() if name in t.get("mixtures", ())))
+            for name, title in QUESTIONS.items()]
+    rows += [(f"cluster `{cluster}`", before["clusters"].get(cluster, {}), after["clusters"][cluster],
+              sum(1 for t in after["tasks"].values() if t.get("cluster") == cluster))
+             for cluster in sorted(after["clusters"])]
+    for title, b, a, num_tasks in rows:
+        lines.append(f"| {title} | {num_tasks} | " + " | ".join(_cell(b, a, m) for m, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -108,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     final_step = config.train.num_steps
     before, after = read_eval(workdir, 0), read_eval(workdir, final_step)
     print()
-    print(f"Exact match (%) of the untrained model (step 0) vs the tuned model (step {final_step}), "
-          f"{config.eval.max_examples_per_task} validation examples per task:")
+    print(f"The untrained model (step 0) vs the tuned model (step {final_step}) on "
+          f"{config.eval.max_examples_per_task} validation examples per task (macro averages over tasks):")
     print(comparison_table(before, after))
     print()
     print("Sample generations of the tuned model:")
