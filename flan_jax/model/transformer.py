@@ -312,6 +312,23 @@ class Transformer(nnx.Module):
         logits, _ = self.forward(input_tokens, positions, mask, causal=causal)
         return logits
 
+    def hidden_states(
+        self,
+        input_tokens: jax.Array,
+        *,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        prefix_mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """(final-norm hidden states [B, L, d_model], output head [d_model, vocab]), compute dtype.
+
+        `hidden @ head` are `__call__`'s logits. The trainer takes these two instead of the logits
+        so its loss can own the head matmul's backward pass (losses.head_cross_entropy).
+        """
+        mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
+        x, _ = self._features(input_tokens, positions, mask, None, None, prefix_mask is None)
+        return x, self._head()
+
     def forward(
         self,
         tokens: jax.Array,
@@ -327,6 +344,17 @@ class Transformer(nnx.Module):
         `causal=True` promises that `mask` lets no query see a later key, so attention may skip
         those blocks (`causal_block_attention`).
         """
+        x, new_cache = self._features(tokens, positions, mask, cache, cache_index, causal)
+        logits = jnp.dot(x, self._head(), preferred_element_type=jnp.float32)
+        return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
+
+    def _head(self) -> jax.Array:
+        """The output projection [d_model, vocab] in the compute dtype (tied: the embedding^T)."""
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return head.astype(jnp.dtype(self.cfg.dtype))
+
+    def _features(self, tokens, positions, mask, cache, cache_index, causal: bool):
+        """Embedding, blocks and final norm: the hidden states the head is applied to."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
@@ -346,10 +374,7 @@ class Transformer(nnx.Module):
             if new_cache is not None:
                 new_cache.append(layer_cache)
 
-        x = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
+        return self.final_norm(x), new_cache
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
         """Zeroed KV cache for `batch` rows of `length` tokens, in the compute dtype."""

@@ -139,13 +139,15 @@ def make_train_step(
 
     def loss_sum(params, batch, weights):
         model = parts.merge(params)
-        logits = model(
-            batch["input_tokens"],
+        inputs = dict(
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             prefix_mask=batch["prefix_mask"] if use_prefix else None,
         )
-        return losses.weighted_loss_sum(logits, batch, weights, config.loss)
+        if hasattr(model, "hidden_states"):  # the loss owns the head matmul (faster backward)
+            hidden, head = model.hidden_states(batch["input_tokens"], **inputs)
+            return losses.weighted_head_loss_sum(hidden, head, batch, weights, config.loss)
+        return losses.weighted_loss_sum(model(batch["input_tokens"], **inputs), batch, weights, config.loss)
 
     grad_fn = jax.value_and_grad(loss_sum)
 
