@@ -76,7 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)
-    model.attention = "xla"  # xla (jax.nn.dot_product_attention) | cudnn | reference
+    # xla: jax.nn.dot_product_attention's XLA path, and for causal training batches a blocked
+    #      version that skips the masked upper triangle (faster on CPU, see docs/training.md)
+    # cudnn: jax.nn.dot_product_attention with cuDNN flash attention (use this on NVIDIA GPUs)
+    # reference: plain einsum + softmax (tests)
+    model.attention = "xla"
 
     # ---------------------------------------------------------------- mesh
     config.mesh = mesh = ml_collections.ConfigDict()
