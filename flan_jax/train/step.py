@@ -69,23 +69,26 @@ def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh: M
     }
 
 
+def _fresh_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
+    """The state of step 0 around the given params (the layout the module docstring describes)."""
+    return {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "nonfinite_steps": jnp.zeros((), jnp.int32),
+        "first_nonfinite_step": jnp.full((), -1, jnp.int32),
+    }
+
+
 def init_state(
     parts: ModelParts, tx: optax.GradientTransformation, shardings: dict, seed: int, mesh: Mesh
 ) -> dict:
     """Initialises params and optimizer state directly into their shardings (no host copy)."""
 
     def init():
-        model = parts.model_fn()
-        params = nnx.to_pure_dict(nnx.split(model, nnx.Param, ...)[1])
-        state = {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
-        }
-        return state
+        params = nnx.to_pure_dict(nnx.split(parts.model_fn(), nnx.Param, ...)[1])
+        return _fresh_state(params, tx, seed)
 
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=shardings)()
@@ -93,19 +96,8 @@ def init_state(
 
 def abstract_state(parts: ModelParts, tx: optax.GradientTransformation, shardings: dict, seed: int) -> dict:
     """ShapeDtypeStructs carrying the target shardings: what Orbax restores into."""
-
-    def init():
-        params = jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), parts.abstract_params)
-        return {
-            "params": params,
-            "opt_state": tx.init(params),
-            "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed)),
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
-        }
-
-    shapes = jax.eval_shape(init)
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), parts.abstract_params)  # noqa: E731
+    shapes = jax.eval_shape(lambda: _fresh_state(zeros(), tx, seed))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
