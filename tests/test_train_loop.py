@@ -119,6 +119,13 @@ def test_cli_rejects_a_misspelt_override_at_once(tmp_path):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_rows_longer_than_a_learned_position_table_fail_before_training(tmp_path, tokenizer_path):
+    overrides = train_fakes.demo_overrides(tokenizer_path, model__family="gpt2", model__max_positions=16)
+    with pytest.raises(ValueError, match=r"seq_len=\d+ exceeds the model's learned position table"):
+        loop.train(train_fakes.demo_config(overrides), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_init_from_converted_weights_starts_from_them(tmp_path, tokenizer_path):
     from flax import nnx
 

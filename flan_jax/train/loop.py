@@ -44,6 +44,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     tokenizer, data_iter = build_data(config, workdir)
     model_cfg, parts = build_model(config, mesh, rules)
+    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
+        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
+            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
+        )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
