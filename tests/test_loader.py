@@ -154,14 +154,44 @@ def test_overlong_examples_are_counted_and_logged(caplog):
     assert dropping.stats.total().truncated == 0
 
 
-def test_mismatched_settings_and_process_counts_are_refused():
+def test_mismatched_settings_and_missing_row_slots_are_refused():
     with pytest.raises(ValueError, match="divisible by the process count 3"):
         _iterator(process_count=3)
     state = _iterator().get_state()
     with pytest.raises(ValueError, match="seq_len: 64 -> 32"):
         _iterator(data_config(seq_len=32)).set_state(state)
-    with pytest.raises(ValueError, match="same process count"):
-        _iterator(process_index=1, process_count=2).set_state(state)
+    with pytest.raises(ValueError, match=r"lacks row slots \[2, 3\]"):
+        _iterator(process_index=1, process_count=2).set_state(_iterator(process_index=0, process_count=2).get_state())
+
+
+def test_resume_under_another_process_count_continues_each_row_slot():
+    single = _iterator()
+    _take(single, 2)
+    one_process_state = single.get_state()
+    expected = _take(single, 3)
+    rows = expected[0]["input_tokens"].shape[0]
+
+    # 1 process -> 2: each process takes its own row slots from the one state.
+    halves = []
+    for index in range(2):
+        half = _iterator(process_index=index, process_count=2)
+        half.set_state(one_process_state)
+        halves.append(_take(half, 3))
+    for step, batch in enumerate(expected):
+        for key in batch:
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), batch[key], err_msg=key
+            )
+
+    # 2 processes -> 1: their states merge by row slot.
+    two = [_iterator(process_index=i, process_count=2) for i in range(2)]
+    for it in two:
+        _take(it, 2)
+    merged = loader.merge_process_states([it.get_state() for it in two])
+    resumed = _iterator()
+    resumed.set_state(merged)
+    _assert_batches_equal(_take(resumed, 3), expected)
+    assert rows == 4
 
 
 @pytest.fixture

@@ -112,3 +112,22 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     steps = [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, NUM_STEPS + 3))
 
+    # The two-process run resumes in ONE process: its two iterator files are merged by row slot, so
+    # steps 4-5 see the same global batches as the one-process run that resumed above.
+    multi_resumed = subprocess.run(
+        _command(multi, tokenizer_path, train__num_steps=NUM_STEPS + 2),
+        cwd=train_fakes.ROOT,
+        env=train_fakes.subprocess_env(cache_dir, **four_devices),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert multi_resumed.returncode == 0, multi_resumed.stderr[-3000:]
+    assert "merging row slots" in multi_resumed.stderr
+    after = {}
+    for workdir in (multi, single):
+        records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+        after[workdir.name] = [r["loss"] for r in records if r["step"] > NUM_STEPS]
+    assert len(after["multi"]) == 2
+    np.testing.assert_allclose(after["multi"], after["single"], rtol=1e-4)
+

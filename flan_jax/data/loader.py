@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -290,11 +290,13 @@ class TrainIterator(grain.DatasetIterator):
                 + ", ".join(f"{k}: {state['pipeline'].get(k)!r} -> {self._fingerprint.get(k)!r}" for k in changed)
                 + "; resuming would change the data stream"
             )
-        saved_slots = sorted(int(slot) for slot in state["slots"])
-        if saved_slots != self._slots:
+        # A state may hold more slots than this process owns (merged from a run with fewer
+        # processes, see `merge_process_states`); it must hold all of them.
+        missing = sorted(set(self._slots) - {int(slot) for slot in state["slots"]})
+        if missing:
             raise ValueError(
-                f"the data iterator in the checkpoint holds row slots {saved_slots[0]}..{saved_slots[-1]} but this "
-                f"process owns {self._slots[0]}..{self._slots[-1]}: resume with the same process count"
+                f"the data iterator state lacks row slots {missing} that this process owns "
+                f"({self._slots[0]}..{self._slots[-1]}); was it saved with another global batch size?"
             )
         for slot, parent in zip(self._slots, self._parents):
             parent.set_state(state["slots"][str(slot)])
@@ -302,6 +304,24 @@ class TrainIterator(grain.DatasetIterator):
         self._next_overlong_report = 1
         while self._next_overlong_report <= overlong:
             self._next_overlong_report *= 2
+
+
+def merge_process_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One state holding the row slots of all processes' states (all from one checkpoint).
+
+    Row slots, not processes, carry the data stream, so a run can resume under another process
+    count: each process then takes the slots it owns from the merged state.
+    """
+    if not states:
+        raise ValueError("no data iterator states to merge")
+    first = states[0]
+    for other in states[1:]:
+        if other.get("version") != first.get("version") or other.get("pipeline") != first.get("pipeline"):
+            raise ValueError("data iterator states of one checkpoint disagree on their version or pipeline settings")
+    slots: dict[str, Any] = {}
+    for state in states:
+        slots.update(state["slots"])
+    return {"version": first.get("version"), "pipeline": first.get("pipeline"), "slots": slots}
 
 
 # --------------------------------------------------------------------------- entry points

@@ -9,7 +9,8 @@ A checkpoint `DIR/checkpoints/<step>/` holds five items:
   config      the resolved config (JSON)
 
 Arrays are restored into `ShapeDtypeStruct`s carrying the *current* shardings, so a run can
-resume on another mesh or device count. Orbax writes into a temporary directory and renames it
+resume on another mesh or device count; the data iterator's per-process files are merged when
+the process count changed (`restore_data_iterator`). Orbax writes into a temporary directory and renames it
 when complete, so a crash mid-save never leaves a half checkpoint that looks finished; a
 finished one that cannot be read (disk corruption, deleted files) is moved aside to
 `DIR/checkpoints_corrupt/` with a warning, and the previous one is used.
@@ -57,6 +58,27 @@ def config_from_dict(values: Mapping[str, Any]) -> ml_collections.ConfigDict:
         return x
 
     return ml_collections.ConfigDict(tuplify(dict(values)))
+
+
+def restore_data_iterator(directory: epath.Path, data_iter: Any) -> None:
+    """Moves `data_iter` to its checkpointed position, also under another process count.
+
+    grain saves one `process_<i>-of-<n>.json` per process. With the same process count this
+    process reads its own file, as grain's own restore does. Otherwise the files are merged
+    (`loader.merge_process_states`): the loader's state is a set of row-slot states and row
+    slots do not depend on the process count, so each process takes the slots it now owns.
+    """
+    own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if own.exists():
+        data_iter.set_state(json.loads(own.read_text()))
+        return
+    files = sorted(directory.glob("process_*-of-*.json"))
+    if not files:
+        raise FileNotFoundError(f"{directory} holds no data iterator state")
+    from flan_jax.data import loader
+
+    logging.info("Data iterator saved by %d process(es), restored by %d: merging row slots", len(files), jax.process_count())
+    data_iter.set_state(loader.merge_process_states([json.loads(f.read_text()) for f in files]))
 
 
 class Checkpointer:
@@ -122,9 +144,9 @@ class Checkpointer:
                         params=ocp.args.StandardRestore(abstract_state["params"]),
                         opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
                         train_meta=ocp.args.StandardRestore({k: abstract_state[k] for k in META_KEYS}),
-                        data_iter=grain.checkpoint.CheckpointRestore(data_iter),
                     ),
                 )
+                restore_data_iterator(self.directory / str(step) / "data_iter", data_iter)
             except Exception as error:  # noqa: BLE001 (judged below, once an older one is tried)
                 logging.warning("Checkpoint %s cannot be restored: %s: %s", self.directory / str(step), type(error).__name__, str(error)[:500])
                 failed.append((step, error))
