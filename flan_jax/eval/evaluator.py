@@ -242,10 +242,7 @@ def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     """Per-task loss on the reference targets, all tasks in one packed pass."""
     if not items:
         return
-    sequences = [
-        (scoring.encode_prompt(tokenizer, ex["inputs"]), scoring.encode_target(tokenizer, ex["targets"]))
-        for it in items for ex in it.examples
-    ]
+    sequences = scoring.target_sequences(tokenizer, [ex for it in items for ex in it.examples])
     scores = scoring.score_targets(
         model, sequences, max_len=int(config.data.seq_len), batch_rows=config.eval.batch_size,
         prefix_lm=bool(config.data.prefix_lm),

@@ -250,8 +250,13 @@ def target_loss(
     prefix_lm: bool = False,
 ) -> dict[str, float]:
     """Mean negative log-likelihood per target token (training's "tokens" normalization) and perplexity."""
-    sequences = [(encode_prompt(tokenizer, ex["inputs"]), encode_target(tokenizer, ex["targets"])) for ex in examples]
+    sequences = target_sequences(tokenizer, examples)
     return mean_loss(score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm))
+
+
+def target_sequences(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) of each rendered example, as `score_targets` takes them."""
+    return [(encode_prompt(tokenizer, ex["inputs"]), encode_target(tokenizer, ex["targets"])) for ex in examples]
 
 
 def mean_loss(scores: Sequence[TargetScore]) -> dict[str, float]:
