@@ -27,7 +27,7 @@ import numpy as np
 
 from flan_jax.data import mixing
 from flan_jax.data.errors import DataError
-from flan_jax.data.sources import Records, Source
+from flan_jax.data.sources import PicklableLock, Records, Source
 from flan_jax.data.templates import (
     DEFAULT_OPTION_STYLES,
     OPTION_STYLES,
@@ -53,7 +53,7 @@ def _check_name(name: str, kind: str) -> None:
         raise DataError(f"invalid {kind} name {name!r}: use letters, digits and _ . : / -")
 
 
-class Task:
+class Task(PicklableLock):
     """A named dataset with templates; `get_dataset(split)` yields rendered example dicts.
 
     Args:
@@ -114,15 +114,6 @@ class Task:
         "name", "source", "templates", "eval_templates", "preprocessors", "metrics", "cluster",
         "references_field", "options_field", "option_styles", "few_shot", "description",
     )
-
-    def __getstate__(self) -> dict:  # picklable for grain worker processes: drop the lock
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def replace(self, **changes: Any) -> Task:
         """A copy with some arguments changed, e.g. `task.replace(name="x_heldout", templates=other)`."""

@@ -109,7 +109,23 @@ class Records(Sequence[dict]):
         return f"Records({self._name}, n={len(self)})"
 
 
-class Source(abc.ABC):
+class PicklableLock:
+    """A `_lock` guarding a load-once cache, dropped when pickled and recreated when unpickled.
+
+    grain worker processes receive tasks and sources by pickling, and locks do not pickle.
+    """
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class Source(PicklableLock, abc.ABC):
     """Base class: per-split records, loaded on first use and cached."""
 
     def __init__(self) -> None:
@@ -144,15 +160,6 @@ class Source(abc.ABC):
 
     def short_name(self) -> str:
         return type(self).__name__
-
-    def __getstate__(self) -> dict:  # grain worker processes pickle datasets: drop the lock
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # subclasses give a repr that is deterministic across runs
         return f"{type(self).__name__}()"
