@@ -31,6 +31,7 @@ from flax import nnx
 
 from flan_jax import sharding
 from flan_jax.model.config import ModelConfig
+from flan_jax.model.matmul import dense_dot
 
 # One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim].
 LayerCache = tuple[jax.Array, jax.Array]
@@ -61,8 +62,7 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.kernel[...].astype(self.dtype)
-        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=self.n_in)
+        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -200,13 +200,49 @@ def _late_normalized_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: j
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d)
+    return _attention_core(q, k, v, mask).reshape(b, t, h, d)
+
+
+@jax.custom_vjp
+def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """softmax(q k^T, masked) v for pre-scaled grouped queries q [B, T, KV, G, D]; result in v's dtype.
+
+    The backward pass is written out (the standard softmax-attention gradient) so that all four
+    of its matmuls take operands in the compute dtype and accumulate in float32: autodiff of the
+    forward would feed float32 cotangents to bf16 operands, XLA's slow mixed-dtype matmul path
+    (see flan_jax/model/matmul.py).
+    """
+    return _attention_core_fwd(q, k, v, mask)[0]
+
+
+def _attention_core_fwd(q, k, v, mask):
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    unnormalized = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    row_sums = jnp.sum(unnormalized, axis=-1)  # [B, KV, G, T]
-    out = jnp.einsum("bkgts,bskd->btkgd", unnormalized.astype(v.dtype), v)
-    out = out.astype(jnp.float32) / jnp.transpose(row_sums, (0, 3, 1, 2))[..., None]
-    return out.astype(v.dtype).reshape(b, t, h, d)
+    unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [B, KV, G, T, S]
+    row_sums = jnp.transpose(jnp.sum(unnormalized, axis=-1), (0, 3, 1, 2))[..., None]  # [B, T, KV, G, 1]
+    out = jnp.einsum("bkgts,bskd->btkgd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = (out / row_sums).astype(v.dtype)
+    return out, (q, k, v, unnormalized, row_sums, out)
+
+
+def _attention_core_bwd(residuals, d_out):
+    q, k, v, unnormalized, row_sums, out = residuals
+    dtype = v.dtype
+    d_out32 = d_out.astype(jnp.float32)
+    # probs = unnormalized / row_sums; the division is folded into the smaller operand each time.
+    d_out_scaled = (d_out32 / row_sums).astype(dtype)
+    d_v = jnp.einsum("bkgts,btkgd->bskd", unnormalized.astype(dtype), d_out_scaled, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out.astype(dtype), v, preferred_element_type=jnp.float32)
+    # d scores = probs * (d_probs - sum_s(probs * d_probs)), and sum_s(probs * d_probs) = d_out . out.
+    row_dot = jnp.transpose(jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1), (0, 2, 3, 1))
+    inverse_sums = jnp.transpose(1.0 / row_sums[..., 0], (0, 2, 3, 1))[..., None]  # [B, KV, G, T, 1]
+    d_scores = (unnormalized * inverse_sums * (d_probs - row_dot[..., None])).astype(dtype)
+    d_q = jnp.einsum("bkgts,bskd->btkgd", d_scores, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkgts,btkgd->bskd", d_scores, q, preferred_element_type=jnp.float32)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(dtype), None
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nnx.Module):

@@ -1,0 +1,63 @@
+"""Weight matmuls with float32 accumulation in every pass, forward and backward.
+
+Why a custom VJP: with bfloat16 operands, XLA's CPU backend (YNNPACK) and GPUs run a matmul that
+accumulates into float32 (`preferred_element_type=float32`) on the bf16 dot-product units, about
+2x a float32 matmul on this project's CPU (benchmarks/RESULTS.md); a matmul whose *output* is
+bf16, or whose operands mix f32 and bf16, falls back to the slow path. Autodiff of
+`dot(x, w, preferred_element_type=f32).astype(bf16)` gives exactly such mixed matmuls (the
+cotangent is f32), so the backward pass is written here: both gradient matmuls take bf16
+operands and accumulate in f32, and the weight gradient is returned in the parameter's dtype
+without a round trip through bf16. In float32 the function is the plain tensordot.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
+    """`tensordot(x, kernel, n_in)` computed in `dtype` with float32 accumulation, result in `dtype`.
+
+    `kernel` stays in its parameter dtype here (the cast happens inside), so its gradient is
+    accumulated and returned in that dtype.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
+    return _mixed_dot(x.astype(dtype), kernel, n_in)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _mixed_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    return _mixed_dot_fwd(x, kernel, n_in)[0]
+
+
+def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
+    """a . b over a's last n dims and b's first n dims, accumulated in float32."""
+    dims = ((tuple(range(a.ndim - n, a.ndim)), tuple(range(n))), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _mixed_dot_fwd(x, kernel, n_in):
+    y = _contract_last(x, kernel.astype(x.dtype), n_in).astype(x.dtype)
+    return y, (x, kernel)
+
+
+def _mixed_dot_bwd(n_in, residuals, g):
+    x, kernel = residuals
+    w = kernel.astype(x.dtype)
+    n_out = w.ndim - n_in
+    g = g.astype(x.dtype)
+    # dx: contract g's output dims with the kernel's output dims.
+    out_dims = tuple(range(g.ndim - n_out, g.ndim))
+    dx = jax.lax.dot_general(g, w, ((out_dims, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=jnp.float32)
+    # dkernel: contract over every leading (batch, length, ...) dim of x and g.
+    lead = tuple(range(x.ndim - n_in))
+    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
