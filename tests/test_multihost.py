@@ -1,9 +1,11 @@
 """Two CPU processes on 127.0.0.1 (gloo collectives) train like one process with the same global batch."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +33,8 @@ def _free_port() -> int:
 
 def _command(workdir, tokenizer_path, **extra):
     extra.setdefault("train__num_steps", NUM_STEPS)
-    overrides = train_fakes.demo_overrides(tokenizer_path, checkpoint__every_steps=2, **extra)
+    extra.setdefault("checkpoint__every_steps", 2)
+    overrides = train_fakes.demo_overrides(tokenizer_path, **extra)
     return [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={workdir}"] + train_fakes.cli_args(overrides)
 
 
@@ -41,39 +44,48 @@ def _losses(workdir):
     return [r["loss"] for r in records], [r["grad_norm"] for r in records]
 
 
-def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
-    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-
+def _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **extra) -> list[subprocess.Popen]:
+    """Two trainer processes of one run on 127.0.0.1, 2 devices each, output in the `logs` files."""
     address = f"127.0.0.1:{_free_port()}"
-    multi = tmp_path / "multi"
-    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
     procs = []
     for i in range(2):
         with open(logs[i], "w") as log:  # files, not pipes: a full pipe would block one process and both hang
             procs.append(
                 subprocess.Popen(
                     _command(
-                        multi,
+                        workdir,
                         tokenizer_path,
                         distributed__initialize=True,
                         distributed__coordinator_address=address,
                         distributed__num_processes=2,
                         distributed__process_id=i,
+                        **extra,
                     ),
                     cwd=train_fakes.ROOT,
-                    env=train_fakes.subprocess_env(cache_dir, **two_devices),
+                    env=train_fakes.subprocess_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
             )
+    return procs
+
+
+def _wait_all(procs, timeout_s: float = 300) -> None:
     try:
         for proc in procs:
-            proc.wait(timeout=300)
+            proc.wait(timeout=timeout_s)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
+    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    multi = tmp_path / "multi"
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    procs = _start_two_processes(multi, tokenizer_path, cache_dir, logs)
+    _wait_all(procs)
     outputs = [log.read_text() for log in logs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-3000:]
@@ -131,3 +143,41 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     assert len(after["multi"]) == 2
     np.testing.assert_allclose(after["multi"], after["single"], rtol=1e-4)
 
+
+
+def test_sigterm_to_one_process_stops_both_at_one_checkpointed_log_step(tmp_path, tokenizer_path, cache_dir):
+    """Preemption of one host: the processes agree at the next log step, both save it and exit 0."""
+    num_steps, log_every = 60, 2
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    workdir = tmp_path / "run"
+    extra = dict(train__num_steps=num_steps, train__log_every=log_every, checkpoint__every_steps=1000)
+    procs = _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **extra)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and all(p.poll() is None for p in procs):
+        assert time.monotonic() < deadline, "the two processes logged nothing in 240 s"
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+    _wait_all(procs, timeout_s=120)
+    outputs = [log.read_text() for log in logs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+        assert "SIGTERM received: saving a checkpoint" in out  # both processes took the decision
+
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    last = logged[-1]
+    assert last < num_steps, "the run finished before SIGTERM arrived"
+    assert last % log_every == 0  # the flag is only exchanged at log steps
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [last]  # every_steps=1000: the only checkpoint is the preemption save
+    iterator_files = sorted(p.name for p in (workdir / "checkpoints" / str(last) / "data_iter").glob("*.json"))
+    assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    # The same two-process command resumes from that step and finishes.
+    logs = [tmp_path / f"resumed_{i}.log" for i in range(2)]
+    procs = _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **dict(extra, train__num_steps=last + 2))
+    _wait_all(procs)
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log.read_text()[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == logged + [last + 2]
