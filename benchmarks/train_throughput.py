@@ -5,14 +5,18 @@
     python benchmarks/train_throughput.py --preset=1b --skip_torch --variants=bf16   # on a GPU
 
 What is measured, in one process on the same machine:
-  * ceiling   the best dense float32 (and bfloat16) matmul FLOP/s of jax and torch here
+  * ceiling   the best dense matmul FLOP/s of jax and torch here, per compute dtype (bfloat16 with
+              float32 accumulation, as training uses it)
   * flan_jax  `flan_jax.train.step.make_train_step` (the trainer's own jitted step: AdamW, clipping,
               loss, sharding) on the real `flan_jax.model.Transformer`, for each variant:
               fp32 = float32 params and compute; bf16 = float32 params, bfloat16 compute
               (matmuls in bf16, logits and loss in float32), each on 1 device and, with
               --devices=2, data-parallel over 2 simulated CPU devices (XLA splits the work
               into two partitions; on a 2-core CPU that helps its thread use)
-  * torch     `transformers.LlamaForCausalLM` + `torch.optim.AdamW`, same architecture and batch.
+  * torch     `transformers.LlamaForCausalLM` + `torch.optim.AdamW`, same architecture and batch, for
+              each variant: fp32, and bf16 = float32 params under `torch.autocast(bfloat16)`.
+
+Each row is compared with the ceiling and the torch row of its own compute dtype, and with torch fp32.
 
 Steps are timed after `--warmup` steps (compilation), with one host sync at the end of the timed
 steps, as the trainer does between log steps. Model FLOPs use the formula of
@@ -71,29 +75,41 @@ def main() -> None:
         for n in device_counts:
             rows.append(run_flan_jax(shape, variant, n, args.steps, args.warmup))
     if not args.skip_torch:
-        rows.append(run_torch(shape, args.steps, args.warmup))
+        for variant in args.variants.split(","):
+            rows.append(run_torch(shape, variant, args.steps, args.warmup))
     report(rows, ceiling, shape, args)
 
 
 def matmul_ceiling(jax) -> dict[str, float]:
-    """Best dense matmul FLOP/s of jax (and torch, when installed) on this machine."""
+    """Best dense matmul FLOP/s of jax and torch (when installed) on this machine, per compute dtype.
+
+    bfloat16 is measured the way training uses it: bf16 operands accumulated into float32
+    (`preferred_element_type`), which runs on the bf16 dot-product units; a matmul with a bf16
+    *output* takes a slower path on XLA's CPU backend and is listed separately for reference.
+    """
     import jax.numpy as jnp
 
     size = 2048 if jax.default_backend() == "cpu" else 8192
+    flops = 2 * size**3
     out = {}
-    for dtype in ("float32", "bfloat16"):
-        a = jnp.ones((size, size), dtype)
-        matmul = jax.jit(lambda x: x @ x)
-        out[f"jax_{dtype}"] = _best_flops(lambda: matmul(a).block_until_ready(), 2 * size**3)
+    a32, a16 = jnp.ones((size, size), jnp.float32), jnp.ones((size, size), jnp.bfloat16)
+    matmul = jax.jit(lambda x: x @ x)
+    accumulate32 = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
+    out["jax_float32"] = _best_flops(lambda: matmul(a32).block_until_ready(), flops)
+    out["jax_bfloat16"] = _best_flops(lambda: accumulate32(a16).block_until_ready(), flops)
+    out["jax_bfloat16_out"] = _best_flops(lambda: matmul(a16).block_until_ready(), flops)
     try:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        t = torch.ones((size, size))
-        out["torch_float32"] = _best_flops(lambda: t @ t, 2 * size**3)
+        t32 = torch.ones((size, size))
+        t16 = t32.to(torch.bfloat16)
+        out["torch_float32"] = _best_flops(lambda: t32 @ t32, flops)
+        out["torch_bfloat16"] = _best_flops(lambda: t16 @ t16, flops)
     except ImportError:
         pass
-    out["float32"] = max(v for k, v in out.items() if k.endswith("float32"))
+    for dtype in ("float32", "bfloat16"):
+        out[dtype] = max(v for k, v in out.items() if k.endswith(dtype))
     return out
 
 
@@ -169,6 +185,7 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: 
     tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
     return {
         "name": "flan_jax train step",
+        "variant": variant,
         "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
         "devices": n_devices,
         "tokens_per_sec": tokens_per_sec,
@@ -179,7 +196,10 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: 
     }
 
 
-def run_torch(shape: dict, steps: int, warmup: int) -> dict:
+def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
+    """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -206,8 +226,14 @@ def run_torch(shape: dict, steps: int, warmup: int) -> dict:
     inputs = torch.from_numpy(batch["input_tokens"]).long()
     labels = torch.from_numpy(batch["target_tokens"]).long()
 
+    def compute_context():
+        if variant == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def one_step():
-        logits = model(input_ids=inputs).logits
+        with compute_context():
+            logits = model(input_ids=inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,7 +251,8 @@ def run_torch(shape: dict, steps: int, warmup: int) -> dict:
     tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
     return {
         "name": "transformers + torch AdamW",
-        "dtype": "float32",
+        "variant": variant,
+        "dtype": {"fp32": "float32", "bf16": "bf16 autocast / fp32 params"}[variant],
         "devices": 1,
         "tokens_per_sec": tokens_per_sec,
         "params": n_params,
@@ -234,24 +261,33 @@ def run_torch(shape: dict, steps: int, warmup: int) -> dict:
 
 
 def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
+    """Markdown table; percentages use the ceiling of the row's compute dtype, ratios torch's rows."""
     per_token = next(r["flops_per_token"] for r in rows if "flops_per_token" in r)
-    torch_rate = next((r["tokens_per_sec"] for r in rows if r["name"].startswith("transformers")), None)
+    torch_rates = {r["variant"]: r["tokens_per_sec"] for r in rows if r["name"].startswith("transformers")}
     for r in rows:
         r.setdefault("flops_per_sec", r["tokens_per_sec"] * per_token)
+    ceilings = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceiling.items() if k.startswith(("jax_", "torch_")))
     print(
         f"\n{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
         f"{per_token / 1e6:.1f} MFLOP/token; {args.steps} timed steps after {args.warmup} warm-up steps\n"
-        f"dense matmul ceiling here: float32 {ceiling['float32'] / 1e9:.0f} GFLOP/s"
-        + (f", bfloat16 (jax) {ceiling['jax_bfloat16'] / 1e9:.0f} GFLOP/s" if "jax_bfloat16" in ceiling else "")
-        + "\n"
+        f"dense matmul ceiling here (GFLOP/s): float32 {ceiling['float32'] / 1e9:.0f}, "
+        f"bfloat16 with float32 accumulation {ceiling['bfloat16'] / 1e9:.0f} ({ceilings})\n"
     )
-    print("| implementation | dtype | devices | tokens/s | model GFLOP/s | % of fp32 matmul ceiling | vs torch |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| implementation | dtype | devices | tokens/s | model GFLOP/s | % of same-dtype ceiling "
+        "| % of fp32 ceiling | vs torch, same dtype | vs torch fp32 |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        vs_torch = f"{r['tokens_per_sec'] / torch_rate:.2f}x" if torch_rate else "n/a"
+        dtype_ceiling = ceiling["bfloat16" if r["variant"] == "bf16" else "float32"]
+        vs_same, vs_fp32 = (
+            f"{r['tokens_per_sec'] / torch_rates[v]:.2f}x" if v in torch_rates else "n/a" for v in (r["variant"], "fp32")
+        )
         print(
             f"| {r['name']} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
-            f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / ceiling['float32']:.0f}% | {vs_torch} |"
+            f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / dtype_ceiling:.0f}% | "
+            f"{100 * r['flops_per_sec'] / ceiling['float32']:.0f}% | "
+            f"{vs_same} | {vs_fp32} |"
         )
     if args.json:
         with open(args.json, "w") as f:
