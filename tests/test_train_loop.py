@@ -165,6 +165,19 @@ def test_flops_per_token_follows_the_documented_formula():
     assert metrics.flops_per_token(cfg, n, 256) == 6 * by_hand + 12 * layers * h * hd * 256
 
 
+def test_cpu_peak_is_measured_in_the_compute_dtype(monkeypatch):
+    from flan_jax.train import metrics
+
+    assert metrics.peak_flops(-1.0, "bfloat16") is None  # -1 turns MFU off
+    assert metrics.peak_flops(5e12, "bfloat16") == 5e12 * len(jax.devices())
+    measured = []
+    monkeypatch.setattr(metrics, "measure_matmul_flops", lambda dtype: measured.append(dtype) or 1.0)
+    assert metrics.peak_flops(0.0, "bfloat16") == 1.0 and measured == ["bfloat16"]
+    monkeypatch.undo()
+    for dtype in ("float32", "bfloat16"):
+        assert metrics.measure_matmul_flops(size=128, repeats=1, dtype=dtype) > 0
+
+
 def test_truncate_jsonl_drops_later_steps_and_a_torn_last_line(tmp_path):
     from flan_jax.train import metrics
 

@@ -14,8 +14,9 @@ FLOPs per token (training = forward + backward = 3 x forward; PaLM, Chowdhery et
 MFU = flops_per_token * tokens_per_sec / peak FLOP/s, with tokens = all batch_size x seq_len
 positions (padding included: that is what the hardware computes). The peak is
 `config.train.peak_flops_per_device` x devices when set, a table of known accelerators
-otherwise, and on CPU a dense float32 matmul measured once at start (all simulated CPU
-devices share the same cores, so the host is measured once, not per device).
+otherwise, and on CPU a dense matmul in the model's compute dtype measured once at start (bf16
+operands accumulating in float32, as the model computes, run ~2x float32 on CPUs with avx512_bf16;
+all simulated CPU devices share the same cores, so the host is measured once, not per device).
 """
 
 from __future__ import annotations
@@ -70,10 +71,13 @@ def flops_per_token(model_config: Any, n_matmul: int, seq_len: int) -> float:
     return float(6 * n_matmul + attention)
 
 
-def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
-    """Dense float32 matmul FLOP/s on the default device: the practical ceiling on CPU."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
+def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """Dense matmul FLOP/s on the default device (operands in `dtype`, float32 accumulation).
+
+    The practical ceiling on CPU for a model computing in `dtype`.
+    """
+    a = jnp.ones((size, size), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     matmul(a).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -83,7 +87,7 @@ def measure_matmul_flops(size: int = 1024, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
-def peak_flops(configured_per_device: float) -> float | None:
+def peak_flops(configured_per_device: float, compute_dtype: str = "float32") -> float | None:
     """Peak FLOP/s of all devices of the run (None if unknown: MFU is then not reported)."""
     devices = jax.devices()
     if configured_per_device > 0:
@@ -95,7 +99,7 @@ def peak_flops(configured_per_device: float) -> float | None:
         if kind.startswith(name):
             return value * len(devices)
     if devices[0].platform == "cpu":
-        return measure_matmul_flops()
+        return measure_matmul_flops(dtype=compute_dtype)
     return None
 
 
@@ -218,7 +222,7 @@ class Reporter:
     def __init__(self, workdir, config: Any, flops_per_token_: float, *, start_step: int, enabled: bool):
         self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
         self.flops_per_token = flops_per_token_
-        self.peak = peak_flops(float(config.train.peak_flops_per_device))
+        self.peak = peak_flops(float(config.train.peak_flops_per_device), str(config.model.dtype))
         self.writer = MetricsWriter(workdir, resume_step=start_step, enabled=enabled)
         self.progress = Progress(int(config.train.num_steps), start_step, bar=config.train.progress_bar, enabled=enabled)
         self._timer_step, self._timer_start = start_step, None
