@@ -179,48 +179,48 @@ def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     the fully masked upper-triangle blocks are never computed: with 4 blocks about 10/16 of the
     score matmuls, softmax and their gradients. This is why it is the training path for causal
     (not prefix-LM) batches; results equal `reference_attention` exactly up to float rounding.
-    """
-    t, block = q.shape[1], block or CAUSAL_BLOCK
-    if t <= block or t % block or k.shape[1] != t:
-        return _late_normalized_attention(q, k, v, mask)
-    outs = []
-    for end in range(block, t + 1, block):
-        start = end - block
-        outs.append(_late_normalized_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, :, start:end, :end]))
-    return jnp.concatenate(outs, axis=1)
-
-
-def _late_normalized_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """`reference_attention` with the softmax division moved after the value matmul.
-
-    Dividing the [B, T, H, D] output by the row sums instead of the [B, H, T, S] probabilities
-    saves a pass over the scores forward and backward (~10% of attention time on CPU). Every
-    row sees at least its own key (attention_mask), so the row sums are >= 1.
+    q, k and v are put head-major once, so each block is a contiguous slice and no matmul of the
+    loop needs a transposed copy.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
-    q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d)
-    return _attention_core(q, k, v, mask).reshape(b, t, h, d)
+    block = block or CAUSAL_BLOCK
+    q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
+    if t <= block or t % block or k.shape[2] != t:
+        out = _attention_core(q, k, v, mask)
+    else:
+        out = jnp.concatenate(
+            [
+                _attention_core(q[:, :, :, end - block : end], k[:, :, :end], v[:, :, :end], mask[:, :, end - block : end, :end])
+                for end in range(block, t + 1, block)
+            ],
+            axis=3,
+        )
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 @jax.custom_vjp
 def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T, masked) v for pre-scaled grouped queries q [B, T, KV, G, D]; result in v's dtype.
+    """softmax(q k^T, masked) v, head-major: pre-scaled q [B, KV, G, T, D], k and v [B, KV, S, D].
 
+    The softmax division comes after the value matmul: dividing the [.., T, D] output by the row
+    sums instead of the [.., T, S] probabilities saves a pass over the scores forward and backward.
+    Every row sees at least its own key (attention_mask), so the row sums are >= 1.
     The backward pass is written out (the standard softmax-attention gradient) so that all four
     of its matmuls take operands in the compute dtype and accumulate in float32: autodiff of the
     forward would feed float32 cotangents to bf16 operands, XLA's slow mixed-dtype matmul path
-    (see flan_jax/model/matmul.py).
+    (see flan_jax/model/matmul.py). Result in v's dtype.
     """
     return _attention_core_fwd(q, k, v, mask)[0]
 
 
 def _attention_core_fwd(q, k, v, mask):
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [B, KV, G, T, S]
-    row_sums = jnp.transpose(jnp.sum(unnormalized, axis=-1), (0, 3, 1, 2))[..., None]  # [B, T, KV, G, 1]
-    out = jnp.einsum("bkgts,bskd->btkgd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    row_sums = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [B, KV, G, T, 1]
+    out = jnp.einsum("bkgts,bksd->bkgtd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
     out = (out / row_sums).astype(v.dtype)
     return out, (q, k, v, unnormalized, row_sums, out)
 
@@ -231,14 +231,13 @@ def _attention_core_bwd(residuals, d_out):
     d_out32 = d_out.astype(jnp.float32)
     # probs = unnormalized / row_sums; the division is folded into the smaller operand each time.
     d_out_scaled = (d_out32 / row_sums).astype(dtype)
-    d_v = jnp.einsum("bkgts,btkgd->bskd", unnormalized.astype(dtype), d_out_scaled, preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out.astype(dtype), v, preferred_element_type=jnp.float32)
+    d_v = jnp.einsum("bkgts,bkgtd->bksd", unnormalized.astype(dtype), d_out_scaled, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out.astype(dtype), v, preferred_element_type=jnp.float32)
     # d scores = probs * (d_probs - sum_s(probs * d_probs)), and sum_s(probs * d_probs) = d_out . out.
-    row_dot = jnp.transpose(jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1), (0, 2, 3, 1))
-    inverse_sums = jnp.transpose(1.0 / row_sums[..., 0], (0, 2, 3, 1))[..., None]  # [B, KV, G, T, 1]
-    d_scores = (unnormalized * inverse_sums * (d_probs - row_dot[..., None])).astype(dtype)
-    d_q = jnp.einsum("bkgts,bskd->btkgd", d_scores, k, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bkgts,btkgd->bskd", d_scores, q, preferred_element_type=jnp.float32)
+    row_dot = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (unnormalized / row_sums * (d_probs - row_dot)).astype(dtype)
+    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k, preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q, preferred_element_type=jnp.float32)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(dtype), None
 
 
