@@ -26,3 +26,19 @@ def real_data_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"FLAN_JAX_DATA_DIR={value} is not a directory")
     return path
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A persistent XLA compilation cache for the trainer runs of one test module (and their children)."""
+    from tests import train_fakes
+
+    yield from train_fakes.compilation_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> pathlib.Path:
+    """The demo mixture's small sentencepiece model, trained once per test session (per xdist worker)."""
+    from tests import train_fakes
+
+    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))

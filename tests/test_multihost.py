@@ -8,21 +8,10 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from tests import train_fakes
 
 NUM_STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    yield from train_fakes.compilation_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def _free_port() -> int:

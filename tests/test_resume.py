@@ -17,16 +17,6 @@ from tests import train_fakes
 NUM_STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    yield from train_fakes.compilation_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
 def _command(workdir, tokenizer_path):
     overrides = train_fakes.demo_overrides(
         tokenizer_path, train__num_steps=NUM_STEPS, checkpoint__every_steps=3, checkpoint__keep=2

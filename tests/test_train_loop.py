@@ -17,13 +17,9 @@ REQUIRED_FIELDS = {"step", "loss", "learning_rate", "tokens_per_sec", "grad_norm
 
 
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    yield from train_fakes.compilation_cache(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory):
-    return train_fakes.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+def compilation_cache(cache_dir):
+    """Every train() call of this module uses the module's compilation cache."""
+    return cache_dir
 
 
 def _metrics(workdir):
