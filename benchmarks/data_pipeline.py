@@ -9,8 +9,11 @@ Measures, on ONE core (worker_count=0, no threads), over the first `--num_exampl
   loader     all of it through `make_train_iterator` (row slots, batching), the trainer's real input
 
 and the steady-state packing fill rate (non-padding tokens / all tokens) at each `--seq_lens`: the
-loader's packer (`OpenRows`), grain's best-fit packer and one example per row. The pipeline is compared with the trainer's consumption (`--trainer_tokens_per_sec`, the demo model's
-~4,000 tokens/s on this machine; JAX_STACK_NOTES). Targets: fill >= 98% at 1024; loader >= 20x the trainer.
+loader's packer (`OpenRows`), grain's best-fit packer and one example per row. The pipeline is
+compared with the trainer's consumption: the tokens/s of the demo model's train step (configs/demo.py:
+model, batch and compute dtype; the fastest consumer this machine trains), measured in the same run
+after the pipeline (`--trainer_tokens_per_sec` sets a rate instead). Targets: fill >= 98% at 1024;
+loader >= 20x the trainer.
 
   FLAN_JAX_DATA_DIR=/path/to/data python benchmarks/data_pipeline.py --mixture=t0 [--tokenizer=tok.model]
 
@@ -47,7 +50,7 @@ flags.DEFINE_list("seq_lens", ["1024", "2048"], "row lengths for the fill-rate c
 flags.DEFINE_integer("batch_size", 8, "global rows per batch for the loader measurement")
 flags.DEFINE_integer("num_packing_bins", 64, "best-fit look-ahead (config.data.num_packing_bins)")
 flags.DEFINE_list("fill_bins", ["16", "64"], "num_packing_bins values for the fill-rate comparison")
-flags.DEFINE_float("trainer_tokens_per_sec", 4000.0, "the demo model's training consumption on this machine")
+flags.DEFINE_float("trainer_tokens_per_sec", 0.0, "the trainer's consumption; 0: measure the demo model's step here")
 flags.DEFINE_integer("seed", 0, "stream seed")
 
 
@@ -62,6 +65,19 @@ def _row(stage: str, examples: int, tokens: int, wall: float, cpu: float, traine
         f"| {stage} | {examples / wall:,.0f} | {tokens / wall:,.0f} | {tokens / cpu:,.0f} | "
         f"{tokens / wall / trainer:,.1f}x |"
     )
+
+
+def measure_demo_trainer() -> float:
+    """Tokens/s of the trainer's jitted step on configs/demo.py's model, batch and compute dtype (1 device)."""
+    import train_throughput  # benchmarks/ is on sys.path when this file runs as a script
+
+    from flan_jax import demo
+
+    config = demo.load_config(demo.DEMO_CONFIG)
+    shape = dict(train_throughput.PRESETS["demo"])
+    assert all(shape[k] == config.model[k] for k in ("vocab_size", "d_model", "n_layers", "d_ff")), "demo preset is stale"
+    variant = "bf16" if config.model.dtype == "bfloat16" else "fp32"
+    return train_throughput.run_flan_jax(shape, variant, 1, steps=10, warmup=2)["tokens_per_sec"]
 
 
 def _loader_run(config, tokenizer, examples: grain.MapDataset, num_examples: int):
@@ -88,7 +104,6 @@ def main(argv: Sequence[str]) -> None:
         print(f"Trained a {tokenizer.vocab_size}-piece tokenizer on {FLAGS.tokenizer_examples:,} examples in {wall:.1f} s")
 
     n = FLAGS.num_examples
-    trainer = FLAGS.trainer_tokens_per_sec
     seq_lens = [int(s) for s in FLAGS.seq_lens]
     first_len = seq_lens[0]
 
@@ -111,9 +126,11 @@ def main(argv: Sequence[str]) -> None:
     config.num_packing_bins = FLAGS.num_packing_bins
     examples = grain.MapDataset.source(rendered)  # the same examples, so only the loader's own work differs
     (batches, counts), load_wall, load_cpu = _timed(lambda: _loader_run(config, tokenizer, examples, n))
+    trainer = FLAGS.trainer_tokens_per_sec or measure_demo_trainer()
+    trainer_source = "given" if FLAGS.trainer_tokens_per_sec else "the demo model's train step, measured in this run"
 
     print(f"\nMixture {FLAGS.mixture!r}: {n:,} examples, {tokens / len(features):.1f} tokens per example at "
-          f"seq_len {first_len}, trainer consumption {trainer:,.0f} tokens/s\n")
+          f"seq_len {first_len}, trainer consumption {trainer:,.0f} tokens/s ({trainer_source})\n")
     print("| stage (1 core) | examples/s | tokens/s (wall) | tokens/s (CPU time) | x trainer |")
     print("|---|---:|---:|---:|---:|")
     print(_row("render", n, tokens, render_wall, render_cpu, trainer))

@@ -35,6 +35,8 @@ import time
 PRESETS = {
     # The configuration: ~7M parameters.
     "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
+    # The model and batch of configs/demo.py (what `make demo` trains).
+    "demo": dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, batch=32, seq_len=256),
     # A ~1B Llama (TinyLlama-like widths) for accelerators.
     "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632, batch=8, seq_len=2048),
     # Seconds on CPU: only checks that every path runs.
