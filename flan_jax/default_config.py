@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.overlong = "truncate"  # "truncate" (cut inputs, keep the response) or "drop"; both counted
     data.num_packing_bins = 64  # look-ahead of the best-fit packer
     data.on_bad_record = "error"  # "error" or "skip" (counted and logged)
-    data.worker_count = 0  # grain worker processes (0: in the main process)
+    data.worker_count = 0  # grain worker processes (0: in the main process); fixed within a run (resume checks it)
     data.tokenizer = tok = ml_collections.ConfigDict()
     tok.kind = "sentencepiece"  # "sentencepiece" (.model) or "hf" (tokenizer.json)
     tok.path = ""  # empty: train a sentencepiece model on the training mixture into the workdir

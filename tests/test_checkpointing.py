@@ -108,3 +108,28 @@ def test_when_no_checkpoint_fits_the_run_nothing_is_moved_and_the_error_is_clear
         checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(wrong, _iterator())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert not (tmp_path / "checkpoints_corrupt").exists()
+
+
+def _worker_iterator(num_workers):
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain workers read absl flags (JAX_STACK_NOTES gotcha 7)
+    dataset = grain.MapDataset.range(1000).map(lambda i: {"x": np.full((2,), i)}).to_iter_dataset()
+    return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers)))
+
+
+def test_resuming_with_another_worker_count_names_both_counts(tmp_path):
+    """Each data.worker_count gives its own batch order: a changed one is refused, clearly."""
+    import json
+
+    (tmp_path / "process_0-of-1.json").write_text(json.dumps(_worker_iterator(2).get_state()))
+    for current, expected in ((_iterator(), "worker_count=2 and this run uses 0"), (_worker_iterator(3), "uses 3")):
+        with pytest.raises(ValueError, match=expected):
+            checkpointing.restore_data_iterator(tmp_path, current)
+    (tmp_path / "process_0-of-1.json").write_text(json.dumps(_iterator().get_state()))
+    with pytest.raises(ValueError, match="worker_count=0 and this run uses 2"):
+        checkpointing.restore_data_iterator(tmp_path, _worker_iterator(2))
+    restored = _worker_iterator(2)  # the same count restores (no worker process is started here)
+    (tmp_path / "process_0-of-1.json").write_text(json.dumps(restored.get_state()))
+    checkpointing.restore_data_iterator(tmp_path, restored)

@@ -70,7 +70,9 @@ def restore_data_iterator(directory: epath.Path, data_iter: Any) -> None:
     """
     own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
     if own.exists():
-        data_iter.set_state(json.loads(own.read_text()))
+        state = json.loads(own.read_text())
+        check_worker_count(state, data_iter, own)
+        data_iter.set_state(state)
         return
     files = sorted(directory.glob("process_*-of-*.json"))
     if not files:
@@ -78,7 +80,36 @@ def restore_data_iterator(directory: epath.Path, data_iter: Any) -> None:
     from flan_jax.data import loader
 
     logging.info("Data iterator saved by %d process(es), restored by %d: merging row slots", len(files), jax.process_count())
-    data_iter.set_state(loader.merge_process_states([json.loads(f.read_text()) for f in files]))
+    states = [json.loads(f.read_text()) for f in files]
+    for state, path in zip(states, files):
+        check_worker_count(state, data_iter, path)
+        if _worker_count(state):
+            raise ValueError(
+                f"{path}: data iterator states of grain worker processes (config.data.worker_count > 0) cannot "
+                f"move to another process count ({len(files)} -> {jax.process_count()}); resume with the same "
+                "number of processes, or train with worker_count=0"
+            )
+    data_iter.set_state(loader.merge_process_states(states))
+
+
+def _worker_count(state: Mapping[str, Any]) -> int:
+    """0 for the loader's own iterator state; grain's worker-process iterator holds one per worker."""
+    return len(state["iterators_in_use_states"]) if "iterators_in_use_states" in state else 0
+
+
+def check_worker_count(state: Mapping[str, Any], data_iter: Any, path: Any) -> None:
+    """A clear error when the run resumes with another `config.data.worker_count`.
+
+    Each worker count gives its own (deterministic) interleaving of batches, so continuing a run
+    under another one would silently change its data stream; grain itself fails on it with a bare
+    KeyError. Worker-process states cannot be merged across process counts either.
+    """
+    saved, current = _worker_count(state), _worker_count(data_iter.get_state())
+    if saved != current:
+        raise ValueError(
+            f"{path}: the data iterator was saved with config.data.worker_count={saved} and this run uses "
+            f"{current}; resume with worker_count={saved} (another value gives another batch order)"
+        )
 
 
 class Checkpointer:
