@@ -126,6 +126,9 @@ def _best_flops(fn, flops: float, repeats: int = 5) -> float:
 
 
 def _config(shape: dict, variant: str):
+    """The trainer's config for this shape; the attention kernel a user would pick on this backend."""
+    import jax
+
     from flan_jax import default_config
 
     config = default_config.get_config()
@@ -133,6 +136,8 @@ def _config(shape: dict, variant: str):
         config.model[key] = shape[key]
     config.model.max_positions = shape["seq_len"]
     config.model.dtype = {"fp32": "float32", "bf16": "bfloat16"}[variant]
+    # cuDNN's fused attention on NVIDIA GPUs (default_config.py); the causal block path elsewhere.
+    config.model.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
     config.optimizer.warmup_steps = 0
     return config

@@ -1,0 +1,33 @@
+"""The training-throughput benchmark runs end to end (its --tiny preset) and reports every row."""
+
+import json
+import subprocess
+import sys
+
+from tests import train_fakes
+
+
+def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--devices=2", f"--json={out}"],
+        cwd=train_fakes.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["name"], r["variant"], r["devices"]): r for r in report["rows"]}
+    assert set(rows) == {
+        ("flan_jax train step", "fp32", 1),
+        ("flan_jax train step", "fp32", 2),
+        ("flan_jax train step", "bf16", 1),
+        ("flan_jax train step", "bf16", 2),
+        ("transformers + torch AdamW", "fp32", 1),
+        ("transformers + torch AdamW", "bf16", 1),
+    }
+    for row in rows.values():
+        assert row["tokens_per_sec"] > 0 and row["final_loss"] > 0
+    assert report["ceiling"]["float32"] > 0 and report["ceiling"]["bfloat16"] > 0
+    assert "| transformers + torch AdamW | bf16 autocast / fp32 params | 1 |" in result.stdout
