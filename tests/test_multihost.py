@@ -73,7 +73,8 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     multi = tmp_path / "multi"
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
-    procs = _start_two_processes(multi, tokenizer_path, cache_dir, logs)
+    with_eval = {"eval__mixtures": ("synthetic_eval_heldout_cluster",), "eval__at_start": False}
+    procs = _start_two_processes(multi, tokenizer_path, cache_dir, logs, **with_eval)
     _wait_all(procs)
     outputs = [log.read_text() for log in logs]
     for proc, out in zip(procs, outputs):
@@ -82,7 +83,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
 
     single = tmp_path / "single"
     result = subprocess.run(
-        _command(single, tokenizer_path),
+        _command(single, tokenizer_path, **with_eval),
         cwd=train_fakes.ROOT,
         env=train_fakes.subprocess_env(cache_dir, **four_devices),
         capture_output=True,
@@ -95,6 +96,16 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     single_loss, single_norm = _losses(single)
     np.testing.assert_allclose(multi_loss, single_loss, rtol=1e-5)
     np.testing.assert_allclose(multi_norm, single_norm, rtol=1e-4)
+    # The final evaluation: every process evaluates the whole set on the global params, process 0
+    # writes; the same predictions and scores as one process.
+    predictions = [(workdir / f"eval/predictions_{NUM_STEPS}.jsonl").read_text() for workdir in (multi, single)]
+    assert predictions[0] and predictions[0] == predictions[1]
+    scores = [
+        json.loads((workdir / f"eval/step_{NUM_STEPS}.json").read_text())["mixtures"]["synthetic_eval_heldout_cluster"]
+        for workdir in (multi, single)
+    ]
+    assert scores[0]["exact_match"] == scores[1]["exact_match"]
+    np.testing.assert_allclose(scores[0]["loss"], scores[1]["loss"], rtol=1e-5)
     # Each process saved only its own data-iterator state (it loaded only its own rows).
     iterator_files = sorted(p.name for p in (multi / "checkpoints" / "2" / "data_iter").glob("*.json"))
     assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
