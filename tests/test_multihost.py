@@ -59,6 +59,20 @@ def _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **extra) -> l
     return procs
 
 
+def _run_one_process(workdir, tokenizer_path, cache_dir, devices: int, **extra) -> subprocess.CompletedProcess:
+    """The same run in one process on `devices` simulated devices; asserts it succeeded."""
+    result = subprocess.run(
+        _command(workdir, tokenizer_path, **extra),
+        cwd=train_fakes.ROOT,
+        env=train_fakes.subprocess_env(cache_dir, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def _wait_all(procs, timeout_s: float = 300) -> None:
     try:
         for proc in procs:
@@ -70,7 +84,6 @@ def _wait_all(procs, timeout_s: float = 300) -> None:
 
 
 def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
-    four_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     multi = tmp_path / "multi"
     logs = [tmp_path / f"process_{i}.log" for i in range(2)]
     with_eval = {"eval__mixtures": ("synthetic_eval_heldout_cluster",), "eval__at_start": False}
@@ -82,15 +95,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     assert "process 1 of 2" in outputs[1] or "process 1 of 2" in outputs[0]
 
     single = tmp_path / "single"
-    result = subprocess.run(
-        _command(single, tokenizer_path, **with_eval),
-        cwd=train_fakes.ROOT,
-        env=train_fakes.subprocess_env(cache_dir, **four_devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_one_process(single, tokenizer_path, cache_dir, 4, **with_eval)
 
     multi_loss, multi_norm = _losses(multi)
     single_loss, single_norm = _losses(single)
@@ -111,30 +116,14 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
     # The one-process run resumes on 8 devices and a (2, 2, 2) mesh: same workdir, other device count.
-    resumed = subprocess.run(
-        _command(single, tokenizer_path, train__num_steps=NUM_STEPS + 2, mesh__fsdp=2, mesh__tensor=2),
-        cwd=train_fakes.ROOT,
-        env=train_fakes.subprocess_env(cache_dir, XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _run_one_process(single, tokenizer_path, cache_dir, 8, train__num_steps=NUM_STEPS + 2, mesh__fsdp=2, mesh__tensor=2)
     assert "Resumed from checkpoint" in resumed.stderr and "'fsdp': 2" in resumed.stderr
     steps = [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, NUM_STEPS + 3))
 
     # The two-process run resumes in ONE process: its two iterator files are merged by row slot, so
     # steps 4-5 see the same global batches as the one-process run that resumed above.
-    multi_resumed = subprocess.run(
-        _command(multi, tokenizer_path, train__num_steps=NUM_STEPS + 2),
-        cwd=train_fakes.ROOT,
-        env=train_fakes.subprocess_env(cache_dir, **four_devices),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert multi_resumed.returncode == 0, multi_resumed.stderr[-3000:]
+    multi_resumed = _run_one_process(multi, tokenizer_path, cache_dir, 4, train__num_steps=NUM_STEPS + 2)
     assert "merging row slots" in multi_resumed.stderr
     after = {}
     for workdir in (multi, single):

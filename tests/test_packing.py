@@ -58,14 +58,19 @@ def _check_same_examples(rows, examples):
     assert sorted(seen) == sorted(by_id), "examples lost or duplicated"
 
 
-def test_open_rows_carry_every_example_exactly_once_and_unchanged():
-    examples = _random_features(300)
-    rows = packing.pack_list(examples, seq_len=SEQ_LEN, num_open_rows=4)
+def _check_row_layout(rows):
+    """Every packed row has the batch keys, length SEQ_LEN and the dtypes of docs/design.md."""
     for row in rows:
         assert set(row) == set(packing.BATCH_KEYS)
         assert all(v.shape == (SEQ_LEN,) for v in row.values())
         assert row["loss_weights"].dtype == np.float32
         assert all(row[k].dtype == np.int32 for k in packing.BATCH_KEYS if k != "loss_weights")
+
+
+def test_open_rows_carry_every_example_exactly_once_and_unchanged():
+    examples = _random_features(300)
+    rows = packing.pack_list(examples, seq_len=SEQ_LEN, num_open_rows=4)
+    _check_row_layout(rows)
     _check_same_examples(rows, examples)
     steady = packing.pack_list(examples, seq_len=SEQ_LEN, num_open_rows=4, flush=False)
     assert packing.fill_rate(steady) > 0.9
@@ -123,11 +128,7 @@ def test_open_rows_fill_better_than_grain_bins_of_the_same_count():
 def test_grain_packed_rows_carry_every_example_exactly_once_and_unchanged():
     examples = _random_features(300)
     rows = list(packing.pack(grain.MapDataset.source(examples).to_iter_dataset(), seq_len=SEQ_LEN, num_packing_bins=8, seed=0))
-    for row in rows:
-        assert set(row) == set(packing.BATCH_KEYS)
-        assert all(v.shape == (SEQ_LEN,) for v in row.values())
-        assert row["loss_weights"].dtype == np.float32
-        assert all(row[k].dtype == np.int32 for k in packing.BATCH_KEYS if k != "loss_weights")
+    _check_row_layout(rows)
     _check_same_examples(rows, examples)
     padded = [packing.pad_one(e, SEQ_LEN) for e in examples]
     _check_same_examples(padded, examples)
