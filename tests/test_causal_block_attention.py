@@ -10,6 +10,13 @@ import pytest
 from flan_jax.model import transformer
 
 
+@pytest.fixture(autouse=True)
+def _float32_matmuls():
+    """Exact float32 matmuls also on GPUs, whose default for float32 is TF32 (~1e-3 relative)."""
+    with jax.default_matmul_precision("float32"):
+        yield
+
+
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
 def test_causal_block_attention_matches_reference_with_packing(n_kv_heads):
     b, t, h, d = 2, 48, 4, 8

@@ -274,7 +274,10 @@ class Attention(nnx.Module):
         else:
             # cuDNN's fused kernel targets training shapes; one-token decode steps use XLA's.
             implementation = "xla" if cache is not None and q.shape[1] == 1 else cfg.attention
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+            # is_causal changes nothing in the result (the mask is already causal then), but lets
+            # cuDNN skip the blocks above the diagonal instead of computing and masking them.
+            is_causal = causal and cache is None and implementation == "cudnn"
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out), cache
 
