@@ -53,6 +53,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_torch", action="store_true")
+    parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                        help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
+    parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.tiny:
@@ -67,18 +70,22 @@ def main() -> None:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+    # On a GPU torch and jax share its memory: jax takes it as needed instead of 75% up front,
+    # and torch runs first and hands its cache back (run_torch).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     shape = PRESETS[args.preset]
     rows = []
     ceiling = matmul_ceiling(jax)
+    if not args.skip_torch:
+        for variant in args.variants.split(","):
+            rows.append(run_torch(shape, variant, args.steps, args.warmup, on_cpu=jax.default_backend() == "cpu"))
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
-            rows.append(run_flan_jax(shape, variant, n, args.steps, args.warmup))
-    if not args.skip_torch:
-        for variant in args.variants.split(","):
-            rows.append(run_torch(shape, variant, args.steps, args.warmup))
+            rows.append(run_flan_jax(shape, variant, n, args))
+    rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
 
 
@@ -88,13 +95,17 @@ def matmul_ceiling(jax) -> dict[str, float]:
     bfloat16 is measured the way training uses it: bf16 operands accumulated into float32
     (`preferred_element_type`), which runs on the bf16 dot-product units; a matmul with a bf16
     *output* takes a slower path on XLA's CPU backend and is listed separately for reference.
+    Random operands: zeros or ones can run faster than real data on GPUs.
     """
     import jax.numpy as jnp
+    import numpy as np
 
-    size = 2048 if jax.default_backend() == "cpu" else 8192
+    on_cpu = jax.default_backend() == "cpu"
+    size = 2048 if on_cpu else 8192
     flops = 2 * size**3
     out = {}
-    a32, a16 = jnp.ones((size, size), jnp.float32), jnp.ones((size, size), jnp.bfloat16)
+    host = np.random.default_rng(0).standard_normal((size, size), dtype=np.float32)
+    a32, a16 = jnp.asarray(host), jnp.asarray(host, jnp.bfloat16)
     matmul = jax.jit(lambda x: x @ x)
     accumulate32 = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     out["jax_float32"] = _best_flops(lambda: matmul(a32).block_until_ready(), flops)
@@ -103,16 +114,28 @@ def matmul_ceiling(jax) -> dict[str, float]:
     try:
         import torch
 
+        device = _torch_device(torch, on_cpu)
         torch.set_num_threads(os.cpu_count() or 1)
-        t32 = torch.ones((size, size))
+        t32 = torch.from_numpy(host).to(device)
         t16 = t32.to(torch.bfloat16)
-        out["torch_float32"] = _best_flops(lambda: t32 @ t32, flops)
-        out["torch_bfloat16"] = _best_flops(lambda: t16 @ t16, flops)
+        out["torch_float32"] = _best_flops(lambda: _torch_sync(torch, t32 @ t32), flops)
+        out["torch_bfloat16"] = _best_flops(lambda: _torch_sync(torch, t16 @ t16), flops)
     except ImportError:
         pass
     for dtype in ("float32", "bfloat16"):
         out[dtype] = max(v for k, v in out.items() if k.endswith(dtype))
     return out
+
+
+def _torch_device(torch, on_cpu: bool) -> str:
+    """torch runs where jax runs: on the GPU when jax has one (and torch sees it)."""
+    return "cuda" if not on_cpu and torch.cuda.is_available() else "cpu"
+
+
+def _torch_sync(torch, result=None):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result
 
 
 def _best_flops(fn, flops: float, repeats: int = 5) -> float:
@@ -125,8 +148,8 @@ def _best_flops(fn, flops: float, repeats: int = 5) -> float:
     return flops / best
 
 
-def _config(shape: dict, variant: str):
-    """The trainer's config for this shape; the attention kernel a user would pick on this backend."""
+def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none"):
+    """The trainer's config for this shape; by default the attention kernel a user would pick here."""
     import jax
 
     from flan_jax import default_config
@@ -137,7 +160,10 @@ def _config(shape: dict, variant: str):
     config.model.max_positions = shape["seq_len"]
     config.model.dtype = {"fp32": "float32", "bf16": "bfloat16"}[variant]
     # cuDNN's fused attention on NVIDIA GPUs (default_config.py); the causal block path elsewhere.
-    config.model.attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if attention == "auto":
+        attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    config.model.attention = attention
+    config.model.remat = remat
     config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
     config.optimizer.warmup_steps = 0
     return config
@@ -159,7 +185,7 @@ def _batch(shape: dict, seed: int = 0) -> dict:
     }
 
 
-def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: int) -> dict:
+def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Namespace) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
     from flax import nnx
@@ -167,7 +193,8 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: 
     from flan_jax import model as model_lib
     from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
 
-    config = _config(shape, variant)
+    steps, warmup = args.steps, args.warmup
+    config = _config(shape, variant, args.attention, args.remat)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -194,6 +221,8 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: 
         "name": "flan_jax train step",
         "variant": variant,
         "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
+        "attention": config.model.attention,
+        "remat": config.model.remat,
         "devices": n_devices,
         "tokens_per_sec": tokens_per_sec,
         "flops_per_sec": tokens_per_sec * per_token,
@@ -203,8 +232,11 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, steps: int, warmup: 
     }
 
 
-def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
-    """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast."""
+def run_torch(shape: dict, variant: str, steps: int, warmup: int, on_cpu: bool = True) -> dict:
+    """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast.
+
+    On a GPU: the same on CUDA, with torch's SDPA attention (flash/cuDNN kernels) and fused AdamW.
+    """
     import contextlib
 
     import torch
@@ -212,6 +244,7 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
+    device = _torch_device(torch, on_cpu)
     hf_config = LlamaConfig(
         vocab_size=shape["vocab_size"],
         hidden_size=shape["d_model"],
@@ -225,17 +258,19 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
+        attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(hf_config)
+    model = LlamaForCausalLM(hf_config).to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    fused = {"fused": True} if device == "cuda" else {}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, **fused)
     batch = _batch(shape)
-    inputs = torch.from_numpy(batch["input_tokens"]).long()
-    labels = torch.from_numpy(batch["target_tokens"]).long()
+    inputs = torch.from_numpy(batch["input_tokens"]).long().to(device)
+    labels = torch.from_numpy(batch["target_tokens"]).long().to(device)
 
     def compute_context():
         if variant == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def one_step():
@@ -250,11 +285,16 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
 
     for _ in range(warmup):
         one_step()
+    _torch_sync(torch)
     start = time.perf_counter()
     for _ in range(steps):
         loss = one_step()
+    loss = float(loss.detach())  # the one host sync, as in the jax loop
     elapsed = time.perf_counter() - start
     n_params = sum(p.numel() for p in model.parameters())
+    del model, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
     tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
     return {
         "name": "transformers + torch AdamW",
@@ -263,38 +303,54 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int) -> dict:
         "devices": 1,
         "tokens_per_sec": tokens_per_sec,
         "params": n_params,
-        "final_loss": float(loss.detach()),
+        "final_loss": loss,
     }
 
 
 def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
     """Markdown table; percentages use the ceiling of the row's compute dtype, ratios torch's rows."""
+    import jax
+
+    from flan_jax.train import metrics
+
     per_token = next(r["flops_per_token"] for r in rows if "flops_per_token" in r)
     torch_rates = {r["variant"]: r["tokens_per_sec"] for r in rows if r["name"].startswith("transformers")}
     for r in rows:
         r.setdefault("flops_per_sec", r["tokens_per_sec"] * per_token)
     ceilings = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceiling.items() if k.startswith(("jax_", "torch_")))
+    device = jax.devices()[0]
+    # MFU in the usual sense: against the accelerator's datasheet bf16 peak (metrics.py's table).
+    datasheet_peak = metrics.peak_flops(0, "bfloat16") if device.platform != "cpu" else None
     print(
-        f"\n{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
+        f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}"
+        + (f", datasheet bf16 peak {datasheet_peak / 1e12:.0f} TFLOP/s per device" if datasheet_peak else "")
+    )
+    print(
+        f"{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
         f"{per_token / 1e6:.1f} MFLOP/token; {args.steps} timed steps after {args.warmup} warm-up steps\n"
         f"dense matmul ceiling here (GFLOP/s): float32 {ceiling['float32'] / 1e9:.0f}, "
         f"bfloat16 with float32 accumulation {ceiling['bfloat16'] / 1e9:.0f} ({ceilings})\n"
     )
     print(
         "| implementation | dtype | devices | tokens/s | model GFLOP/s | % of same-dtype ceiling "
-        "| % of fp32 ceiling | vs torch, same dtype | vs torch fp32 |"
+        "| % of fp32 ceiling | vs torch, same dtype | vs torch fp32 | MFU (bf16 datasheet peak) |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dtype_ceiling = ceiling["bfloat16" if r["variant"] == "bf16" else "float32"]
         vs_same, vs_fp32 = (
             f"{r['tokens_per_sec'] / torch_rates[v]:.2f}x" if v in torch_rates else "n/a" for v in (r["variant"], "fp32")
         )
+        mfu = "n/a"
+        if datasheet_peak and r["variant"] == "bf16":
+            r["mfu"] = r["flops_per_sec"] / (datasheet_peak / len(jax.devices()) * r["devices"])
+            mfu = f"{100 * r['mfu']:.0f}%"
+        name = r["name"] + (f" ({r['attention']} attention{', remat ' + r['remat'] if r['remat'] != 'none' else ''})" if "attention" in r else "")
         print(
-            f"| {r['name']} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
+            f"| {name} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
             f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / dtype_ceiling:.0f}% | "
             f"{100 * r['flops_per_sec'] / ceiling['float32']:.0f}% | "
-            f"{vs_same} | {vs_fp32} |"
+            f"{vs_same} | {vs_fp32} | {mfu} |"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One lease of an NVIDIA GPU: the ~1B bf16 training throughput (MFU) with cuDNN attention and
+# torch as the peer, then the GPU-only tests and the attention/matmul tests on the GPU.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR
+#
+# Expects jax with CUDA, flax, optax, torch and transformers installed; missing pure-Python
+# packages (ml_collections on the lent machines here) may come as wheels in .whl/. Use the flax
+# that matches the installed jax: flax 0.12.8 fails to import under jax 0.11.2. Each stage has its own time limit so that one
+# stuck stage leaves the others' numbers; logs and JSON land in OUTDIR.
+set -u
+out=${1:-/tmp/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  rm -rf /tmp/site && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
+
+stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it ended
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc after $((SECONDS - start))s"
+  tail -n 25 "$out/$name.log"
+}
+
+stage bench_1b_cudnn 220 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
+  --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
+stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
