@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.model import transformer
+from flan_jax.model import causal_attention, transformer
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def test_causal_block_attention_matches_reference_with_packing(n_kv_heads):
     mask = transformer.attention_mask(jnp.asarray(segments))
     expected = transformer.reference_attention(q, k, v, mask)
     for block in (8, 16, 24):
-        got = jax.jit(transformer.causal_block_attention, static_argnames="block")(q, k, v, mask, block=block)
+        got = jax.jit(causal_attention.causal_block_attention, static_argnames="block")(q, k, v, mask, block=block)
         np.testing.assert_allclose(got, expected, atol=1e-6, rtol=1e-6)
 
 
@@ -44,8 +44,8 @@ def test_causal_model_path_matches_reference_model():
     shape = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=48, max_positions=64)
     tokens = jnp.asarray(np.random.default_rng(0).integers(1, 64, (2, 64)), jnp.int32)
     segments = jnp.asarray(np.repeat([[1] * 40 + [2] * 24], 2, axis=0), jnp.int32)
-    old = transformer.CAUSAL_BLOCK
-    transformer.CAUSAL_BLOCK = 16  # several blocks at this tiny length
+    old = causal_attention.CAUSAL_BLOCK
+    causal_attention.CAUSAL_BLOCK = 16  # several blocks at this tiny length
     try:
         outs = {}
         for attention in ("xla", "reference"):
@@ -53,7 +53,7 @@ def test_causal_model_path_matches_reference_model():
             model = fm.Transformer(cfg, rngs=nnx.Rngs(0))
             outs[attention] = jax.jit(lambda t, s, m=model: m(t, segment_ids=s))(tokens, segments)
     finally:
-        transformer.CAUSAL_BLOCK = old
+        causal_attention.CAUSAL_BLOCK = old
     np.testing.assert_allclose(outs["xla"], outs["reference"], atol=1e-5, rtol=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_causal_block_attention_gradients_match_reference(n_kv_heads):
 
     expected = jax.jit(jax.grad(objective(transformer.reference_attention), argnums=(0, 1, 2)))(q, k, v)
     for block in (16, 48):
-        got = jax.jit(jax.grad(objective(transformer.causal_block_attention, block=block), argnums=(0, 1, 2)))(q, k, v)
+        got = jax.jit(jax.grad(objective(causal_attention.causal_block_attention, block=block), argnums=(0, 1, 2)))(q, k, v)
         for name, g, e in zip("qkv", got, expected):
             np.testing.assert_allclose(g, e, atol=2e-5, rtol=2e-5, err_msg=f"d{name}, block {block}")
 
@@ -91,7 +91,7 @@ def test_causal_block_attention_bf16_gradients_stay_close_to_float32():
 
     def grads(dtype):
         def objective(q, k, v):
-            out = transformer.causal_block_attention(q, k, v, mask, block=16)
+            out = causal_attention.causal_block_attention(q, k, v, mask, block=16)
             return jnp.sum(out.astype(jnp.float32) * out_weights)
 
         return jax.jit(jax.grad(objective, argnums=(0, 1, 2)))(*(x.astype(dtype) for x in (q, k, v)))

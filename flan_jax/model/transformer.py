@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from flan_jax import sharding
+from flan_jax.model.causal_attention import causal_block_attention
 from flan_jax.model.config import ModelConfig
 from flan_jax.model.matmul import dense_dot
 
@@ -123,12 +124,35 @@ def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@jax.custom_vjp
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, L, heads, head_dim] (the layout of HF Llama checkpoints)."""
+    """Rotate-half RoPE on x [B, L, heads, head_dim] (the layout of HF Llama checkpoints).
+
+    RoPE is a rotation, so its gradient is the inverse rotation: RoPE with -sin (both halves of
+    the tables carry the same angles, see rope_angles). Written out because autodiff of the
+    rotate-half concatenation pads and adds each half separately, with a bf16 rounding after
+    every step; cos and sin come from integer positions and get no gradient.
+    """
+    return _rotate(x, cos, sin)
+
+
+def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
     return x * cos + rotated * sin
+
+
+def _apply_rope_fwd(x, cos, sin):
+    return _rotate(x, cos, sin), (cos, sin)
+
+
+def _apply_rope_bwd(residuals, d_out):
+    cos, sin = residuals
+    return _rotate(d_out, cos, -sin), None, None
+
+
+apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
 
 
 # ---------------------------------------------------------------------- attention mask
@@ -166,83 +190,6 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
-
-
-# Query block length of `causal_block_attention`: small enough to skip most of the masked upper
-# triangle, large enough that each block's matmuls stay efficient.
-CAUSAL_BLOCK = 128
-
-
-def causal_block_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, block: int | None = None) -> jax.Array:
-    """`reference_attention` for a mask that never lets query i see a key j > i.
-
-    Query block [i0, i1) can only see keys [0, i1), so each block attends to that prefix only and
-    the fully masked upper-triangle blocks are never computed: with 4 blocks about 10/16 of the
-    score matmuls, softmax and their gradients. This is why it is the training path for causal
-    (not prefix-LM) batches; results equal `reference_attention` exactly up to float rounding.
-    q, k and v are put head-major once, so each block is a contiguous slice and no matmul of the
-    loop needs a transposed copy.
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    block = block or CAUSAL_BLOCK
-    q = (q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)).reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, S, D]
-    if t <= block or t % block or k.shape[2] != t:
-        out = _attention_core(q, k, v, mask)
-    else:
-        out = jnp.concatenate(
-            [
-                _attention_core(q[:, :, :, end - block : end], k[:, :, :end], v[:, :, :end], mask[:, :, end - block : end, :end])
-                for end in range(block, t + 1, block)
-            ],
-            axis=3,
-        )
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
-
-
-@jax.custom_vjp
-def _attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax(q k^T, masked) v, head-major: pre-scaled q [B, KV, G, T, D], k and v [B, KV, S, D].
-
-    The softmax division comes after the value matmul: dividing the [.., T, D] output by the row
-    sums instead of the [.., T, S] probabilities saves a pass over the scores forward and backward.
-    Every row sees at least its own key (attention_mask), so the row sums are >= 1.
-    The backward pass is written out (the standard softmax-attention gradient) so that all four
-    of its matmuls take operands in the compute dtype and accumulate in float32: autodiff of the
-    forward would feed float32 cotangents to bf16 operands, XLA's slow mixed-dtype matmul path
-    (see flan_jax/model/matmul.py). Result in v's dtype.
-    """
-    return _attention_core_fwd(q, k, v, mask)[0]
-
-
-def _attention_core_fwd(q, k, v, mask):
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    unnormalized = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [B, KV, G, T, S]
-    row_sums = jnp.sum(unnormalized, axis=-1, keepdims=True)  # [B, KV, G, T, 1]
-    out = jnp.einsum("bkgts,bksd->bkgtd", unnormalized.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = (out / row_sums).astype(v.dtype)
-    return out, (q, k, v, unnormalized, row_sums, out)
-
-
-def _attention_core_bwd(residuals, d_out):
-    q, k, v, unnormalized, row_sums, out = residuals
-    dtype = v.dtype
-    d_out32 = d_out.astype(jnp.float32)
-    # probs = unnormalized / row_sums; the division is folded into the smaller operand each time.
-    d_out_scaled = (d_out32 / row_sums).astype(dtype)
-    d_v = jnp.einsum("bkgts,bkgtd->bksd", unnormalized.astype(dtype), d_out_scaled, preferred_element_type=jnp.float32)
-    d_probs = jnp.einsum("bkgtd,bksd->bkgts", d_out.astype(dtype), v, preferred_element_type=jnp.float32)
-    # d scores = probs * (d_probs - sum_s(probs * d_probs)), and sum_s(probs * d_probs) = d_out . out.
-    row_dot = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = (unnormalized / row_sums * (d_probs - row_dot)).astype(dtype)
-    d_q = jnp.einsum("bkgts,bksd->bkgtd", d_scores, k, preferred_element_type=jnp.float32)
-    d_k = jnp.einsum("bkgts,bkgtd->bksd", d_scores, q, preferred_element_type=jnp.float32)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(dtype), None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nnx.Module):
