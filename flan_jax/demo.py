@@ -23,6 +23,8 @@ import time
 
 import ml_collections
 
+from flan_jax import host_memory
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO_ROOT / "configs" / "demo.py"
 QUESTIONS = {
@@ -136,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     sys.exit(main())

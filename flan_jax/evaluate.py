@@ -18,6 +18,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from flan_jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config file (default: the workdir's config)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "the training run's folder", required=True)
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step to evaluate (default: the latest)")
@@ -46,5 +48,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_huge_pages()
     logging.getLogger().setLevel(logging.INFO)
     app.run(main)
