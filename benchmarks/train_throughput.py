@@ -18,6 +18,10 @@ What is measured, in one process on the same machine:
 
 Each row is compared with the ceiling and the torch row of its own compute dtype, and with torch fp32.
 
+Environment: the script re-runs itself with glibc's huge-page malloc tunable, as the flan_jax
+launchers do (flan_jax/host_memory.py; `FLAN_JAX_HUGE_PAGES=0` turns it off), and measures the
+torch rows in a child process without it, since torch trains 15-20% slower with it on this CPU.
+
 Steps are timed after `--warmup` steps (compilation), with one host sync at the end of the timed
 steps, as the trainer does between log steps. Model FLOPs use the formula of
 flan_jax/train/metrics.py (6 x matmul params + attention, per token), the same for both.
@@ -57,6 +61,7 @@ def parse_args() -> argparse.Namespace:
                         help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
     parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
+    parser.add_argument("--torch_rows_to", default="", help=argparse.SUPPRESS)  # internal: the torch child
     args = parser.parse_args()
     if args.tiny:
         args.preset, args.steps, args.warmup = "tiny", 2, 1
@@ -65,13 +70,21 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from flan_jax import host_memory
+
+    if args.torch_rows_to:
+        return write_torch_rows(args)
+    # The flan_jax rows run as `python -m flan_jax.train` would: with glibc's huge-page tunable
+    # (flan_jax/host_memory.py). The torch rows run in a child process without it, torch's
+    # faster setting on this CPU, so each side gets its best environment.
+    host_memory.reexec_with_huge_pages()
     on_cpu = not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
     if on_cpu and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
     # On a GPU torch and jax share its memory: jax takes it as needed instead of 75% up front,
-    # and torch runs first and hands its cache back (run_torch).
+    # and the torch child runs (and exits) before the flan_jax rows.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
@@ -79,14 +92,37 @@ def main() -> None:
     rows = []
     ceiling = matmul_ceiling(jax)
     if not args.skip_torch:
-        for variant in args.variants.split(","):
-            rows.append(run_torch(shape, variant, args.steps, args.warmup, on_cpu=jax.default_backend() == "cpu"))
+        rows.extend(torch_rows_in_child(args, host_memory.environ_without_huge_pages(dict(os.environ))))
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
             rows.append(run_flan_jax(shape, variant, n, args))
     rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
+
+
+def torch_rows_in_child(args: argparse.Namespace, environ: dict[str, str]) -> list[dict]:
+    """The torch rows, measured by this script in a child process with `environ`."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch_rows.json")
+        command = [sys.executable, os.path.abspath(__file__), f"--preset={args.preset}", f"--variants={args.variants}",
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--torch_rows_to={out}"]
+        subprocess.run(command, env=environ, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def write_torch_rows(args: argparse.Namespace) -> None:
+    """In the child: measure torch on the JAX backend's device kind and write the rows as JSON."""
+    import torch
+
+    on_cpu = not torch.cuda.is_available() or os.environ.get("JAX_PLATFORMS", "") == "cpu"
+    rows = [run_torch(PRESETS[args.preset], v, args.steps, args.warmup, on_cpu=on_cpu) for v in args.variants.split(",")]
+    with open(args.torch_rows_to, "w") as f:
+        json.dump(rows, f)
 
 
 def matmul_ceiling(jax) -> dict[str, float]:
@@ -229,6 +265,7 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
         "flops_per_token": per_token,
         "params": n_params,
         "final_loss": loss,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -304,6 +341,7 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int, on_cpu: bool =
         "tokens_per_sec": tokens_per_sec,
         "params": n_params,
         "final_loss": loss,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -325,6 +363,13 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
         f"\n{device.device_kind} ({device.platform}), jax {jax.__version__}"
         + (f", datasheet bf16 peak {datasheet_peak / 1e12:.0f} TFLOP/s per device" if datasheet_peak else "")
     )
+    from flan_jax import host_memory
+
+    if host_memory.huge_pages_active():
+        print(
+            f"flan_jax rows with GLIBC_TUNABLES={host_memory.TUNABLE} (as the flan_jax launchers run); "
+            "torch rows in a child process without it (torch's faster setting here)"
+        )
     print(
         f"{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
         f"{per_token / 1e6:.1f} MFLOP/token; {args.steps} timed steps after {args.warmup} warm-up steps\n"

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+from flan_jax import host_memory
 from tests import train_fakes
 
 
@@ -31,3 +32,11 @@ def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
         assert row["tokens_per_sec"] > 0 and row["final_loss"] > 0
     assert report["ceiling"]["float32"] > 0 and report["ceiling"]["bfloat16"] > 0
     assert "| transformers + torch AdamW | bf16 autocast / fp32 params | 1 |" in result.stdout
+    # flan_jax rows as its launchers run (huge-page tunable, where the kernel has huge pages);
+    # torch rows in a child without it.
+    for (name, _, _), row in rows.items():
+        has_tunable = host_memory.TUNABLE in row["glibc_tunables"].split(":")
+        if name.startswith("transformers"):
+            assert not has_tunable
+        elif host_memory.transparent_huge_pages_mode() != "never":
+            assert has_tunable
