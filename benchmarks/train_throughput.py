@@ -22,8 +22,9 @@ Environment: the script re-runs itself with glibc's huge-page malloc tunable, as
 launchers do (flan_jax/host_memory.py; `FLAN_JAX_HUGE_PAGES=0` turns it off), and measures the
 torch rows in a child process without it, since torch trains 15-20% slower with it on this CPU.
 
-Steps are timed after `--warmup` steps (compilation), with one host sync at the end of the timed
-steps, as the trainer does between log steps. Model FLOPs use the formula of
+Steps are timed after `--warmup` steps (compilation) in `--windows` windows of `--steps` steps, each
+with one host sync at its end as the trainer does between log steps; every row reports its fastest
+window (this machine drifts 10-20% between runs, so one short window is mostly noise). Model FLOPs use the formula of
 flan_jax/train/metrics.py (6 x matmul params + attention, per token), the same for both.
 Prints a Markdown table (paste it into benchmarks/RESULTS.md) and, with --json, writes the numbers.
 """
@@ -54,7 +55,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="same as --preset=tiny --steps=2 --warmup=1")
     parser.add_argument("--variants", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--devices", type=int, default=2, help="also run data-parallel over this many devices (1: off)")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
+    parser.add_argument("--windows", type=int, default=3,
+                        help="timed windows per row; the fastest counts (the same rule for every row)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip_torch", action="store_true")
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
@@ -64,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--torch_rows_to", default="", help=argparse.SUPPRESS)  # internal: the torch child
     args = parser.parse_args()
     if args.tiny:
-        args.preset, args.steps, args.warmup = "tiny", 2, 1
+        args.preset, args.steps, args.warmup, args.windows = "tiny", 2, 1, 1
     return args
 
 
@@ -109,7 +112,8 @@ def torch_rows_in_child(args: argparse.Namespace, environ: dict[str, str]) -> li
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "torch_rows.json")
         command = [sys.executable, os.path.abspath(__file__), f"--preset={args.preset}", f"--variants={args.variants}",
-                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--torch_rows_to={out}"]
+                   f"--steps={args.steps}", f"--warmup={args.warmup}", f"--windows={args.windows}",
+                   f"--torch_rows_to={out}"]
         subprocess.run(command, env=environ, check=True)
         with open(out) as f:
             return json.load(f)
@@ -120,7 +124,7 @@ def write_torch_rows(args: argparse.Namespace) -> None:
     import torch
 
     on_cpu = not torch.cuda.is_available() or os.environ.get("JAX_PLATFORMS", "") == "cpu"
-    rows = [run_torch(PRESETS[args.preset], v, args.steps, args.warmup, on_cpu=on_cpu) for v in args.variants.split(",")]
+    rows = [run_torch(PRESETS[args.preset], v, args, on_cpu=on_cpu) for v in args.variants.split(",")]
     with open(args.torch_rows_to, "w") as f:
         json.dump(rows, f)
 
@@ -229,7 +233,7 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     from flan_jax import model as model_lib
     from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
 
-    steps, warmup = args.steps, args.warmup
+    steps = args.steps
     config = _config(shape, variant, args.attention, args.remat)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
@@ -241,14 +245,16 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
     with jax.set_mesh(mesh):
-        for _ in range(warmup):
+        for _ in range(args.warmup):
             state, m = train_step(state, batch)
         jax.block_until_ready(m)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, m = train_step(state, batch)
-        loss = float(m["loss"])  # the one host sync
-        elapsed = time.perf_counter() - start
+        elapsed = float("inf")
+        for _ in range(args.windows):
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, m = train_step(state, batch)
+            loss = float(m["loss"])  # the one host sync per window
+            elapsed = min(elapsed, time.perf_counter() - start)
     n_matmul = metrics.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
     per_token = metrics.flops_per_token(model_cfg, n_matmul, shape["seq_len"])
     n_params = sum(int(p.size) for p in jax.tree.leaves(parts.abstract_params))
@@ -269,7 +275,7 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     }
 
 
-def run_torch(shape: dict, variant: str, steps: int, warmup: int, on_cpu: bool = True) -> dict:
+def run_torch(shape: dict, variant: str, args: argparse.Namespace, on_cpu: bool = True) -> dict:
     """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast.
 
     On a GPU: the same on CUDA, with torch's SDPA attention (flash/cuDNN kernels) and fused AdamW.
@@ -320,14 +326,17 @@ def run_torch(shape: dict, variant: str, steps: int, warmup: int, on_cpu: bool =
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
+    steps = args.steps
+    for _ in range(args.warmup):
         one_step()
     _torch_sync(torch)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = one_step()
-    loss = float(loss.detach())  # the one host sync, as in the jax loop
-    elapsed = time.perf_counter() - start
+    elapsed = float("inf")
+    for _ in range(args.windows):
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = one_step()
+        loss = float(loss.detach())  # the one host sync per window, as in the jax loop
+        elapsed = min(elapsed, time.perf_counter() - start)
     n_params = sum(p.numel() for p in model.parameters())
     del model, opt
     if device == "cuda":
@@ -372,7 +381,8 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
         )
     print(
         f"{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
-        f"{per_token / 1e6:.1f} MFLOP/token; {args.steps} timed steps after {args.warmup} warm-up steps\n"
+        f"{per_token / 1e6:.1f} MFLOP/token; the fastest of {args.windows} windows of {args.steps} timed steps, "
+        f"after {args.warmup} warm-up steps\n"
         f"dense matmul ceiling here (GFLOP/s): float32 {ceiling['float32'] / 1e9:.0f}, "
         f"bfloat16 with float32 accumulation {ceiling['bfloat16'] / 1e9:.0f} ({ceilings})\n"
     )
