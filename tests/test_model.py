@@ -263,3 +263,19 @@ def test_bf16_norm_scale_gradient_is_a_float32_reduction():
     y = x64 / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + cfg.norm_eps)
     expected = np.sum(y * np.asarray(g, np.float64), axis=(0, 1))
     np.testing.assert_allclose(got, expected, atol=5e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rope_scaling", ["none", "llama3"])
+def test_rope_backward_is_the_inverse_rotation(rope_scaling):
+    """apply_rope's hand-written gradient equals autodiff of the rotation, on packed positions."""
+    from flan_jax.model import transformer
+
+    cfg = fm.ModelConfig.for_family("llama", vocab_size=64, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16,
+                                    max_positions=64, rope_scaling=rope_scaling)
+    positions = jnp.asarray(np.concatenate([np.arange(20), np.arange(12)])[None].repeat(2, axis=0), jnp.int32)
+    cos, sin = transformer.rope_angles(positions, cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 32, 2, 16))
+    weights = jax.random.normal(jax.random.key(1), x.shape)
+    got = jax.grad(lambda x: jnp.sum(transformer.apply_rope(x, cos, sin) * weights))(x)
+    expected = jax.grad(lambda x: jnp.sum(transformer._rotate(x, cos, sin) * weights))(x)
+    np.testing.assert_allclose(got, expected, atol=1e-6)

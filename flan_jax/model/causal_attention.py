@@ -12,8 +12,8 @@ Why one custom VJP around the whole block loop (rather than autodiff of per-bloc
     matmul path on CPU (see matmul.py);
   * the query gradient is a concatenation of per-block results, and the key/value gradients are
     summed over blocks in float32 and rounded once. Autodiff of slices pads every block's
-    gradient to full length and adds them in the compute dtype: about 20% of the attention time
-    in bf16 went to those pads (benchmarks/RESULTS.md, docs/training.md).
+    gradient to full length and adds them in the compute dtype; those pads were the largest
+    elementwise item of the bf16 training step's profile (docs/training.md, "CPU performance").
 """
 
 from __future__ import annotations
@@ -57,11 +57,10 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     """Head-major core: q [B, KV, G, T, D], k and v [B, KV, S, D] -> [B, KV, G, T, D].
 
     The 1/sqrt(D) scale is applied to the float32 scores (and their gradient), where it fuses
-    into the softmax, rather than to q in the compute dtype.
-
-    The softmax division comes after the value matmul: dividing the [.., T, D] output by the row
-    sums instead of the [.., T, S] probabilities saves a pass over the scores forward and
-    backward. Every row sees at least its own key (attention_mask), so the row sums are >= 1.
+    into the softmax, rather than to q in the compute dtype. The softmax division comes after the
+    value matmul: dividing the [.., T, D] output by the row sums instead of the [.., T, S]
+    probabilities saves a pass over the scores forward and backward. Every row sees at least its
+    own key (attention_mask), so the row sums are >= 1.
     """
     return _blocked_attention_fwd(q, k, v, mask, blocks)[0]
 
@@ -88,12 +87,12 @@ def _blocked_attention_fwd(q, k, v, mask, blocks):
         unnormalized.append(probs)
         row_sums.append(sums)
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
-    return out, (q, k, v, mask, tuple(unnormalized), tuple(row_sums), out)
+    return out, (q, k, v, tuple(unnormalized), tuple(row_sums), out)
 
 
 def _blocked_attention_bwd(blocks, residuals, d_out):
     """The standard softmax-attention gradient, block by block (see the module docstring)."""
-    q, k, v, _, unnormalized, row_sums, out = residuals
+    q, k, v, unnormalized, row_sums, out = residuals
     dtype = v.dtype
     d_q_blocks = []
     d_k = jnp.zeros(k.shape, jnp.float32)
