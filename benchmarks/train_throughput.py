@@ -2,9 +2,9 @@
 
     python benchmarks/train_throughput.py                 # ~7M Llama, batch 8 x 512, CPU (takes minutes)
     python benchmarks/train_throughput.py --tiny          # seconds: checks that everything runs
-    python benchmarks/train_throughput.py --preset=1b --skip_torch --variants=bf16   # on a GPU
+    python benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1   # on a GPU
 
-What is measured, in one process on the same machine:
+What is measured, in one run on the same machine:
   * ceiling   the best dense matmul FLOP/s of jax and torch here, per compute dtype (bfloat16 with
               float32 accumulation, as training uses it)
   * flan_jax  `flan_jax.train.step.make_train_step` (the trainer's own jitted step: AdamW, clipping,
@@ -14,7 +14,8 @@ What is measured, in one process on the same machine:
               --devices=2, data-parallel over 2 simulated CPU devices (XLA splits the work
               into two partitions; on a 2-core CPU that helps its thread use)
   * torch     `transformers.LlamaForCausalLM` + `torch.optim.AdamW`, same architecture and batch, for
-              each variant: fp32, and bf16 = float32 params under `torch.autocast(bfloat16)`.
+              each variant: fp32, and bf16 = float32 params under `torch.autocast(bfloat16)`;
+              on the GPU when jax has one (SDPA attention, fused AdamW), in a child process.
 
 Each row is compared with the ceiling and the torch row of its own compute dtype, and with torch fp32.
 
@@ -64,7 +65,9 @@ def parse_args() -> argparse.Namespace:
                         help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
     parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
-    parser.add_argument("--torch_rows_to", default="", help=argparse.SUPPRESS)  # internal: the torch child
+    # Internal: the torch child process writes its rows there, measured on that device.
+    parser.add_argument("--torch_rows_to", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--torch_device", default="cpu", choices=("cpu", "cuda"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
         args.preset, args.steps, args.warmup, args.windows = "tiny", 2, 1, 1
@@ -95,7 +98,8 @@ def main() -> None:
     rows = []
     ceiling = matmul_ceiling(jax)
     if not args.skip_torch:
-        rows.extend(torch_rows_in_child(args, host_memory.environ_without_huge_pages(dict(os.environ))))
+        torch_device = "cpu" if jax.default_backend() == "cpu" else "cuda"
+        rows.extend(torch_rows_in_child(args, torch_device, host_memory.environ_without_huge_pages(dict(os.environ))))
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
@@ -104,8 +108,8 @@ def main() -> None:
     report(rows, ceiling, shape, args)
 
 
-def torch_rows_in_child(args: argparse.Namespace, environ: dict[str, str]) -> list[dict]:
-    """The torch rows, measured by this script in a child process with `environ`."""
+def torch_rows_in_child(args: argparse.Namespace, device: str, environ: dict[str, str]) -> list[dict]:
+    """The torch rows, measured by this script on `device` in a child process with `environ`."""
     import subprocess
     import tempfile
 
@@ -113,18 +117,15 @@ def torch_rows_in_child(args: argparse.Namespace, environ: dict[str, str]) -> li
         out = os.path.join(tmp, "torch_rows.json")
         command = [sys.executable, os.path.abspath(__file__), f"--preset={args.preset}", f"--variants={args.variants}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--windows={args.windows}",
-                   f"--torch_rows_to={out}"]
+                   f"--torch_rows_to={out}", f"--torch_device={device}"]
         subprocess.run(command, env=environ, check=True)
         with open(out) as f:
             return json.load(f)
 
 
 def write_torch_rows(args: argparse.Namespace) -> None:
-    """In the child: measure torch on the JAX backend's device kind and write the rows as JSON."""
-    import torch
-
-    on_cpu = not torch.cuda.is_available() or os.environ.get("JAX_PLATFORMS", "") == "cpu"
-    rows = [run_torch(PRESETS[args.preset], v, args, on_cpu=on_cpu) for v in args.variants.split(",")]
+    """In the child: measure torch on `--torch_device` and write the rows as JSON."""
+    rows = [run_torch(PRESETS[args.preset], v, args, on_cpu=args.torch_device == "cpu") for v in args.variants.split(",")]
     with open(args.torch_rows_to, "w") as f:
         json.dump(rows, f)
 
@@ -338,9 +339,6 @@ def run_torch(shape: dict, variant: str, args: argparse.Namespace, on_cpu: bool 
         loss = float(loss.detach())  # the one host sync per window, as in the jax loop
         elapsed = min(elapsed, time.perf_counter() - start)
     n_params = sum(p.numel() for p in model.parameters())
-    del model, opt
-    if device == "cuda":
-        torch.cuda.empty_cache()
     tokens_per_sec = steps * shape["batch"] * shape["seq_len"] / elapsed
     return {
         "name": "transformers + torch AdamW",
