@@ -53,7 +53,7 @@ PRESETS = {
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="7m")
-    parser.add_argument("--tiny", action="store_true", help="same as --preset=tiny --steps=2 --warmup=1")
+    parser.add_argument("--tiny", action="store_true", help="same as --preset=tiny --steps=2 --warmup=1 --windows=1")
     parser.add_argument("--variants", default="fp32,bf16", help="comma list of fp32, bf16")
     parser.add_argument("--devices", type=int, default=2, help="also run data-parallel over this many devices (1: off)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per window")
@@ -103,7 +103,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
-            rows.append(run_flan_jax(shape, variant, n, args))
+            rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat))
     rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
 
@@ -125,7 +125,7 @@ def torch_rows_in_child(args: argparse.Namespace, device: str, environ: dict[str
 
 def write_torch_rows(args: argparse.Namespace) -> None:
     """In the child: measure torch on `--torch_device` and write the rows as JSON."""
-    rows = [run_torch(PRESETS[args.preset], v, args, on_cpu=args.torch_device == "cpu") for v in args.variants.split(",")]
+    rows = [run_torch(PRESETS[args.preset], v, **_timing(args), on_cpu=args.torch_device == "cpu") for v in args.variants.split(",")]
     with open(args.torch_rows_to, "w") as f:
         json.dump(rows, f)
 
@@ -226,7 +226,14 @@ def _batch(shape: dict, seed: int = 0) -> dict:
     }
 
 
-def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Namespace) -> dict:
+def _timing(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "warmup": args.warmup, "windows": args.windows}
+
+
+def run_flan_jax(
+    shape: dict, variant: str, n_devices: int, *, steps: int = 10, warmup: int = 2, windows: int = 3,
+    attention: str = "auto", remat: str = "none",
+) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
     from flax import nnx
@@ -234,8 +241,7 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     from flan_jax import model as model_lib
     from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
 
-    steps = args.steps
-    config = _config(shape, variant, args.attention, args.remat)
+    config = _config(shape, variant, attention, remat)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -246,11 +252,11 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
     with jax.set_mesh(mesh):
-        for _ in range(args.warmup):
+        for _ in range(warmup):
             state, m = train_step(state, batch)
         jax.block_until_ready(m)
         elapsed = float("inf")
-        for _ in range(args.windows):
+        for _ in range(windows):
             start = time.perf_counter()
             for _ in range(steps):
                 state, m = train_step(state, batch)
@@ -276,7 +282,9 @@ def run_flan_jax(shape: dict, variant: str, n_devices: int, args: argparse.Names
     }
 
 
-def run_torch(shape: dict, variant: str, args: argparse.Namespace, on_cpu: bool = True) -> dict:
+def run_torch(
+    shape: dict, variant: str, *, steps: int = 10, warmup: int = 2, windows: int = 3, on_cpu: bool = True
+) -> dict:
     """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast.
 
     On a GPU: the same on CUDA, with torch's SDPA attention (flash/cuDNN kernels) and fused AdamW.
@@ -327,12 +335,11 @@ def run_torch(shape: dict, variant: str, args: argparse.Namespace, on_cpu: bool 
         opt.zero_grad(set_to_none=True)
         return loss
 
-    steps = args.steps
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         one_step()
     _torch_sync(torch)
     elapsed = float("inf")
-    for _ in range(args.windows):
+    for _ in range(windows):
         start = time.perf_counter()
         for _ in range(steps):
             loss = one_step()

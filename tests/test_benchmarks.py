@@ -40,3 +40,18 @@ def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
             assert not has_tunable
         elif host_memory.transparent_huge_pages_mode() != "never":
             assert has_tunable
+
+
+def test_data_pipeline_runs_against_the_measured_train_step():
+    """benchmarks/data_pipeline.py end to end on the built-in mixture, trainer speed measured in the run."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/data_pipeline.py", "--mixture=synthetic_train", "--num_examples=400",
+         "--tokenizer_examples=300", "--vocab_size=512", "--seq_lens=256", "--fill_bins=16"],
+        cwd=train_fakes.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| render + loader (end to end) |" in result.stdout
+    assert "(the demo model's train step, measured in this run)" in result.stdout
