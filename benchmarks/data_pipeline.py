@@ -167,4 +167,8 @@ def main(argv: Sequence[str]) -> None:
 FLAGS = flags.FLAGS
 
 if __name__ == "__main__":
+    # The train-step baseline runs as the trainer does (flan_jax/host_memory.py).
+    from flan_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()
     app.run(main)
