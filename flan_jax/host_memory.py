@@ -12,8 +12,10 @@ glibc reads tunables once, at process start, so setting the variable from Python
 `reexec_with_huge_pages()` re-executes the same command (same pid, same arguments) with it set,
 before anything else has run. It does nothing off Linux, when the kernel has transparent huge
 pages disabled, when the tunable is already set, or when `FLAN_JAX_HUGE_PAGES=0`.
-(torch's CPU training measured 15-20% slower with the tunable here, so it is not a blanket
-setting for every program on the machine, just for the processes that run XLA.)
+(It is not a blanket win: torch's CPU training measured 15-20% slower with it here, and the data
+loader's pure-Python best-fit packing stage ~2x slower in isolation, though the loader end to end,
+which renders and tokenizes too, kept its speed: benchmarks/RESULTS.md, "Data pipeline". So it is
+set for the flan_jax launchers, whose time is XLA's, not for every program on the machine.)
 """
 
 from __future__ import annotations
