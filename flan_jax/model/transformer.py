@@ -118,10 +118,27 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, L, head_dim] for the given per-token positions."""
+    """cos, sin of shape [B, L, head_dim] for the given per-token positions.
+
+    The tables are computed once per forward pass into buffers (`_evaluated_once`), not left to
+    XLA's fusion, which re-evaluated cos and sin inside every consumer: per head, for q and k,
+    forward and backward, in every layer (a float32 7M-parameter training step on CPU spent ~10%
+    of its time in those trigonometric functions; docs/training.md, "CPU performance").
+    """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
     angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    return _evaluated_once(lambda a: (jnp.cos(a), jnp.sin(a)), angles)
+
+
+def _evaluated_once(fn, x: jax.Array):
+    """fn(x) for an elementwise fn, written to buffers that XLA will not fuse into consumers.
+
+    XLA's CPU fusion duplicates a float32 elementwise producer into each of its consumers, and
+    strips `lax.optimization_barrier` before fusing. A loop body is a fusion boundary, so fn runs
+    in a two-iteration `lax.map` over the halves of x (head_dim is even, so x always splits).
+    """
+    halves = x.reshape(2, -1)
+    return jax.tree.map(lambda y: y.reshape(x.shape), jax.lax.map(fn, halves))
 
 
 @jax.custom_vjp
