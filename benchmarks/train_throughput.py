@@ -18,6 +18,9 @@ What is measured, in one run on the same machine:
               on the GPU when jax has one (SDPA attention, fused AdamW), in a child process.
 
 Each row is compared with the ceiling and the torch row of its own compute dtype, and with torch fp32.
+With --grad_accum=N both sides run each step as N micro-batches with summed gradients (flan_jax:
+`optimizer.grad_accum_steps`; torch: N forward/backward passes before the update); on CPU smaller
+micro-batches can be faster for both, since each pass's buffers fit the caches better.
 
 Environment: the script re-runs itself with glibc's huge-page malloc tunable, as the flan_jax
 launchers do (flan_jax/host_memory.py; `FLAN_JAX_HUGE_PAGES=0` turns it off), and measures the
@@ -64,6 +67,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                         help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
     parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+    parser.add_argument("--grad_accum", type=int, default=1,
+                        help="split every step's batch into this many micro-batches, for flan_jax "
+                             "(optimizer.grad_accum_steps) and torch alike")
     parser.add_argument("--json", default="", help="also write the results to this JSON file")
     # Internal: the torch child process writes its rows there, measured on that device.
     parser.add_argument("--torch_rows_to", default="", help=argparse.SUPPRESS)
@@ -95,6 +101,10 @@ def main() -> None:
     import jax
 
     shape = PRESETS[args.preset]
+    for n in {1, args.devices}:
+        if shape["batch"] % (args.grad_accum * n):
+            sys.exit(f"--grad_accum={args.grad_accum}: the {args.preset} batch of {shape['batch']} rows does not "
+                     f"split into {args.grad_accum} micro-batches on {n} device(s)")
     rows = []
     ceiling = matmul_ceiling(jax)
     if not args.skip_torch:
@@ -103,7 +113,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
-            rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat))
+            rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat,
+                                     grad_accum=args.grad_accum))
     rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
 
@@ -117,6 +128,7 @@ def torch_rows_in_child(args: argparse.Namespace, device: str, environ: dict[str
         out = os.path.join(tmp, "torch_rows.json")
         command = [sys.executable, os.path.abspath(__file__), f"--preset={args.preset}", f"--variants={args.variants}",
                    f"--steps={args.steps}", f"--warmup={args.warmup}", f"--windows={args.windows}",
+                   f"--grad_accum={args.grad_accum}",
                    f"--torch_rows_to={out}", f"--torch_device={device}"]
         subprocess.run(command, env=environ, check=True)
         with open(out) as f:
@@ -125,7 +137,10 @@ def torch_rows_in_child(args: argparse.Namespace, device: str, environ: dict[str
 
 def write_torch_rows(args: argparse.Namespace) -> None:
     """In the child: measure torch on `--torch_device` and write the rows as JSON."""
-    rows = [run_torch(PRESETS[args.preset], v, **_timing(args), on_cpu=args.torch_device == "cpu") for v in args.variants.split(",")]
+    rows = [
+        run_torch(PRESETS[args.preset], v, **_timing(args), on_cpu=args.torch_device == "cpu", grad_accum=args.grad_accum)
+        for v in args.variants.split(",")
+    ]
     with open(args.torch_rows_to, "w") as f:
         json.dump(rows, f)
 
@@ -189,7 +204,7 @@ def _best_flops(fn, flops: float, repeats: int = 5) -> float:
     return flops / best
 
 
-def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none"):
+def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none", grad_accum: int = 1):
     """The trainer's config for this shape; by default the attention kernel a user would pick here."""
     import jax
 
@@ -207,6 +222,7 @@ def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "no
     config.model.remat = remat
     config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
     config.optimizer.warmup_steps = 0
+    config.optimizer.grad_accum_steps = grad_accum
     return config
 
 
@@ -232,7 +248,7 @@ def _timing(args: argparse.Namespace) -> dict:
 
 def run_flan_jax(
     shape: dict, variant: str, n_devices: int, *, steps: int = 10, warmup: int = 2, windows: int = 3,
-    attention: str = "auto", remat: str = "none",
+    attention: str = "auto", remat: str = "none", grad_accum: int = 1,
 ) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
@@ -241,7 +257,7 @@ def run_flan_jax(
     from flan_jax import model as model_lib
     from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
 
-    config = _config(shape, variant, attention, remat)
+    config = _config(shape, variant, attention, remat, grad_accum)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -272,6 +288,7 @@ def run_flan_jax(
         "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
         "attention": config.model.attention,
         "remat": config.model.remat,
+        "grad_accum": grad_accum,
         "devices": n_devices,
         "tokens_per_sec": tokens_per_sec,
         "flops_per_sec": tokens_per_sec * per_token,
@@ -283,9 +300,13 @@ def run_flan_jax(
 
 
 def run_torch(
-    shape: dict, variant: str, *, steps: int = 10, warmup: int = 2, windows: int = 3, on_cpu: bool = True
+    shape: dict, variant: str, *, steps: int = 10, warmup: int = 2, windows: int = 3, on_cpu: bool = True,
+    grad_accum: int = 1,
 ) -> dict:
     """Tokens/s of transformers' Llama + torch AdamW; bf16 = float32 params under bf16 autocast.
+
+    With `grad_accum` > 1 each step runs that many forward/backward passes over equal slices of
+    the batch, each loss divided by `grad_accum` (the full batch's mean loss), then one update.
 
     On a GPU: the same on CUDA, with torch's SDPA attention (flash/cuDNN kernels) and fused AdamW.
     """
@@ -325,15 +346,21 @@ def run_torch(
             return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    rows_per_pass = shape["batch"] // grad_accum
+
     def one_step():
-        with compute_context():
-            logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
-        loss.backward()
+        total = 0.0
+        for i in range(grad_accum):
+            rows = slice(i * rows_per_pass, (i + 1) * rows_per_pass)
+            with compute_context():
+                logits = model(input_ids=inputs[rows]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels[rows].reshape(-1))
+            (loss / grad_accum).backward()
+            total = total + loss.detach() / grad_accum
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return total
 
     for _ in range(warmup):
         one_step()
@@ -352,6 +379,7 @@ def run_torch(
         "variant": variant,
         "dtype": {"fp32": "float32", "bf16": "bf16 autocast / fp32 params"}[variant],
         "devices": 1,
+        "grad_accum": grad_accum,
         "tokens_per_sec": tokens_per_sec,
         "params": n_params,
         "final_loss": loss,
@@ -387,7 +415,9 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
     print(
         f"{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "
         f"{per_token / 1e6:.1f} MFLOP/token; the fastest of {args.windows} windows of {args.steps} timed steps, "
-        f"after {args.warmup} warm-up steps\n"
+        f"after {args.warmup} warm-up steps"
+        + (f"; every step as {args.grad_accum} micro-batches (gradient accumulation, both sides)" if args.grad_accum > 1 else "")
+        + "\n"
         f"dense matmul ceiling here (GFLOP/s): float32 {ceiling['float32'] / 1e9:.0f}, "
         f"bfloat16 with float32 accumulation {ceiling['bfloat16'] / 1e9:.0f} ({ceilings})\n"
     )

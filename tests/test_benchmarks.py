@@ -11,7 +11,7 @@ from tests import train_fakes
 def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
     out = tmp_path / "throughput.json"
     result = subprocess.run(
-        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--devices=2", f"--json={out}"],
+        [sys.executable, "benchmarks/train_throughput.py", "--tiny", "--devices=2", "--grad_accum=2", f"--json={out}"],
         cwd=train_fakes.ROOT,
         capture_output=True,
         text=True,
@@ -30,6 +30,7 @@ def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
     }
     for row in rows.values():
         assert row["tokens_per_sec"] > 0 and row["final_loss"] > 0
+        assert row["grad_accum"] == 2  # both sides ran every step as two micro-batches
     assert report["ceiling"]["float32"] > 0 and report["ceiling"]["bfloat16"] > 0
     assert "| transformers + torch AdamW | bf16 autocast / fp32 params | 1 |" in result.stdout
     # flan_jax rows as its launchers run (huge-page tunable, where the kernel has huge pages);
