@@ -18,9 +18,16 @@ def _inputs(in_shape, out_shape):
     return x, kernel, out_weights
 
 
-def test_float32_is_the_plain_tensordot():
-    x, kernel, _ = _inputs((8,), (4, 6))
-    np.testing.assert_array_equal(dense_dot(x, kernel, 1, jnp.float32), jnp.tensordot(x, kernel, axes=1))
+@pytest.mark.parametrize("in_shape,out_shape", [((8,), (4, 6)), ((4, 6), (16,))])
+def test_float32_values_and_gradients_equal_autodiff_of_tensordot(in_shape, out_shape):
+    x, kernel, out_weights = _inputs(in_shape, out_shape)
+    n_in = len(in_shape)
+    np.testing.assert_allclose(dense_dot(x, kernel, n_in, jnp.float32), jnp.tensordot(x, kernel, axes=n_in), rtol=1e-6, atol=1e-6)
+    got = jax.grad(lambda x, k: jnp.sum(dense_dot(x, k, n_in, jnp.float32) * out_weights), argnums=(0, 1))(x, kernel)
+    want = jax.grad(lambda x, k: jnp.sum(jnp.tensordot(x, k, axes=n_in) * out_weights), argnums=(0, 1))(x, kernel)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("in_shape,out_shape", [((16,), (24,)), ((16,), (4, 6)), ((4, 6), (16,))])
