@@ -307,3 +307,19 @@ def test_rope_tables_are_evaluated_once_per_step():
     angles = np.concatenate([angles, angles], axis=-1)
     np.testing.assert_allclose(cos, np.cos(angles), atol=1e-6)
     np.testing.assert_allclose(sin, np.sin(angles), atol=1e-6)
+
+
+def test_rope_tables_keep_the_batch_sharding():
+    """The tables of a batch-sharded step stay sharded like the batch: no collective, explicit axes too."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from flan_jax.model import transformer
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Explicit,))
+    positions = jax.device_put(jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2 * mesh.size, 64)),
+                               NamedSharding(mesh, PartitionSpec("data")))
+    tables = jax.jit(lambda p: transformer.rope_angles(p, tiny()))
+    hlo = tables.lower(positions).compile().as_text()
+    assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op in hlo]
+    cos, _ = tables(positions)
+    assert cos.sharding.spec[0] == "data"

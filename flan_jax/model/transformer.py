@@ -120,25 +120,17 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [B, L, head_dim] for the given per-token positions.
 
-    The tables are computed once per forward pass into buffers (`_evaluated_once`), not left to
-    XLA's fusion, which re-evaluated cos and sin inside every consumer: per head, for q and k,
-    forward and backward, in every layer (a float32 7M-parameter training step on CPU spent ~10%
-    of its time in those trigonometric functions; docs/training.md, "CPU performance").
+    Both halves of the rotate-half tables carry the same angles, and they are computed as the two
+    iterations of a `lax.map`. A loop body is a fusion boundary, so XLA writes cos and sin once
+    into buffers. Left to XLA's CPU fusion, the float32 cos/sin were re-evaluated inside every
+    consumer: per head, for q and k, forward and backward, in every layer (~10% of a float32
+    7M-parameter training step; docs/training.md, "CPU performance"). `lax.optimization_barrier`
+    does not prevent that: XLA strips it before fusing. Stacking on a new leading axis keeps the
+    batch dimension, and so its sharding, as it is.
     """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
-    angles = jnp.concatenate([freqs, freqs], axis=-1)
-    return _evaluated_once(lambda a: (jnp.cos(a), jnp.sin(a)), angles)
-
-
-def _evaluated_once(fn, x: jax.Array):
-    """fn(x) for an elementwise fn, written to buffers that XLA will not fuse into consumers.
-
-    XLA's CPU fusion duplicates a float32 elementwise producer into each of its consumers, and
-    strips `lax.optimization_barrier` before fusing. A loop body is a fusion boundary, so fn runs
-    in a two-iteration `lax.map` over the halves of x (head_dim is even, so x always splits).
-    """
-    halves = x.reshape(2, -1)
-    return jax.tree.map(lambda y: y.reshape(x.shape), jax.lax.map(fn, halves))
+    cos, sin = jax.lax.map(lambda f: (jnp.cos(f), jnp.sin(f)), jnp.stack([freqs, freqs]))
+    return jnp.concatenate([cos[0], cos[1]], axis=-1), jnp.concatenate([sin[0], sin[1]], axis=-1)
 
 
 @jax.custom_vjp
