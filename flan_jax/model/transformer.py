@@ -120,17 +120,17 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape [B, L, head_dim] for the given per-token positions.
 
-    Both halves of the rotate-half tables carry the same angles, and they are computed as the two
-    iterations of a `lax.map`. A loop body is a fusion boundary, so XLA writes cos and sin once
-    into buffers. Left to XLA's CPU fusion, the float32 cos/sin were re-evaluated inside every
-    consumer: per head, for q and k, forward and backward, in every layer (~10% of a float32
-    7M-parameter training step; docs/training.md, "CPU performance"). `lax.optimization_barrier`
-    does not prevent that: XLA strips it before fusing. Stacking on a new leading axis keeps the
-    batch dimension, and so its sharding, as it is.
+    cos and sin are the two iterations of a `lax.map`. A loop body is a fusion boundary, so XLA
+    writes each table once into a buffer. Left to XLA's CPU fusion, the float32 cos/sin were
+    re-evaluated inside every consumer: per head, for q and k, forward and backward, in every
+    layer (~10% of a float32 7M-parameter training step; docs/training.md, "CPU performance").
+    `lax.optimization_barrier` does not prevent that: XLA strips it before fusing. The loop runs
+    over a new leading axis, so the batch dimension keeps its sharding.
     """
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
-    cos, sin = jax.lax.map(lambda f: (jnp.cos(f), jnp.sin(f)), jnp.stack([freqs, freqs]))
-    return jnp.concatenate([cos[0], cos[1]], axis=-1), jnp.concatenate([sin[0], sin[1]], axis=-1)
+    cos, sin = jax.lax.map(lambda i: jax.lax.switch(i, (jnp.cos, jnp.sin), freqs), jnp.arange(2))
+    # Both halves of the rotate-half tables carry the same angles.
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
 
 
 @jax.custom_vjp
