@@ -30,6 +30,6 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it 
   tail -n 25 "$out/$name.log"
 }
 
-stage bench_1b_cudnn 220 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
+stage bench_1b_cudnn 300 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
   --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
 stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
