@@ -22,9 +22,10 @@ With --grad_accum=N both sides run each step as N micro-batches with summed grad
 `optimizer.grad_accum_steps`; torch: N forward/backward passes before the update); on CPU smaller
 micro-batches can be faster for both, since each pass's buffers fit the caches better.
 
-Environment: the script re-runs itself with glibc's huge-page malloc tunable, as the flan_jax
-launchers do (flan_jax/host_memory.py; `FLAN_JAX_HUGE_PAGES=0` turns it off), and measures the
-torch rows in a child process without it, since torch trains 15-20% slower with it on this CPU.
+Environment: the script re-runs itself with the glibc malloc tunables of the flan_jax launchers
+(flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; `FLAN_JAX_TUNED_MALLOC=0`
+turns them off), and measures the torch rows in a child process with the reuse tunables but
+without huge pages, torch's fastest setting on this CPU.
 
 Steps are timed after `--warmup` steps (compilation) in `--windows` windows of `--steps` steps, each
 with one host sync at its end as the trainer does between log steps; every row reports its fastest
@@ -87,10 +88,10 @@ def main() -> None:
 
     if args.torch_rows_to:
         return write_torch_rows(args)
-    # The flan_jax rows run as `python -m flan_jax.train` would: with glibc's huge-page tunable
-    # (flan_jax/host_memory.py). The torch rows run in a child process without it, torch's
-    # faster setting on this CPU, so each side gets its best environment.
-    host_memory.reexec_with_huge_pages()
+    # The flan_jax rows run as `python -m flan_jax.train` would: with its glibc malloc tunables
+    # (flan_jax/host_memory.py). The torch rows run in a child process with the reuse tunables
+    # but without huge pages, torch's fastest setting on this CPU: each side gets its best.
+    host_memory.reexec_with_tuned_malloc()
     on_cpu = not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
     if on_cpu and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
@@ -109,7 +110,8 @@ def main() -> None:
     ceiling = matmul_ceiling(jax)
     if not args.skip_torch:
         torch_device = "cpu" if jax.default_backend() == "cpu" else "cuda"
-        rows.extend(torch_rows_in_child(args, torch_device, host_memory.environ_without_huge_pages(dict(os.environ))))
+        torch_environ = host_memory.environ_without(dict(os.environ), (host_memory.HUGE_PAGES,))
+        rows.extend(torch_rows_in_child(args, torch_device, host_memory.environ_with(torch_environ, host_memory.REUSE_TUNABLES)))
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
@@ -407,10 +409,10 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
     )
     from flan_jax import host_memory
 
-    if host_memory.huge_pages_active():
+    if host_memory.tuned():
         print(
-            f"flan_jax rows with GLIBC_TUNABLES={host_memory.TUNABLE} (as the flan_jax launchers run); "
-            "torch rows in a child process without it (torch's faster setting here)"
+            f"flan_jax rows with GLIBC_TUNABLES={':'.join(host_memory.TUNABLES)} (as the flan_jax launchers run); "
+            f"torch rows in a child process without {host_memory.HUGE_PAGES} (torch's faster setting on CPU)"
         )
     print(
         f"{args.preset} Llama ({rows[0]['params'] / 1e6:.1f}M params), batch {shape['batch']} x {shape['seq_len']}, "

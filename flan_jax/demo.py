@@ -138,5 +138,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_huge_pages()
+    host_memory.reexec_with_tuned_malloc()
     sys.exit(main())

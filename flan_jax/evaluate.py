@@ -48,6 +48,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_huge_pages()
+    host_memory.reexec_with_tuned_malloc()
     logging.getLogger().setLevel(logging.INFO)
     app.run(main)

@@ -1,21 +1,31 @@
-"""Large host buffers on transparent huge pages: the launchers re-run themselves once to get them.
+"""glibc malloc tuned for XLA's CPU runtime: the launchers re-run themselves once to get it.
 
-Why: XLA's CPU runtime allocates the large intermediates of a step (the [tokens, vocab] logits,
-activations, gradients) afresh at every step. glibc serves every allocation above 32 MiB with a
-new `mmap`, so each step pays one page fault per 4 KiB page it touches: a 131 MB elementwise op
-ran at 6 GB/s instead of 24 here. The glibc tunable `glibc.malloc.hugetlb=1` makes malloc
-advise those mappings for 2 MiB transparent huge pages (512x fewer faults): that op drops from
-43 to 15 ms and the 7M-parameter benchmark's train step gets 12-20% faster on CPU
-(benchmarks/RESULTS.md). It changes no result, only where the bytes live.
+Why: XLA's CPU runtime allocates a step's intermediates (the [tokens, vocab] logits, activations,
+gradients) as one large temporary buffer afresh at every step: 758 MB for the 7M-parameter
+benchmark's bf16 step. By default glibc serves every allocation above 32 MiB with a new `mmap`
+and returns it with `munmap`, so every step the kernel faults in and zeroes that buffer again.
+Two sets of glibc tunables fix that:
+
+* `REUSE_TUNABLES` keep freed memory in the process, so the next step reuses the same pages:
+  one malloc arena (`arena_max=1`: XLA's threads would otherwise each get an arena, and a
+  thread's arena maps anything over 64 MiB afresh), no `mmap` for large blocks (`mmap_max=0`),
+  and no trimming of the heap top (`trim_threshold`). Measured on the 7M benchmark: no page
+  faults after the first step (713 per step before), kernel time 0.13 -> 0.004 s per step, and
+  the step's spikes gone (bf16 median 0.66 -> 0.60 s, mean 0.69 -> 0.61 s). The price: the
+  process keeps its peak heap (resident memory stays at the largest step's, ~2 GB there).
+* `HUGE_PAGES` (`hugetlb=1`) puts large allocations on 2 MiB transparent huge pages: fewer TLB
+  misses, and when memory is faulted in, 512x fewer faults. Before the reuse tunables it made
+  the 7M benchmark's step 12-20% faster; with them it is still worth 2-5%.
 
 glibc reads tunables once, at process start, so setting the variable from Python is too late:
-`reexec_with_huge_pages()` re-executes the same command (same pid, same arguments) with it set,
-before anything else has run. It does nothing off Linux, when the kernel has transparent huge
-pages disabled, when the tunable is already set, or when `FLAN_JAX_HUGE_PAGES=0`.
-(It is not a blanket win: torch's CPU training measured 15-20% slower with it here, and the data
-loader's pure-Python best-fit packing stage ~2x slower in isolation, though the loader end to end,
-which renders and tokenizes too, kept its speed: benchmarks/RESULTS.md, "Data pipeline". So it is
-set for the flan_jax launchers, whose time is XLA's, not for every program on the machine.)
+`reexec_with_tuned_malloc()` re-executes the same command (same pid, same arguments) with them
+set, before anything else has run. It does nothing off Linux, when they are already set, or when
+`FLAN_JAX_TUNED_MALLOC=0`. It is set for the flan_jax launchers, whose time is XLA's, not for
+every program on the machine: torch's CPU training measured slower with the huge pages (it gains
+from the reuse tunables alone, which is how the benchmark runs it), and the data loader's
+pure-Python packing stage is slower with them in isolation, though the loader end to end is not
+(benchmarks/RESULTS.md). Programs that use jax from their own process (a notebook, a script) get
+the same by starting with `GLIBC_TUNABLES` set to `":".join(TUNABLES)`.
 """
 
 from __future__ import annotations
@@ -23,26 +33,32 @@ from __future__ import annotations
 import os
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
-_OPT_OUT = "FLAN_JAX_HUGE_PAGES"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+REUSE_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")
+TUNABLES = (HUGE_PAGES, *REUSE_TUNABLES)
+_OPT_OUT = "FLAN_JAX_TUNED_MALLOC"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def huge_pages_active(environ: dict[str, str] | None = None) -> bool:
-    """Whether this process's environment carries the tunable (glibc read it at start)."""
-    environ = os.environ if environ is None else environ
-    return TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":")
+def _tunables(environ: dict[str, str]) -> list[str]:
+    return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
-def environ_with_huge_pages(environ: dict[str, str]) -> dict[str, str]:
-    """A copy of `environ` whose GLIBC_TUNABLES also holds the tunable (other tunables kept)."""
-    current = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
-    return {**environ, "GLIBC_TUNABLES": ":".join([*current, TUNABLE])}
+def tuned(environ: dict[str, str] | None = None, tunables: tuple[str, ...] = TUNABLES) -> bool:
+    """Whether the environment carries all of `tunables` (for this process: glibc read them at start)."""
+    current = _tunables(os.environ if environ is None else environ)
+    return all(t in current for t in tunables)
 
 
-def environ_without_huge_pages(environ: dict[str, str]) -> dict[str, str]:
-    """A copy of `environ` without the tunable (for child processes that are not XLA's)."""
-    kept = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t and t != TUNABLE]
+def environ_with(environ: dict[str, str], tunables: tuple[str, ...] = TUNABLES) -> dict[str, str]:
+    """A copy of `environ` whose GLIBC_TUNABLES also holds `tunables` (other tunables kept)."""
+    current = _tunables(environ)
+    return {**environ, "GLIBC_TUNABLES": ":".join([*current, *(t for t in tunables if t not in current)])}
+
+
+def environ_without(environ: dict[str, str], tunables: tuple[str, ...] = TUNABLES) -> dict[str, str]:
+    """A copy of `environ` without `tunables` (for child processes that are not XLA's)."""
+    kept = [t for t in _tunables(environ) if t not in tunables]
     out = {k: v for k, v in environ.items() if k != "GLIBC_TUNABLES"}
     if kept:
         out["GLIBC_TUNABLES"] = ":".join(kept)
@@ -58,19 +74,14 @@ def transparent_huge_pages_mode() -> str:
         return "never"
 
 
-def reexec_with_huge_pages() -> None:
-    """Re-runs the current command with the tunable, unless it would change nothing (see above).
+def reexec_with_tuned_malloc() -> None:
+    """Re-runs the current command with `TUNABLES`, unless it would change nothing (see above).
 
     Call it first in a `__main__` block, before jax is imported: `os.execve` replaces the process
     (same pid, so signals and exit codes reach the caller as before) and never returns.
     """
-    if (
-        not sys.platform.startswith("linux")
-        or os.environ.get(_OPT_OUT, "1") == "0"
-        or huge_pages_active()
-        or transparent_huge_pages_mode() == "never"
-    ):
+    if not sys.platform.startswith("linux") or os.environ.get(_OPT_OUT, "1") == "0" or tuned():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ_with_huge_pages(dict(os.environ)))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ_with(dict(os.environ)))

@@ -33,14 +33,12 @@ def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):
         assert row["grad_accum"] == 2  # both sides ran every step as two micro-batches
     assert report["ceiling"]["float32"] > 0 and report["ceiling"]["bfloat16"] > 0
     assert "| transformers + torch AdamW | bf16 autocast / fp32 params | 1 |" in result.stdout
-    # flan_jax rows as its launchers run (huge-page tunable, where the kernel has huge pages);
-    # torch rows in a child without it.
+    # flan_jax rows as its launchers run (all the malloc tunables); torch rows in a child with the
+    # reuse tunables but without huge pages.
     for (name, _, _), row in rows.items():
-        has_tunable = host_memory.TUNABLE in row["glibc_tunables"].split(":")
-        if name.startswith("transformers"):
-            assert not has_tunable
-        elif host_memory.transparent_huge_pages_mode() != "never":
-            assert has_tunable
+        tunables = row["glibc_tunables"].split(":")
+        assert all(t in tunables for t in host_memory.REUSE_TUNABLES)
+        assert (host_memory.HUGE_PAGES in tunables) == (not name.startswith("transformers"))
 
 
 def test_data_pipeline_runs_against_the_measured_train_step():
