@@ -36,11 +36,6 @@ def get_config():
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.schedule = "cosine"
-    # Two micro-batches of 16 rows per step: the same update (gradients summed over the whole
-    # batch), ~15% faster on CPU because each pass's buffers fit the caches better
-    # (benchmarks/RESULTS.md, "micro-batches").
-    config.optimizer.grad_accum_steps = 2
-
     config.train.num_steps = 600
     config.train.log_every = 25
 

@@ -93,8 +93,6 @@ TINY_DEMO = {
     "model.d_ff": 64,
     "model.max_positions": 64,
     "optimizer.warmup_steps": 2,
-    # One pass per step: 8 rows do not split into the demo's 2 micro-batches on 8 test devices.
-    "optimizer.grad_accum_steps": 1,
     "train.num_steps": 4,
     "train.log_every": 1,
     "train.progress_bar": False,
