@@ -19,8 +19,8 @@ What is measured, in one run on the same machine:
 
 Each row is compared with the ceiling and the torch row of its own compute dtype, and with torch fp32.
 With --grad_accum=N both sides run each step as N micro-batches with summed gradients (flan_jax:
-`optimizer.grad_accum_steps`; torch: N forward/backward passes before the update); on CPU smaller
-micro-batches can be faster for both, since each pass's buffers fit the caches better.
+`optimizer.grad_accum_steps`; torch: N forward/backward passes before the update). On this CPU one
+pass is the fastest for both since the malloc reuse tunables below (benchmarks/RESULTS.md, run 22).
 
 Environment: the script re-runs itself with the glibc malloc tunables of the flan_jax launchers
 (flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; `FLAN_JAX_TUNED_MALLOC=0`

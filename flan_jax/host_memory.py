@@ -15,7 +15,7 @@ Two sets of glibc tunables fix that:
   process keeps its peak heap (resident memory stays at the largest step's, ~2 GB there).
 * `HUGE_PAGES` (`hugetlb=1`) puts large allocations on 2 MiB transparent huge pages: fewer TLB
   misses, and when memory is faulted in, 512x fewer faults. Before the reuse tunables it made
-  the 7M benchmark's step 12-20% faster; with them it is still worth 2-5%.
+  the 7M benchmark's step 12-20% faster; with them it is still worth 3-6% in bf16.
 
 glibc reads tunables once, at process start, so setting the variable from Python is too late:
 `reexec_with_tuned_malloc()` re-executes the same command (same pid, same arguments) with them
