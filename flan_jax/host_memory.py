@@ -44,16 +44,24 @@ def _tunables(environ: dict[str, str]) -> list[str]:
     return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
 
 
+def _name(tunable: str) -> str:
+    return tunable.split("=", 1)[0]
+
+
 def tuned(environ: dict[str, str] | None = None, tunables: tuple[str, ...] = TUNABLES) -> bool:
-    """Whether the environment carries all of `tunables` (for this process: glibc read them at start)."""
-    current = _tunables(os.environ if environ is None else environ)
-    return all(t in current for t in tunables)
+    """Whether the environment sets each of `tunables`, to our value or the user's own."""
+    names = {_name(t) for t in _tunables(os.environ if environ is None else environ)}
+    return all(_name(t) in names for t in tunables)
 
 
 def environ_with(environ: dict[str, str], tunables: tuple[str, ...] = TUNABLES) -> dict[str, str]:
-    """A copy of `environ` whose GLIBC_TUNABLES also holds `tunables` (other tunables kept)."""
+    """A copy of `environ` whose GLIBC_TUNABLES also sets `tunables`.
+
+    Other tunables are kept, and so is a value the user gave one of ours (say `arena_max=4`).
+    """
     current = _tunables(environ)
-    return {**environ, "GLIBC_TUNABLES": ":".join([*current, *(t for t in tunables if t not in current)])}
+    names = {_name(t) for t in current}
+    return {**environ, "GLIBC_TUNABLES": ":".join([*current, *(t for t in tunables if _name(t) not in names)])}
 
 
 def environ_without(environ: dict[str, str], tunables: tuple[str, ...] = TUNABLES) -> dict[str, str]:
@@ -76,6 +84,9 @@ def transparent_huge_pages_mode() -> str:
 
 def reexec_with_tuned_malloc() -> None:
     """Re-runs the current command with `TUNABLES`, unless it would change nothing (see above).
+
+    Values the user already set for these tunables are kept. After the re-run every tunable is
+    set, so the re-run process does not run again.
 
     Call it first in a `__main__` block, before jax is imported: `os.execve` replaces the process
     (same pid, so signals and exit codes reach the caller as before) and never returns.

@@ -56,6 +56,15 @@ def test_reexec_reuses_freed_memory_puts_it_on_huge_pages_and_keeps_the_pid():
     assert report["pid"] == pid  # execve: signals and exit codes still reach the caller's child
     assert report["tunables"].split(":") == ["glibc.malloc.check=0", *host_memory.TUNABLES]
     assert report["faults_on_reuse"] < 8  # the freed 64 MiB stayed mapped (re-mapped: 32 huge or 16,384 small pages)
+
+
+@linux_only
+def test_reexec_keeps_the_users_own_value_and_runs_once():
+    _, report = _run_child(GLIBC_TUNABLES="glibc.malloc.mmap_max=65536")
+    tunables = report["tunables"].split(":")
+    assert tunables[0] == "glibc.malloc.mmap_max=65536" and "glibc.malloc.mmap_max=0" not in tunables
+    assert len(tunables) == len(host_memory.TUNABLES)  # the other three added once; the child exited normally
+    assert report["faults_on_reuse"] >= 32  # large blocks still mapped afresh, as that user asked
     if host_memory.transparent_huge_pages_mode() != "never":
         assert report["huge_kb"] >= 32 * 1024
 
@@ -76,6 +85,10 @@ def test_environment_helpers_keep_other_tunables():
     assert with_them == {"GLIBC_TUNABLES": f"a=1:b=2:{tunables}", "X": "y"}
     assert host_memory.tuned(with_them) and not host_memory.tuned({"GLIBC_TUNABLES": host_memory.HUGE_PAGES})
     assert host_memory.environ_with(with_them) == with_them  # nothing added twice
+    users_own = host_memory.environ_with({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"})
+    assert users_own["GLIBC_TUNABLES"].split(":") == [  # the user's value wins, the others are added
+        "glibc.malloc.arena_max=4", host_memory.HUGE_PAGES, *host_memory.REUSE_TUNABLES[1:]]
+    assert host_memory.tuned(users_own)  # so the re-run process does not re-run again
     assert host_memory.environ_without(with_them) == {"GLIBC_TUNABLES": "a=1:b=2", "X": "y"}
     assert host_memory.environ_without({"GLIBC_TUNABLES": tunables}) == {}
     torch_like = host_memory.environ_without(with_them, (host_memory.HUGE_PAGES,))
