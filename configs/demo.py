@@ -36,6 +36,7 @@ def get_config():
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 50
     config.optimizer.schedule = "cosine"
+
     config.train.num_steps = 600
     config.train.log_every = 25
 

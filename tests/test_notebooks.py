@@ -74,7 +74,7 @@ def small_workdir(tmp_path_factory):
     config.data.tokenizer.train_examples = 400
     config.model.update(vocab_size=400, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, d_ff=64,
                         max_positions=256)
-    config.optimizer.update(warmup_steps=1)
+    config.optimizer.warmup_steps = 1
     config.train.update(num_steps=4, log_every=1, progress_bar=False)
     config.checkpoint.update(every_steps=2, async_save=False)
     config.eval.update(at_start=True, at_end=True, max_examples_per_task=2, max_new_tokens=4, batch_size=8)
