@@ -29,12 +29,12 @@ def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> j
     `kernel` stays in its parameter dtype here (the cast happens inside), so its gradient is
     accumulated and returned in that dtype.
     """
-    return _mixed_dot(x.astype(jnp.dtype(dtype)), kernel, n_in)
+    return _f32_accumulated_dot(x.astype(jnp.dtype(dtype)), kernel, n_in)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _mixed_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    return _mixed_dot_fwd(x, kernel, n_in)[0]
+def _f32_accumulated_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
+    return _f32_accumulated_dot_fwd(x, kernel, n_in)[0]
 
 
 def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
@@ -43,12 +43,12 @@ def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _mixed_dot_fwd(x, kernel, n_in):
+def _f32_accumulated_dot_fwd(x, kernel, n_in):
     y = _contract_last(x, kernel.astype(x.dtype), n_in).astype(x.dtype)
     return y, (x, kernel)
 
 
-def _mixed_dot_bwd(n_in, residuals, g):
+def _f32_accumulated_dot_bwd(n_in, residuals, g):
     x, kernel = residuals
     w = kernel.astype(x.dtype)
     n_out = w.ndim - n_in
@@ -62,4 +62,4 @@ def _mixed_dot_bwd(n_in, residuals, g):
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
-_mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
+_f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd)
