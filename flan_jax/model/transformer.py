@@ -290,10 +290,22 @@ _REMAT_POLICIES = {
 }
 
 
-class Transformer(nnx.Module):
-    """Token embedding -> n_layers pre-norm blocks -> final norm -> vocabulary logits."""
+SCALAR_HEADS = ("score", "value")  # reward model (HF *ForSequenceClassification's `score`), PPO value head
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+
+class Transformer(nnx.Module):
+    """Token embedding -> n_layers pre-norm blocks -> final norm -> vocabulary logits.
+
+    `heads` adds scalar heads read from the final hidden states beside the vocabulary head
+    (`scalar_head`): "score" for a reward model, "value" for a PPO value function. They are
+    created after every other parameter, so asking for one leaves the initialisation of the rest
+    unchanged.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ()):
+        unknown = sorted(set(heads) - set(SCALAR_HEADS))
+        if unknown:
+            raise ValueError(f"Transformer: unknown head(s) {unknown}; the decoder carries {SCALAR_HEADS}")
         self.cfg = cfg
         init = nnx.initializers.normal(cfg.init_std)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
@@ -307,6 +319,10 @@ class Transformer(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = _param(rngs, init, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg)
+        self.scalar_heads = (
+            nnx.Dict({name: _param(rngs, init, (cfg.d_model, 1), ("embed", None), cfg) for name in heads})
+            if heads else None
+        )
 
     def __call__(
         self,
@@ -361,6 +377,14 @@ class Transformer(nnx.Module):
         x, new_cache = self._features(tokens, positions, mask, cache, cache_index, causal)
         logits = jnp.dot(x, self._head(), preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
+
+    def scalar_head(self, name: str, hidden: jax.Array) -> jax.Array:
+        """The scalar head `name` at every position: [B, L] float32 from `hidden_states`' output."""
+        if self.scalar_heads is None or name not in self.scalar_heads:
+            have = [] if self.scalar_heads is None else sorted(self.scalar_heads)
+            raise KeyError(f"This model has no {name!r} head (it has {have}); build it with heads=({name!r},)")
+        weight = self.scalar_heads[name][...].astype(hidden.dtype)
+        return jnp.dot(hidden, weight, preferred_element_type=jnp.float32)[..., 0]
 
     def _head(self) -> jax.Array:
         """The output projection [d_model, vocab] in the compute dtype (tied: the embedding^T)."""
