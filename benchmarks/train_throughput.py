@@ -257,16 +257,16 @@ def run_flan_jax(
     from flax import nnx
 
     from flan_jax import model as model_lib
-    from flan_jax.train import metrics, optimizer, partitioning, step as step_lib
+    from flan_jax.train import metrics, optimizer, partitioning, state as state_lib, step as step_lib
 
     config = _config(shape, variant, attention, remat, grad_accum)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
-    parts = step_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    parts = state_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(0)), mesh, rules)
     tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
-    shardings = step_lib.state_shardings(parts, tx, mesh)
-    state = step_lib.init_state(parts, tx, shardings, 0, mesh)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
     with jax.set_mesh(mesh):

@@ -105,7 +105,13 @@ def get_config() -> ml_collections.ConfigDict:
     opt.clip_norm = 1.0  # global gradient norm; 0 disables
     opt.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
 
-    # ---------------------------------------------------------------- loss
+    # ---------------------------------------------------------------- objective
+    config.objective = objective = ml_collections.ConfigDict()
+    # What the step minimises (flan_jax/train/objectives): "sft" = next-token cross-entropy on the
+    # responses, configured by config.loss below.
+    objective.name = "sft"
+
+    # ---------------------------------------------------------------- loss (the "sft" objective)
     config.loss = loss = ml_collections.ConfigDict()
     loss.normalization = "tokens"  # tokens: mean over weighted tokens of the global batch; sequences: mean of per-sequence means
     loss.z_loss = 0.0

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flan_jax.train import checkpointing, optimizer, partitioning, step
+from flan_jax.train import checkpointing, optimizer, partitioning, state as state_lib, step
 from tests import train_fakes
 
 
@@ -18,9 +18,9 @@ def _state_on(n_devices, shape, config):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
-    parts = step.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
+    parts = state_lib.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
     tx, schedule = optimizer.make_optimizer(config.optimizer, 10)
-    shardings = step.state_shardings(parts, tx, mesh)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
     return mesh, rules, parts, tx, schedule, shardings
 
 
@@ -28,7 +28,7 @@ def test_round_trip_onto_a_different_mesh_with_iterator_state(tmp_path):
     config = train_fakes.tiny_config()
     config.checkpoint.async_save = True
     mesh, rules, parts, tx, schedule, shardings = _state_on(8, (2, 2, 2), config)
-    state = step.init_state(parts, tx, shardings, 0, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     train_step = step.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     with jax.set_mesh(mesh):
         state, _ = train_step(state, partitioning.global_batch(train_fakes.packed_batch(0), partitioning.batch_sharding(mesh, rules)))
@@ -43,27 +43,27 @@ def test_round_trip_onto_a_different_mesh_with_iterator_state(tmp_path):
 
     # Restore on 2 devices with a different layout.
     mesh2, _, parts2, tx2, _, shardings2 = _state_on(2, (1, 2, 1), config)
-    abstract = step.abstract_state(parts2, tx2, shardings2, seed=0)
+    abstract = state_lib.abstract_state(parts2, tx2, shardings2, seed=0)
     it2 = _iterator()
     restored = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, it2)
     assert restored is not None
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
-    assert restored["params"]["w_in"].sharding == shardings2["params"]["w_in"]
-    assert len(restored["params"]["w_in"].sharding.device_set) == 2
-    assert int(restored["step"]) == 1
+    assert restored.params["w_in"].sharding == shardings2.params["w_in"]
+    assert len(restored.params["w_in"].sharding.device_set) == 2
+    assert int(restored.step) == 1
     assert int(next(it2)["x"][0]) == 5  # the iterator continues where the saved one stopped
 
 
 def _save_steps(tmp_path, config, steps, metrics=None):
     mesh, rules, parts, tx, schedule, shardings = _state_on(1, (1, 1, 1), config)
-    state = step.init_state(parts, tx, shardings, 0, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     ckpt = checkpointing.Checkpointer(tmp_path, config.checkpoint)
     it = _iterator()
     for s in steps:
         next(it)
         ckpt.save(s, state, it, config, metrics=(metrics or {}).get(s))
     ckpt.close()
-    return step.abstract_state(parts, tx, shardings, seed=0)
+    return state_lib.abstract_state(parts, tx, shardings, seed=0)
 
 
 def test_keeps_last_k_and_the_best_by_metric(tmp_path):
@@ -85,7 +85,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
     it = _iterator()
     with caplog.at_level("WARNING"):
         restored = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, it)
-    assert int(restored["step"]) == 0  # the saved state's own step counter (state was never trained)
+    assert int(restored.step) == 0  # the saved state's own step counter (state was never trained)
     assert "is corrupt" in caplog.text and "/4" in caplog.text
     assert int(next(it)["x"][0]) == 1  # iterator state of checkpoint 2 (one element consumed)
     assert not (tmp_path / "checkpoints" / "4").exists()

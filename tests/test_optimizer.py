@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flan_jax.train import optimizer, partitioning, step
+from flan_jax.train import optimizer, partitioning, state as state_lib, step
 from tests import train_fakes
 
 
@@ -71,15 +71,15 @@ def _train_params(accum: int, normalization: str):
     config.loss.normalization = normalization
     mesh = partitioning.make_mesh(config.mesh)  # 8 devices, data-parallel
     rules = partitioning.axis_rules(config.mesh)
-    parts = step.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
+    parts = state_lib.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
     tx, schedule = optimizer.make_optimizer(config.optimizer, 10)
-    shardings = step.state_shardings(parts, tx, mesh)
-    state = step.init_state(parts, tx, shardings, 0, mesh)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     train_step = step.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     batch = train_fakes.packed_batch(3, rows=16)
     with jax.set_mesh(mesh):
         state, metrics = train_step(state, partitioning.global_batch(batch, partitioning.batch_sharding(mesh, rules)))
-    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state["params"])
+    return float(metrics["loss"]), float(metrics["grad_norm"]), jax.tree.map(np.asarray, state.params)
 
 
 @pytest.mark.parametrize("normalization", ["tokens", "sequences"])

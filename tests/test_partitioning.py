@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from flan_jax.train import optimizer, partitioning, step
+from flan_jax.train import optimizer, partitioning, state as state_lib, step
 from tests import train_fakes
 
 
@@ -32,10 +32,10 @@ def test_mesh_fills_minus_one_and_rejects_bad_shapes():
 def _setup(mesh, config, name="adamw"):
     config.optimizer.name = name
     rules = partitioning.axis_rules(config.mesh)
-    parts = step.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
+    parts = state_lib.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, rules)
     tx, schedule = optimizer.make_optimizer(config.optimizer, config.train.num_steps)
-    shardings = step.state_shardings(parts, tx, mesh)
-    state = step.init_state(parts, tx, shardings, seed=0, mesh=mesh)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
+    state = state_lib.init_state(parts, tx, shardings, seed=0, mesh=mesh)
     train_step = step.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
     return parts, state, train_step, rules
 
@@ -43,7 +43,7 @@ def _setup(mesh, config, name="adamw"):
 def test_parameter_and_optimizer_shardings_follow_the_rules():
     mesh, config = _mesh(2, 2, 2)
     _, state, _, _ = _setup(mesh, config)
-    specs = {k: v.sharding.spec for k, v in state["params"].items()}
+    specs = {k: v.sharding.spec for k, v in state.params.items()}
     # DEFAULT_RULES: embed -> fsdp, vocab/mlp -> tensor.
     assert specs == {
         "embed": P("tensor", "fsdp"),
@@ -52,10 +52,10 @@ def test_parameter_and_optimizer_shardings_follow_the_rules():
         "w_out": P("tensor", "fsdp"),
         "head": P("fsdp", "tensor"),
     }
-    adam = state["opt_state"][1][0]
+    adam = state.opt_state[1][0]
     for moments in (adam.mu, adam.nu):
         assert {k: v.sharding.spec for k, v in moments.items()} == specs
-    assert state["params"]["w_in"].addressable_shards[0].data.shape == (8, 16)
+    assert state.params["w_in"].addressable_shards[0].data.shape == (8, 16)
 
 
 def test_adafactor_state_is_placed_without_errors():
@@ -75,7 +75,7 @@ def _run_steps(mesh, config, batches):
         for b in batches:
             state, metrics = train_step(state, partitioning.global_batch(b, sharding))
             losses.append(float(metrics["loss"]))
-    return losses, jax.tree.map(np.asarray, state["params"])
+    return losses, jax.tree.map(np.asarray, state.params)
 
 
 @pytest.mark.parametrize("shape,devices", [((2, 1, 1), 2), ((2, 2, 2), 8)], ids=["2dev", "8dev-2x2x2"])

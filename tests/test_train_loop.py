@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from flan_jax.train import checkpointing, loop, partitioning
+from flan_jax.train import checkpointing, loop, partitioning, state as state_lib
 from tests import train_fakes
 
 REQUIRED_FIELDS = {"step", "loss", "learning_rate", "tokens_per_sec", "grad_norm", "mfu", "skipped_steps"}
@@ -152,7 +152,7 @@ def test_flops_per_token_follows_the_documented_formula():
     config = train_fakes.demo_config({})
     cfg = fm.ModelConfig.from_config(config.model)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
-    parts = step.ModelParts(lambda: fm.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh))
+    parts = state_lib.ModelParts(lambda: fm.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh))
     n = metrics.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=cfg.tie_embeddings)
     d, h, kv, hd, ff, v, layers = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size, cfg.n_layers
     # Llama: q, k, v, o projections + gated MLP (3 matrices) per layer, + the untied output head.

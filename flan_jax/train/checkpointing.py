@@ -1,12 +1,14 @@
 """Orbax checkpoints of a run: save, resume (with fallback past broken ones) and load for inference.
 
-A checkpoint `DIR/checkpoints/<step>/` holds five items:
+A checkpoint `DIR/checkpoints/<step>/` holds six items:
 
-  params      the model parameters (pure dict; restorable alone, see `load_model`)
+  params      the trained parameters (pure dict; restorable alone, see `load_model`)
   opt_state   the optax state
   train_meta  step, RNG key data and the non-finite counters
   data_iter   the grain iterator state (one JSON file per process)
   config      the resolved config (JSON)
+  frozen      {slot: fingerprint} of the train state's frozen slots (JSON): their arrays are not
+              saved but rebuilt at start, and a resume checks they are the same (train/state.py)
 
 Arrays are restored into `ShapeDtypeStruct`s carrying the *current* shardings, so a run can
 resume on another mesh or device count; the data iterator's per-process files are merged when
@@ -33,7 +35,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-META_KEYS = ("step", "rng", "nonfinite_steps", "first_nonfinite_step")
+from flan_jax.train.state import TrainState
 
 # Orbax splits each replicated array among its replicas to save in parallel; every slice is a
 # separately compiled jax op, which for a model's many small arrays costs far more (seconds per
@@ -141,25 +143,27 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        state: Mapping[str, Any],
+        state: TrainState,
         data_iter: Any,
         config: ml_collections.ConfigDict,
         *,
         metrics: Mapping[str, float] | None = None,
+        frozen_fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         """Starts an (async) save of everything needed to continue the run exactly."""
         if step in self.manager.all_steps():
             return
         args = ocp.args.Composite(
-            params=ocp.args.StandardSave(state["params"]),
-            opt_state=ocp.args.StandardSave(state["opt_state"]),
-            train_meta=ocp.args.StandardSave({k: state[k] for k in META_KEYS}),
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            train_meta=ocp.args.StandardSave(state.meta()),
             data_iter=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config_to_dict(config)),
+            frozen=ocp.args.JsonSave(dict(frozen_fingerprints or {})),
         )
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
 
-    def restore_latest(self, abstract_state: Mapping[str, Any], data_iter: Any) -> dict | None:
+    def restore_latest(self, abstract_state: TrainState, data_iter: Any) -> TrainState | None:
         """The newest readable checkpoint restored into `abstract_state`'s shardings, or None.
 
         Newer checkpoints that fail while an older one restores are corrupt: they are moved aside.
@@ -172,9 +176,9 @@ class Checkpointer:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract_state["params"]),
-                        opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
-                        train_meta=ocp.args.StandardRestore({k: abstract_state[k] for k in META_KEYS}),
+                        params=ocp.args.StandardRestore(abstract_state.params),
+                        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                        train_meta=ocp.args.StandardRestore(abstract_state.meta()),
                     ),
                 )
                 restore_data_iterator(self.directory / str(step) / "data_iter", data_iter)
@@ -184,7 +188,7 @@ class Checkpointer:
                 continue
             for bad_step, error in failed:
                 self._set_aside(bad_step, error)
-            state = {"params": restored["params"], "opt_state": restored["opt_state"], **restored["train_meta"]}
+            state = TrainState(params=restored["params"], opt_state=restored["opt_state"], **restored["train_meta"])
             logging.info("Resumed from checkpoint %s", self.directory / str(step))
             return state
         if failed:
@@ -209,6 +213,12 @@ class Checkpointer:
             ocp.multihost.sync_global_processes(f"flan_jax_set_aside_{step}")
         self.manager.reload()
 
+    def frozen_fingerprints(self, step: int) -> dict[str, str]:
+        """The frozen-slot fingerprints checkpoint `step` was saved with ({} before they existed)."""
+        if "frozen" not in self.manager.item_metadata(step):
+            return {}
+        return dict(self.manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"])
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
@@ -227,8 +237,8 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
     """
     from flax import nnx
 
-    from flan_jax import model as model_lib
-    from flan_jax.train import partitioning, step as step_lib
+    from flan_jax.model import registry
+    from flan_jax.train import objectives, partitioning, state as state_lib
 
     manager = ocp.CheckpointManager(
         epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True, create=False)
@@ -241,9 +251,10 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
         try:
             config = config_from_dict(manager.restore(candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
             mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.local_devices()[:1])
-            cfg = model_lib.ModelConfig.from_config(config.model)
-            parts = step_lib.ModelParts(
-                lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh)
+            cfg = registry.config_from(config.model)
+            heads = objectives.get_objective(config).model_heads if "objective" in config else ()
+            parts = state_lib.ModelParts(
+                lambda: registry.build_model(cfg, rngs=nnx.Rngs(0), heads=heads), mesh, partitioning.axis_rules(config.mesh)
             )
             abstract = jax.tree.map(
                 lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.abstract_params, parts.param_shardings

@@ -21,7 +21,15 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from flan_jax.train import checkpointing, metrics as metrics_lib, optimizer, partitioning, step as step_lib
+from flan_jax.train import (
+    checkpointing,
+    metrics as metrics_lib,
+    objectives,
+    optimizer,
+    partitioning,
+    state as state_lib,
+    step as step_lib,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -42,8 +50,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     rules = partitioning.axis_rules(config.mesh)
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
+    objective = objectives.get_objective(config)
     tokenizer, data_iter = build_data(config, workdir)
-    model_cfg, parts = build_model(config, mesh, rules)
+    model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
     if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
         # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
         raise ValueError(
@@ -56,16 +65,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         )
     num_steps = int(config.train.num_steps)
     tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps)
-    shardings = step_lib.state_shardings(parts, tx, mesh)
+    shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
 
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    state = checkpoints.restore_latest(step_lib.abstract_state(parts, tx, shardings, config.seed), data_iter)
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter)
+    resumed = state is not None
     if state is None:
-        state = step_lib.init_state(parts, tx, shardings, config.seed, mesh)
+        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
         if config.checkpoint.init_from:
-            state["params"] = load_init_params(config.checkpoint.init_from, parts, model_cfg)
-    start_step = int(state["step"])
-    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
+            state = state.replace(params=load_init_params(config.checkpoint.init_from, parts, model_cfg))
+    state, frozen_fingerprints = attach_frozen_slots(state, objective, parts, mesh, config, model_cfg, resumed=resumed)
+    if resumed:
+        check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
+    start_step = int(state.step)
+    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
     n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
     flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
@@ -74,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
     def evaluate(step: int) -> dict | None:
-        return run_evaluation(config, parts.merge(state["params"]), tokenizer, workdir, step)
+        return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step)
 
     logged: dict[str, Any] = {}
     eval_results = None
@@ -85,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             for step in range(start_step + 1, num_steps + 1):
                 batch = next(data_iter)
                 if step == start_step + 1:
-                    step_lib.check_batch(batch, config, mesh)
+                    step_lib.check_batch(batch, config, mesh, objective)
                 state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
                 if step == start_step + 1:  # throughput excludes the compiling first step
                     reporter.restart_timer(step, step_metrics)
@@ -104,13 +117,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
                 if ckpt_due:
                     stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
-                    checkpoints.save(step, state, data_iter, config, metrics=best_metric(eval_results, config, eval_due))
+                    checkpoints.save(
+                        step, state, data_iter, config,
+                        metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=frozen_fingerprints,
+                    )
                 if eval_due or ckpt_due:  # tokens/s measures training only
-                    reporter.restart_timer(step, state["step"])
+                    reporter.restart_timer(step, state.step)
                 if preemption.requested(step, config.train.log_every):
                     logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
                     stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
-                    checkpoints.save(step, state, data_iter, config)
+                    checkpoints.save(step, state, data_iter, config, frozen_fingerprints=frozen_fingerprints)
                     break
     finally:
         preemption.close()
@@ -159,15 +175,54 @@ def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
     return tokenizer, data_iter
 
 
-def build_model(config: ml_collections.ConfigDict, mesh, rules):
-    from flan_jax import model as model_lib
+def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str, ...] = ()):
+    """(model config, ModelParts) of `config.model`, through the family registry."""
+    from flan_jax.model import registry
 
-    model_cfg = model_lib.ModelConfig.from_config(config.model)
-    parts = step_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(config.seed)), mesh, rules)
+    model_cfg = registry.config_from(config.model)
+    parts = state_lib.ModelParts(
+        lambda: registry.build_model(model_cfg, rngs=nnx.Rngs(config.seed), heads=heads), mesh, rules
+    )
     return model_cfg, parts
 
 
-def load_init_params(path: str, parts: step_lib.ModelParts, model_cfg) -> dict:
+def initial_params(config, parts: state_lib.ModelParts, mesh, model_cfg) -> dict:
+    """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation."""
+    if config.checkpoint.init_from:
+        return load_init_params(config.checkpoint.init_from, parts, model_cfg)
+    return state_lib.init_params(parts, mesh)
+
+
+def attach_frozen_slots(
+    state: state_lib.TrainState, objective, parts, mesh, config, model_cfg, *, resumed: bool
+) -> tuple[state_lib.TrainState, dict[str, str]]:
+    """Fills the frozen slots the objective reads; returns the state and their fingerprints.
+
+    "reference" is the initial policy: on a fresh run a copy of the step-0 parameters, on a resume
+    rebuilt from the same source (init_from or seed) so it is never stored in the run's checkpoints.
+    """
+    frozen = {}
+    for slot in objective.frozen_slots:
+        if slot != "reference":
+            raise ValueError(f"Objective {objective.name!r} asks for frozen slot {slot!r}; the trainer builds 'reference' only")
+        frozen[slot] = initial_params(config, parts, mesh, model_cfg) if resumed else state_lib.copy_params(state.params)
+    fingerprints = {slot: state_lib.fingerprint(params) for slot, params in frozen.items()}
+    return state.replace(frozen=frozen), fingerprints
+
+
+def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int, fingerprints: dict[str, str]) -> None:
+    """A resumed run must read the same frozen parameters as the run that wrote its checkpoint."""
+    saved = checkpoints.frozen_fingerprints(step)
+    differing = sorted(slot for slot in set(saved) | set(fingerprints) if saved.get(slot) != fingerprints.get(slot))
+    if differing:
+        raise ValueError(
+            f"Checkpoint step {step} in {checkpoints.directory} was trained against other frozen parameters "
+            f"(slots {differing}: saved {[saved.get(s) for s in differing]}, now {[fingerprints.get(s) for s in differing]}). "
+            "Did checkpoint.init_from or the seed change? Resume with the original ones or use another --workdir."
+        )
+
+
+def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
     """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
 
     Params only: the optimizer state, step and data position start fresh.

@@ -46,6 +46,8 @@ _PEAK_FLOPS = {
     "NVIDIA A100": 312e12,
 }
 _LOOKUP_AXES = ("vocab", "positions")
+# Metrics every train step reports (train/step.py); anything else comes from the objective.
+_STEP_METRICS = ("loss", "learning_rate", "grad_norm", "skipped_steps", "first_nonfinite_step")
 
 
 def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddings: bool) -> int:
@@ -244,7 +246,8 @@ class Reporter:
             "tokens_per_sec": tokens_per_sec,
             "mfu": self.flops_per_token * tokens_per_sec / self.peak if self.peak and tokens_per_sec else None,
             "skipped_steps": int(values["skipped_steps"]),
-            "loss_weight_sum": float(values["loss_weight_sum"]),
+            # The objective's own metrics (SFT: loss_weight_sum; DPO: rewards, accuracy, ...).
+            **{k: float(v) for k, v in values.items() if k not in _STEP_METRICS},
             **(extra or {}),
         }
         self.writer.write(step, record)

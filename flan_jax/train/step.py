@@ -1,14 +1,8 @@
-"""The train state and the jitted train step.
+"""The jitted train step, shared by every objective.
 
-The state is a plain dict pytree so Orbax, optax and jit all see ordinary arrays:
-
-  params        the model's `nnx.Param`s as a pure dict (the NNX graph is kept aside and
-                merged back inside the step)
-  opt_state     the optax state
-  step          number of steps taken (skipped ones included: their batches were consumed)
-  rng           raw PRNG key data, folded with the step for any randomness in the step
-  nonfinite_steps       how many updates were skipped for a non-finite loss or gradient
-  first_nonfinite_step  the first such step, -1 if none
+The step computes the objective's loss (train/objectives: SFT, reward model, DPO, ...) and its
+gradient over micro-batches, clips and applies the update, and keeps the non-finite bookkeeping;
+the state is a `train.state.TrainState`.
 
 A non-finite update is never applied: the step keeps the old params/opt_state with a
 `where` inside jit, so checking for it needs no host sync per step. With
@@ -25,80 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flan_jax import sharding
-from flan_jax.train import losses, partitioning
-
-BATCH_KEYS = ("input_tokens", "target_tokens", "segment_ids", "positions", "loss_weights", "prefix_mask")
-
-
-class ModelParts:
-    """A model split into its NNX graph, parameter layout and non-parameter state.
-
-    Built abstractly (no parameter memory) so shardings are known before anything is allocated.
-    """
-
-    def __init__(self, model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: sharding.AxisRules):
-        self.model_fn = model_fn
-        with jax.set_mesh(mesh):
-            abstract = nnx.eval_shape(model_fn)
-        self.graphdef, abstract_params, _ = nnx.split(abstract, nnx.Param, ...)
-        self.logical_axes = partitioning.param_logical_axes(abstract_params)
-        self.abstract_params = nnx.to_pure_dict(abstract_params)
-        self.param_shardings = partitioning.param_shardings(self.abstract_params, self.logical_axes, mesh, rules)
-        # Non-Param state (e.g. constant buffers): treated as constants of the step. Only it
-        # is returned, so XLA drops the parameter initialisation from this computation.
-        with jax.set_mesh(mesh):
-            self.rest = jax.jit(lambda: nnx.split(model_fn(), nnx.Param, ...)[2])()
-
-    def merge(self, params: Any) -> nnx.Module:
-        return nnx.merge(self.graphdef, params, self.rest)
-
-
-def state_shardings(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh) -> dict:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return {
-        "params": parts.param_shardings,
-        "opt_state": partitioning.opt_state_shardings(tx, parts.abstract_params, parts.param_shardings, mesh),
-        "step": replicated,
-        "rng": replicated,
-        "nonfinite_steps": replicated,
-        "first_nonfinite_step": replicated,
-    }
-
-
-def _fresh_state(params: Any, tx: optax.GradientTransformation, seed: int) -> dict:
-    """The state of step 0 around the given params (the layout the module docstring describes)."""
-    return {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "nonfinite_steps": jnp.zeros((), jnp.int32),
-        "first_nonfinite_step": jnp.full((), -1, jnp.int32),
-    }
-
-
-def init_state(
-    parts: ModelParts, tx: optax.GradientTransformation, shardings: dict, seed: int, mesh: Mesh
-) -> dict:
-    """Initialises params and optimizer state directly into their shardings (no host copy)."""
-
-    def init():
-        params = nnx.to_pure_dict(nnx.split(parts.model_fn(), nnx.Param, ...)[1])
-        return _fresh_state(params, tx, seed)
-
-    with jax.set_mesh(mesh):
-        return jax.jit(init, out_shardings=shardings)()
-
-
-def abstract_state(parts: ModelParts, tx: optax.GradientTransformation, shardings: dict, seed: int) -> dict:
-    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into."""
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), parts.abstract_params)  # noqa: E731
-    shapes = jax.eval_shape(lambda: _fresh_state(zeros(), tx, seed))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+from flan_jax.train import objectives as objectives_lib, partitioning
+from flan_jax.train.state import ModelParts, TrainState
 
 
 def _micro_batches(batch: Mapping[str, jax.Array], count: int) -> dict:
@@ -113,83 +38,93 @@ def _micro_batches(batch: Mapping[str, jax.Array], count: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
+def _batch_axes(ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a batch feature: rows, then positions, then anything else replicated."""
+    return (*partitioning.BATCH_AXES, *(None,) * ndim)[:ndim]
+
+
 def make_train_step(
     parts: ModelParts,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     config: Any,
-    shardings: dict,
+    shardings: TrainState,
     mesh: Mesh,
     rules: sharding.AxisRules,
-) -> Callable[[dict, dict], tuple[dict, dict]]:
-    """jit(step) with explicit in/out shardings and the state buffers donated."""
+    objective: objectives_lib.Objective | None = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """jit(step) with explicit in/out shardings and the state buffers donated.
+
+    `objective` defaults to the one `config.objective.name` selects.
+    """
+    objective = objective or objectives_lib.get_objective(config)
     accum = int(config.optimizer.grad_accum_steps)
     stop_on_nonfinite = config.train.on_nonfinite == "stop"
     if config.train.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"config.train.on_nonfinite={config.train.on_nonfinite!r}: expected 'stop' or 'skip'")
-    use_prefix = bool(config.data.prefix_lm)
 
-    def loss_sum(params, batch, weights):
-        model = parts.merge(params)
-        inputs = dict(
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            prefix_mask=batch["prefix_mask"] if use_prefix else None,
-        )
-        if hasattr(model, "hidden_states"):  # the loss owns the head matmul (faster backward)
-            hidden, head = model.hidden_states(batch["input_tokens"], **inputs)
-            return losses.weighted_head_loss_sum(hidden, head, batch, weights, config.loss)
-        return losses.weighted_loss_sum(model(batch["input_tokens"], **inputs), batch, weights, config.loss)
+    def loss_sum(params, frozen, batch, rng):
+        ctx = objectives_lib.ObjectiveContext(parts=parts, params=params, frozen_params=frozen, rng=rng)
+        return objective.loss_sum(ctx, batch)
 
-    grad_fn = jax.value_and_grad(loss_sum)
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    def gradients(params, batch, weights):
+    def gradients(params, frozen, batch, rng):
         if accum == 1:
-            return grad_fn(params, batch, weights)
-        micro = _micro_batches({**batch, "__weights": weights}, accum)
+            return grad_fn(params, frozen, batch, rng)
+        micro = _micro_batches(batch, accum)
 
-        def body(carry, mb):
-            mb = {k: sharding.constrain(v, partitioning.BATCH_AXES) for k, v in mb.items()}
-            value, grads = grad_fn(params, mb, mb["__weights"])
+        def body(carry, xs):
+            index, mb = xs
+            mb = {k: sharding.constrain(v, _batch_axes(v.ndim)) for k, v in mb.items()}
+            (value, metric_sums), grads = grad_fn(params, frozen, mb, jax.random.fold_in(rng, index))
             grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
-            return jax.tree.map(jnp.add, carry, (value, grads)), None
+            return jax.tree.map(jnp.add, carry, ((value, metric_sums), grads)), None
 
         # Accumulated in float32 whatever the parameter dtype (bf16 sums lose small gradients).
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        (value, grads), _ = jax.lax.scan(body, zeros, micro)
-        return value, grads
+        first = jax.tree.map(lambda v: v[0], micro)
+        aux_shapes = jax.eval_shape(lambda: grad_fn(params, frozen, first, rng)[0])
+        zeros = (
+            jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shapes),
+            jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
+        )
+        carry, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+        return carry
 
-    def step(state, batch):
+    def step(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         with sharding.use_rules(mesh, rules):
-            weights, denominator = losses.token_weights(batch, config.loss.normalization)
-            total, grads = gradients(state["params"], batch, weights)
+            prepared = objective.prepare(batch)
+            full_batch = {**batch, **prepared.features}
+            (total, metric_sums), grads = gradients(state.params, state.frozen, full_batch, rng)
+        denominator = prepared.denominator
         loss = total / denominator
         grads = jax.tree.map(lambda g: g / denominator, grads)
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        apply = finite & (state["first_nonfinite_step"] < 0) if stop_on_nonfinite else finite
+        apply = finite & (state.first_nonfinite_step < 0) if stop_on_nonfinite else finite
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)  # noqa: E731
-        new_state = {
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-            "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
-            "first_nonfinite_step": jnp.where(
-                (state["first_nonfinite_step"] < 0) & ~finite, state["step"] + 1, state["first_nonfinite_step"]
+        new_state = state.replace(
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            step=state.step + 1,
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(
+                (state.first_nonfinite_step < 0) & ~finite, state.step + 1, state.first_nonfinite_step
             ),
-        }
+        )
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             # The rate this update used: optax counts applied updates only (skipped ones do not count).
-            "learning_rate": schedule(state["step"] - state["nonfinite_steps"]),
-            "loss_weight_sum": jnp.sum(batch["loss_weights"].astype(jnp.float32)),
-            "skipped_steps": new_state["nonfinite_steps"],
-            "first_nonfinite_step": new_state["first_nonfinite_step"],
+            "learning_rate": schedule(state.step - state.nonfinite_steps),
+            "skipped_steps": new_state.nonfinite_steps,
+            "first_nonfinite_step": new_state.first_nonfinite_step,
+            **prepared.metrics,
+            **{name: value / denominator for name, value in metric_sums.items()},
         }
         return new_state, metrics
 
@@ -203,12 +138,18 @@ def make_train_step(
     )
 
 
-def check_batch(batch: Mapping[str, np.ndarray], config: Any, mesh: Mesh) -> None:
+def check_batch(
+    batch: Mapping[str, np.ndarray], config: Any, mesh: Mesh, objective: objectives_lib.Objective | None = None
+) -> None:
     """Clear errors for a batch the step cannot take (before jax reports a shape mismatch)."""
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    objective = objective or objectives_lib.get_objective(config)
+    missing = [k for k in objective.features if k not in batch]
     if missing:
-        raise KeyError(f"Training batch lacks {missing} (design.md §4 lists the batch fields); got {sorted(batch)}")
-    rows = batch["input_tokens"].shape[0] * jax.process_count()
+        raise KeyError(
+            f"Training batch lacks {missing}, which config.objective.name={objective.name!r} needs "
+            f"(docs/design.md §4 lists the batch fields); got {sorted(batch)}"
+        )
+    rows = next(iter(batch.values())).shape[0] * jax.process_count()
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
     accum = int(config.optimizer.grad_accum_steps)
     if rows % (accum * data_parallel):
