@@ -4,7 +4,8 @@ The FLAN CoT TSVs hold `question<TAB>answer<TAB>rationale` with newlines written
 characters backslash-n; they are decoded before templating. Each of the 7 files gives two tasks:
 
   flan_cot.<name>               question + a reasoning trigger ("Let's think step by step.")
-                                -> "<rationale> So the answer is <answer>."
+                                -> "<rationale> So the answer is <answer>."; scored by exact match on
+                                the answer read after "So the answer is" (data.AnswerAfter), and loss
   flan_cot.<name>.answer_only   the same questions -> the bare answer (with answer options for
                                 rank classification where the question lists them, or yes/no)
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 from flan_jax import data
 from tasks import preprocessors
-from tasks.splits import CarvedSplits
 
 NAMES = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa")
 # Every TSV but gsm8k lists answer options in its question (or answers yes/no).
@@ -43,7 +43,7 @@ QUESTION_PATTERNS = (
 
 def _cot_source(name: str) -> data.Source:
     tsv = data.TsvSource({"train": f"{{data_dir}}/flan_cot/{name}_train.tsv"}, columns=COLUMNS)
-    return CarvedSplits(tsv, every=VALIDATION_EVERY)
+    return data.CarvedSplits(tsv, every=VALIDATION_EVERY)
 
 
 def _cot_tasks(name: str) -> tuple[data.Task, data.Task]:
@@ -54,8 +54,9 @@ def _cot_tasks(name: str) -> tuple[data.Task, data.Task]:
     cot = data.Task(
         f"flan_cot.{name}", source, data.cot_templates(QUESTION_PATTERNS),
         preprocessors=steps,
-        # The rationale is free text; "gsm8k_accuracy" reads the number after "So the answer is".
-        metrics=("gsm8k_accuracy",) if name == "gsm8k" else ("loss",),
+        # The rationale is free text: the templates' answer extractor reads what follows "So the answer
+        # is", which exact match (or, for GSM8K, the number comparison) scores against `answer`.
+        metrics=("gsm8k_accuracy",) if name == "gsm8k" else ("exact_match", "loss"),
         references_field="answer",
         cluster="chain_of_thought",
         description=f"FLAN CoT {name}: question -> rationale + 'So the answer is ...'",

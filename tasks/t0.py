@@ -2,7 +2,7 @@
 
 The files are already rendered by the P3 templates, so a task's own template is just
 `{prompt}` -> `{completion}`, with the `<|endoftext|>` end marker stripped from completions.
-Each file's records are split into train and validation (every 10th record, `tasks.splits`).
+Each file's records are split into train and validation (every 10th record, `data.CarvedSplits`).
 
 Names:
   t0.<dataset>.<template>      one task per file (294; the 18 unusable TREC ones are in no mixture)
@@ -25,7 +25,6 @@ import pathlib
 from flan_jax import data
 from tasks import preprocessors
 from tasks import t0_catalog as catalog
-from tasks.splits import CarvedSplits
 
 logger = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
@@ -46,7 +45,7 @@ def _task(dataset: str, template: str) -> data.Task:
     source = data.JsonlSource({"train": f"{{data_dir}}/t0/{dataset}_{template}.jsonl"}, on_empty="warn")
     return data.Task(
         task_name(dataset, template),
-        CarvedSplits(source, every=VALIDATION_EVERY),
+        data.CarvedSplits(source, every=VALIDATION_EVERY),
         [TEMPLATE],
         preprocessors=[data.StripSuffix(END_OF_TEXT, "completion"), preprocessors.DropEmpty("completion")],
         metrics=("rouge_l",) if cluster in FREE_TEXT_CLUSTERS else ("exact_match", "rouge_l"),

@@ -1,8 +1,9 @@
-"""Tiny stand-ins for the evaluation tests: a character tokenizer and a model whose logits we set.
+"""Tiny stand-ins for the evaluation tests: a character tokenizer and models whose outputs we set.
 
 With `BigramModel`, the next-token distribution depends only on the current token
 (logits = table[token]), so every log-likelihood can be computed by hand in numpy and the
-model's preferences between answer options are known in advance.
+model's preferences between answer options are known in advance. `ScriptedGenerate` is a
+`generate_fn` whose greedy generations are written by the test ("... So the answer is (B).").
 """
 
 from __future__ import annotations
@@ -15,22 +16,31 @@ from flax import nnx
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 _CHARS = string.ascii_lowercase + string.digits + " .,:?!-+=\n"
+CASED_CHARS = string.ascii_letters + string.digits + " .,:;?!-+=()'\n"
 
 
 class CharTokenizer:
-    """One id per character (ids 0-3 are PAD, UNK, BOS, EOS), the design.md §3 interface."""
+    """One id per character (ids 0-3 are PAD, UNK, BOS, EOS), the design.md §3 interface.
+
+    The default lowercases and knows few characters; `CharTokenizer(CASED_CHARS, lowercase=False)`
+    round-trips "So the answer is (B)." exactly.
+    """
 
     pad_id, bos_id, eos_id = PAD, BOS, EOS
-    vocab_size = 4 + len(_CHARS)
+
+    def __init__(self, chars: str = _CHARS, *, lowercase: bool = True):
+        self.chars, self.lowercase = chars, lowercase
+        self._ids = {c: 4 + i for i, c in enumerate(chars)}
+        self.vocab_size = 4 + len(chars)
 
     def encode(self, text: str) -> list[int]:
-        return [4 + _CHARS.index(c) if c in _CHARS else UNK for c in text.lower()]
+        return [self._ids.get(c, UNK) for c in (text.lower() if self.lowercase else text)]
 
     def encode_batch(self, texts):
         return [self.encode(t) for t in texts]
 
     def decode(self, ids) -> str:
-        return "".join(_CHARS[i - 4] for i in ids if i >= 4)
+        return "".join(self.chars[i - 4] for i in ids if i >= 4)
 
 
 class BigramModel(nnx.Module):
@@ -68,6 +78,29 @@ def greedy_bigram_generate(model, prompts, *, max_new_tokens, eos_id, pad_id=0, 
                 break
         outputs.append(new)
     return outputs
+
+
+class ScriptedGenerate:
+    """A `generate_fn` (flan_jax.model.generate.generate's contract) whose outputs the test writes.
+
+    `respond(prompt_text) -> generation` sees the decoded prompt (as cut to fit) and answers; the
+    answer is encoded, cut to max_new_tokens and ended with EOS when it fits. `prompts` keeps every
+    decoded prompt, in call order.
+    """
+
+    def __init__(self, tokenizer, respond):
+        self.tokenizer, self.respond = tokenizer, respond
+        self.prompts: list[str] = []
+
+    def __call__(self, model, prompts, *, max_new_tokens, eos_id, pad_id=0, temperature=0.0, **unused):
+        assert temperature == 0.0
+        outputs = []
+        for ids in prompts:
+            text = self.tokenizer.decode([i for i in ids if i != pad_id])
+            self.prompts.append(text)
+            new = self.tokenizer.encode(self.respond(text))[:max_new_tokens]
+            outputs.append(new + [eos_id] if len(new) < max_new_tokens else new)
+        return outputs
 
 
 class FakeTask:

@@ -131,8 +131,15 @@ def test_unknown_metric_fails_naming_the_task(registry, tmp_path):
 
 def test_bad_examples_fail_with_the_task_named(registry):
     registry["choice"]._splits["validation"][1]["options"] = ["b", "y"]  # the reference "a" is not an option
-    with pytest.raises(ValueError, match="'choice' example 1: no answer option"):
-        evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=greedy_bigram_generate)
+    calls = []
+
+    def generate(*args, **kwargs):
+        calls.append(1)
+        return greedy_bigram_generate(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="'choice', record 1: metric 'rank_classification': no answer option"):
+        evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0, generate_fn=generate)
+    assert not calls  # found before anything was generated
     registry["choice"]._splits = {"train": []}
     registry["choice"].splits = ("train",)
     with pytest.raises(ValueError, match="'choice' has neither a 'validation' nor a 'test' split"):
@@ -215,3 +222,63 @@ def test_evaluate_with_the_real_transformer_and_generate(registered_task, tmp_pa
     assert 0.0 <= metrics["exact_match"] <= 100.0 and 0.0 <= metrics["rank_classification"] <= 100.0
     records = [json.loads(line) for line in (tmp_path / "eval" / "predictions_3.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(isinstance(r["prediction"], str) for r in records)
+
+
+def test_group_perplexity_is_exp_of_the_macro_loss_not_a_mean_of_perplexities(registry):
+    results = evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0,
+                                 generate_fn=greedy_bigram_generate)
+    losses = [t["metrics"]["loss"] for t in results["tasks"].values()]
+    assert len(set(losses)) > 1  # the tasks differ, so the two definitions differ
+    assert results["overall"]["loss"] == pytest.approx(np.mean(losses))
+    assert results["overall"]["perplexity"] == pytest.approx(np.exp(np.mean(losses)))
+    assert results["overall"]["perplexity"] < np.mean([np.exp(loss) for loss in losses])
+    for task in results["tasks"].values():
+        assert task["metrics"]["perplexity"] == pytest.approx(np.exp(task["metrics"]["loss"]))
+    assert "macro average" in results["definitions"]["loss"]
+
+
+def test_truncation_is_counted_reported_and_warned_about(registry, tmp_path, caplog):
+    registry["copy"]._splits["validation"] += [
+        {"inputs": "z" * 40 + "x", "targets": "y"},  # a prompt longer than seq_len - max_new_tokens
+        {"inputs": "ex", "targets": "far too long"},  # a reference longer than max_new_tokens
+    ]
+    config = _config()
+    config.data.seq_len = 32  # generation prompts keep 32 - 4 = 28 tokens
+    with caplog.at_level("WARNING"):
+        results = evaluator.evaluate(BigramModel(_table()), TOK, config, workdir=str(tmp_path), step=3,
+                                     generate_fn=greedy_bigram_generate)
+    counts = results["tasks"]["copy"]["truncation"]
+    assert counts["prompts_truncated"] == 1 and counts["prompt_tokens_cut_max"] == 1 + 41 - 28  # BOS + 41 chars
+    assert counts["references_over_max_new_tokens"] == 1 and counts["max_prompt_tokens"] == 28
+    assert results["tasks"]["copy"]["metrics"]["exact_match"] == pytest.approx(100 * 3 / 6)  # the cut prompt still ends in x
+    assert results["tasks"]["choice"]["truncation"]["ranked_examples_cut"] == 0
+    report = (tmp_path / "eval" / "step_3.md").read_text()
+    assert "| copy | 6 | 1 | 14.0 | 14 | 1 | 0 |" in report
+    assert any("copy: 1 of 6 prompts cut to 28 tokens" in r.getMessage() for r in caplog.records)
+    nothing_cut = evaluator.evaluate(BigramModel(_table()), TOK, _config(), workdir=None, step=0,
+                                     generate_fn=greedy_bigram_generate)
+    from flan_jax.eval import report as report_lib
+    assert "Nothing was cut" in report_lib.markdown({**nothing_cut, "tasks": {"only_test": nothing_cut["tasks"]["only_test"]}})
+
+
+def test_predictions_keep_the_generation_and_the_extracted_answer(registered_task, tmp_path):
+    from flan_jax import data
+
+    cot = registered_task.replace(name="eval_test_cot", eval_templates=[("held-out {q}", "{a}")], answer="answer:")
+    data.register_task(cot, replace=True)
+    try:
+        config = _config()
+        config.eval.mixtures = (cot.name,)
+        config.eval.extra_metrics = ()
+
+        def generate(model, prompts, **kwargs):
+            return [TOK.encode("i think. answer: y") + [EOS] for _ in prompts]
+
+        results = evaluator.evaluate(BigramModel(_table()), TOK, config, workdir=str(tmp_path), step=4,
+                                     generate_fn=generate)
+        assert results["tasks"][cot.name]["metrics"]["exact_match"] == pytest.approx(100.0)
+        record = json.loads((tmp_path / "eval" / "predictions_4.jsonl").read_text().splitlines()[0])
+        assert record["generation"] == "i think. answer: y" and record["prediction"] == "y"
+        assert record["template"] == "eval0" and record["scores"]["exact_match"] == 1.0
+    finally:
+        data.unregister(cot.name)

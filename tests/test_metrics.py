@@ -2,6 +2,7 @@
 
 import pytest
 
+from flan_jax import data
 from flan_jax.eval import metrics
 
 
@@ -94,3 +95,66 @@ def test_unknown_metric_names_the_task():
     metrics.check_metric_names(["exact_match", "loss", "rank_classification"], task="t")
     with pytest.raises(ValueError, match="'my_task'.*bleu"):
         metrics.check_metric_names(["bleu"], task="my_task")
+
+
+# ---------------------------------------------------------------------------- the metric registry
+
+
+@pytest.fixture
+def scratch_metrics():
+    names = []
+    yield names
+    for name in names:
+        data.unregister_metric(name)
+
+
+def test_builtins_are_registered_like_a_users_metric():
+    assert set(data.metric_names()) >= {"exact_match", "rouge_l", "gsm8k_accuracy", "rank_classification", "loss"}
+    assert data.get_metric("exact_match").fn is metrics.exact_match
+    assert data.get_metric("rank_classification").prediction == "ranked_option"
+    assert data.get_metric("rank_classification").needs_options
+    assert data.get_metric("loss").prediction == "likelihood" and not data.get_metric("loss").higher_is_better
+    # Per example, as an RL reward would call it; the default aggregate is the mean x 100.
+    metric = data.get_metric("exact_match")
+    assert metric.score("Paris.", ["paris"]) == 1.0 and metric.aggregate([1.0, 0.0, 0.0, 1.0]) == 50.0
+
+
+def test_register_a_metric_by_decorator_or_call(scratch_metrics):
+    scratch_metrics += ["uses_example", "length", "contains"]
+
+    @data.register_metric("uses_example")
+    def uses_example(prediction, references, example):
+        return float(prediction in example["options"])
+
+    assert uses_example("a", ["a"], {"options": ["a"]}) == 1.0  # the decorator returns the function
+    assert data.get_metric("uses_example").score("b", ["a"], {"options": ["a", "b"]}) == 1.0
+    data.register_metric("length", lambda prediction, references: len(prediction), aggregate=max)
+    assert data.get_metric("length").aggregate([data.get_metric("length").score(p, ["x"]) for p in ("ab", "abcd")]) == 4
+    contains = data.register_metric("contains", lambda p, refs: float(any(r in p for r in refs)))
+    assert contains.score("it is Paris", ["Paris"]) == 1.0 and contains is data.get_metric("contains")
+    with pytest.raises(data.DataError, match="already registered"):
+        data.register_metric("contains", len)
+    with pytest.raises(data.DataError, match="invalid metric name"):
+        data.register_metric("has space", len)
+    with pytest.raises(data.DataError, match="prediction="):
+        data.register_metric("odd", len, prediction="tokens")
+    with pytest.raises(ValueError, match="non-empty list"):
+        contains.score("x", "x")
+
+
+def test_unknown_metrics_fail_at_registration_with_close_matches():
+    task = data.Task("metric_typo", data.InMemorySource({"test": [{"q": "x", "a": "y"}]}), [("{q}", "{a}")],
+                     metrics=("exact_macth",))
+    with pytest.raises(data.DataError, match=r"task 'metric_typo'.*exact_macth.*did you mean exact_match") as error:
+        data.register_task(task)
+    assert "data.register_metric" in str(error.value) and "metric_typo" not in data.list_names()
+
+
+def test_gsm8k_accuracy_refuses_a_non_numeric_reference_before_generating():
+    metric = data.get_metric("gsm8k_accuracy")
+    assert metric.problem({"references": ["#### 72"]}) is None
+    assert "compares numbers" in metric.problem({"references": ["(D)"]})
+    task = data.Task("gsm8k_letters", data.InMemorySource({"test": [{"q": "x", "a": "12"}, {"q": "y", "a": "(D)"}]}),
+                     [("{q}", "{a}")], metrics=("gsm8k_accuracy",))
+    with pytest.raises(data.DataError, match=r"InMemorySource:test, record 1.*'\(D\)'.*compares numbers"):
+        data.register_task(task)  # in-memory records are checked at registration

@@ -30,8 +30,8 @@ def _task(name="reg_task", n=20, **kwargs):
 
 def test_rendered_examples_follow_the_design_contract():
     example = _task().get_dataset("validation", shuffle=False)[0]
-    assert set(example) == {"inputs", "targets", "task", "references", "options"}
-    assert example["inputs"] in ("Q: v0", "Question: v0")
+    assert set(example) == {"inputs", "targets", "task", "references", "options", "template"}
+    assert (example["template"], example["inputs"]) in (("t0", "Q: v0"), ("t1", "Question: v0"))
     assert example["targets"] == "b0" and example["task"] == "reg_task"
     assert example["references"] == ["b0"] and example["options"] == []
 
@@ -223,8 +223,15 @@ def test_errors_after_loading_point_at_the_file_line(tmp_path):
     assert f"qa.jsonl:3, record 1, field 'a'" in str(error.value) and "needs_str_answer" in str(error.value)
 
     drop_b = data.Task("reg_tpl", source, [("{q}", "{a}")], preprocessors=[lambda r: None if r["q"] == "b" else r])
-    ds = drop_b.get_dataset("train", shuffle=False)
-    assert ds[0]["targets"] == "1"
+    with pytest.raises(data.DataError) as error:  # the last record is in the sample get_dataset renders first
+        drop_b.get_dataset("train", shuffle=False)
+    assert error.value.line == 4 and error.value.field == "a" and error.value.task == "reg_tpl"
+
+    # A bad record outside that sample fails when it is rendered, located the same way.
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join('{"q": "x"}\n' if i == 1 else f'{{"q": "q{i}", "a": "{i}"}}\n' for i in range(40)))
+    ds = data.Task("reg_tpl_long", data.JsonlSource({"train": long}), [("{q}", "{a}")]).get_dataset("train", shuffle=False)
+    assert ds[0]["targets"] == "0"
     with pytest.raises(data.DataError) as error:
         ds[1]
-    assert error.value.line == 4 and error.value.field == "a" and error.value.task == "reg_tpl"
+    assert error.value.line == 2 and error.value.field == "a" and error.value.task == "reg_tpl_long"

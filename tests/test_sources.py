@@ -311,3 +311,26 @@ def test_real_cot_tsv_decodes_escaped_newlines(real_data_dir):
     record = data.UnescapeNewlines("question", "rationale")(dict(source.records("train")[0]))
     assert "\\n" not in record["question"] and "\nOptions:\n- yes\n- no" in record["question"]
     assert record["answer"] in {"yes", "no"}
+
+
+def test_carved_splits_are_deterministic_disjoint_and_point_at_the_original_line(tmp_path):
+    path = tmp_path / "all.jsonl"
+    path.write_text("".join(f'{{"i": {i}}}\n' for i in range(10)))
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"i": 100}\n')
+    base = data.JsonlSource({"train": path, "test": test})
+    carved = data.CarvedSplits(base, every=4)
+    assert carved.splits == ("train", "validation", "test")  # other splits of the base pass through
+    validation, train = carved.records("validation"), carved.records("train")
+    assert [r["i"] for r in validation] == [0, 4, 8] and [r["i"] for r in train] == [1, 2, 3, 5, 6, 7, 9]
+    assert [r["i"] for r in carved.records("test")] == [100]
+    assert validation.where(1) == {"file": str(path), "line": 5, "record": 4}  # the line in all.jsonl
+    assert train.where(0)["line"] == 2
+    assert repr(carved) == f"CarvedSplits({base!r}, every=4, base_split='train')"  # grain checkpoints compare it
+    again = data.CarvedSplits(data.JsonlSource({"train": path, "test": test}), every=4)
+    assert [r["i"] for r in again.records("validation")] == [0, 4, 8]
+    renamed = data.CarvedSplits(base, every=5, train_split="fit", validation_split="dev")
+    assert renamed.splits == ("fit", "dev", "test") and len(renamed.records("dev")) == 2
+    assert data.CarvedSplits(data.InMemorySource({"train": [{"i": 0}, {"i": 1}]}), every=2).in_memory
+    with pytest.raises(ValueError, match="every must be >= 2"):
+        data.CarvedSplits(base, every=1)

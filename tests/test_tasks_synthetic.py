@@ -110,8 +110,9 @@ def test_rendered_examples_follow_the_contract_and_splits_are_disjoint():
     train = task.get_dataset("train", shuffle=False)
     assert len(validation) == synthetic.NUM_VALIDATION and len(train) == synthetic.NUM_TRAIN
     example = validation[0]
-    assert set(example) == {"inputs", "targets", "task", "references", "options"}
+    assert set(example) == {"inputs", "targets", "task", "references", "options", "template"}
     assert example["task"] == "synthetic.sentiment"
+    assert example["template"] in [t.name for t in task.eval_templates]
     assert example["options"] == ["positive", "negative"] and example["targets"] in example["options"]
     assert example["references"] == [example["targets"]]
     train_texts = {r["text"] for r in task.records("train")}

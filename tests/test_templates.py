@@ -142,6 +142,56 @@ def test_few_shot_is_deterministic_for_a_seed():
     assert first != [e["inputs"] for e in task.get_dataset("validation", num_shots=2, seed=6)]
 
 
+def test_few_shot_from_a_fixed_list_or_another_file(tmp_path):
+    # A fixed list: the first k, in order, for every query (the fixed prompts of CoT papers), run
+    # through the task's preprocessors like its own records.
+    shots = [{"q": "one", "a": "1"}, {"q": "two", "a": "2"}, {"q": "three", "a": "3"}]
+    upper = data.Task("tpl_fixed", _numbers_task().source, [("Q: {q}", "{a}")], preprocessors=[_upper_q],
+                      few_shot=data.FewShot(exemplars=shots))
+    for example in upper.get_dataset("validation", num_shots=2, seed=3):
+        assert example["inputs"].startswith("Q: ONE\n1\n\nQ: TWO\n2\n\nQ: V")
+    # Another file: drawn per query (seeded), never from the task's own records.
+    path = tmp_path / "shots.jsonl"
+    path.write_text("".join(f'{{"q": "s{i}", "a": "t{i}"}}\n' for i in range(6)))
+    from_file = _numbers_task(few_shot=data.FewShot(source=data.JsonlSource({"train": path})))
+    inputs = [e["inputs"] for e in from_file.get_dataset("train", num_shots=2, seed=0)]
+    assert all(block.startswith("Q: s") for text in inputs for block in text.split("\n\n")[:-1])
+    assert len({text.split("\n\n")[0] for text in inputs}) > 1  # drawn, not fixed
+    with pytest.raises(data.DataError, match="not both"):
+        data.FewShot(source=data.JsonlSource({"train": path}), exemplars=shots)
+    with pytest.raises(data.DataError, match="has no split 'dev'"):
+        _numbers_task(few_shot=data.FewShot(source=data.JsonlSource({"train": path}), split="dev")).get_dataset(
+            "validation", num_shots=1)
+    # A bad exemplar is located in its own file.
+    path.write_text('{"q": "s0", "a": "t0"}\n{"q": "s1"}\n')
+    with pytest.raises(data.DataError) as error:
+        data.register_task(_numbers_task(name="tpl_bad_shot", few_shot=data.FewShot(source=data.JsonlSource({"train": path}))))
+    assert error.value.file == str(path) and error.value.line == 2 and error.value.field == "a"
+
+
+def _upper_q(record):
+    return {**record, "q": record["q"].upper()}
+
+
+def test_evaluation_records_need_not_carry_training_only_fields():
+    """With a references_field, an eval split without the rationale renders (targets None), training does not."""
+    source = data.InMemorySource({
+        "train": [{"q": "2+2", "r": "Two and two.", "a": "4"}],
+        "test": [{"q": "3+3", "a": "6"}],  # no rationale
+    })
+    task = data.Task("tpl_eval_only", source, data.cot_templates(["{q}"], targets="{r} So the answer is {a}."),
+                     references_field="a")
+    example = task.get_dataset("test", template_set="eval")[0]
+    assert example["targets"] is None and example["references"] == ["6"]
+    assert task.get_dataset("train", template_set="eval")[0]["targets"] == "Two and two. So the answer is 4."
+    with pytest.raises(data.DataError, match="field 'r'"):
+        task.get_dataset("test")  # training renders targets
+    with pytest.raises(data.DataError, match="field 'r'"):
+        task.replace(name="tpl_eval_only_refs", references_field=None).get_dataset("test", template_set="eval")
+    with pytest.raises(data.DataError, match="metric 'loss' scores the targets"):
+        data.register_task(task.replace(name="tpl_eval_only_loss", metrics=("exact_match", "loss")))
+
+
 def test_chain_of_thought_templates():
     cot = data.cot_templates(["Q: {question}", "{question}"])
     direct = data.answer_only_templates(["Q: {question}"])

@@ -25,9 +25,11 @@ from typing import Any, Union
 import grain
 import numpy as np
 
-from flan_jax.data import mixing
+from flan_jax.data import checks, mixing
+from flan_jax.data.answers import AnswerExtractor, Extractor, as_extractor
 from flan_jax.data.errors import DataError
-from flan_jax.data.sources import PicklableLock, Records, Source
+from flan_jax.data.metric_registry import get_metric
+from flan_jax.data.sources import InMemorySource, PicklableLock, Records, Source
 from flan_jax.data.templates import (
     DEFAULT_OPTION_STYLES,
     OPTION_STYLES,
@@ -62,12 +64,18 @@ class Task(PicklableLock):
       templates: Template(s) or (inputs, targets) pairs used for training; one per example is chosen.
       eval_templates: templates for `template_set="eval"` (e.g. held-out wordings); default: `templates`.
       preprocessors: functions record -> record (or None to drop it); drops are counted and logged.
-      metrics: metric names for evaluation (flan_jax.eval).
+      metrics: names of registered metrics (`data.metric_names()`; add one with `data.register_metric`).
       cluster: task cluster/category (FLAN's held-out-cluster evaluation groups by it).
       references_field: record field (str or list of str) with acceptable answers; default [targets].
+        With it, evaluation records need not carry the fields only the targets use (a CoT
+        rationale): such an evaluation example has `targets` None and is scored on its references.
       options_field: record field with the answer options (list of str); templates show them
         with the `{options}` placeholder, in a style chosen per example from `option_styles`.
-      few_shot: `FewShot` formatting for `get_dataset(num_shots=k)`; default `FewShot()`.
+      few_shot: `FewShot` for `get_dataset(num_shots=k)`: format and where exemplars come from
+        (the task's training split, another source or a fixed list); default `FewShot()`.
+      answer: how the final answer is read from a generation before any metric (flan_jax.data.answers:
+        `data.AnswerAfter()` for "So the answer is X.", `data.AnswerChoice()` for options, a marker
+        string, a function); a template's own `answer` wins. None: the whole generation.
     """
 
     def __init__(
@@ -85,6 +93,7 @@ class Task(PicklableLock):
         option_styles: Sequence[str] = DEFAULT_OPTION_STYLES,
         few_shot: FewShot | None = None,
         description: str = "",
+        answer: Extractor = None,
     ):
         _check_name(name, "task")
         if not isinstance(source, Source):
@@ -106,13 +115,16 @@ class Task(PicklableLock):
         self.option_styles = tuple(option_styles)
         self.few_shot = few_shot or FewShot()
         self.description = description
+        self.answer = as_extractor(answer)
+        if isinstance(metrics, str):
+            raise DataError(f"task {name!r}: metrics must be a sequence of names, got the string {metrics!r}")
         self.filtered: dict[str, int] = {}  # split -> records dropped by preprocessors
         self._records_cache: dict[str, Records] = {}
         self._lock = threading.Lock()
 
     _FIELDS = (
         "name", "source", "templates", "eval_templates", "preprocessors", "metrics", "cluster",
-        "references_field", "options_field", "option_styles", "few_shot", "description",
+        "references_field", "options_field", "option_styles", "few_shot", "description", "answer",
     )
 
     def replace(self, **changes: Any) -> Task:
@@ -137,14 +149,34 @@ class Task(PicklableLock):
             raise DataError(f"no split {split!r}; available: {', '.join(self.splits)}", task=self.name)
         with self._lock:
             if split not in self._records_cache:
-                self._records_cache[split] = self._preprocess(split)
+                self._records_cache[split] = self._preprocess(self.source, split)
             return self._records_cache[split]
 
     def num_examples(self, split: str) -> int:
         return len(self.records(split))
 
-    def _preprocess(self, split: str) -> Records:
-        raw = self.source.records(split)
+    def exemplar_records(self) -> Records:
+        """The records few-shot exemplars are drawn from (`few_shot`: own split, other source or fixed list)."""
+        few_shot = self.few_shot
+        if few_shot.from_task:
+            return self.records(few_shot.split)
+        if few_shot.exemplars is not None:
+            source, split = InMemorySource({"exemplars": list(few_shot.exemplars)}), "exemplars"
+        else:
+            source, split = few_shot.source, few_shot.split
+            if split not in source.splits:
+                raise DataError(
+                    f"FewShot(source={source!r}) has no split {split!r} (set FewShot(split=...)); "
+                    f"available: {', '.join(source.splits)}", task=self.name,
+                )
+        key = f"few_shot:{split}"
+        with self._lock:
+            if key not in self._records_cache:
+                self._records_cache[key] = self._preprocess(source, split)
+            return self._records_cache[key]
+
+    def _preprocess(self, source: Source, split: str) -> Records:
+        raw = source.records(split)
         if not self.preprocessors:
             self.filtered[split] = 0
             return raw
@@ -203,14 +235,49 @@ class Task(PicklableLock):
             if num_epochs == 1:
                 return grain.MapDataset.source(records)
             raise DataError(f"split {split!r} has no examples to repeat (empty files: {self.source.empty_files})", task=self.name)
-        exemplars = self.records(self.few_shot.split) if num_shots else None
+        exemplars = self.exemplar_records() if num_shots else None
         order_seed = mixing.stable_seed(seed, self.name) if shuffle else None
+        exclude_self = self.few_shot.from_task and split == self.few_shot.split
         renderer = _Renderer(
-            self, records, templates, seed, order_seed, num_shots, exemplars, exclude_self=split == self.few_shot.split
+            self, records, templates, seed, order_seed, num_shots, exemplars, exclude_self, template_set == "eval"
         )
         renderer.check()
         length = sys.maxsize if num_epochs is None else len(records) * num_epochs
         return grain.MapDataset.range(length).map_with_index(renderer)
+
+    # ------------------------------------------------------------------ answers and checks
+    def answer_extractor(self, template: str | None, template_set: str = "eval") -> AnswerExtractor | None:
+        """How the answer is read from a generation for examples of `template` (its own, else the task's)."""
+        for candidate in self.eval_templates if template_set == "eval" else self.templates:
+            if candidate.name == template:
+                return candidate.answer or self.answer
+        return self.answer
+
+    def extract_answer(self, generation: str, example: dict) -> str:
+        """The answer a generation gives for `example` (a rendered example of this task), before any metric."""
+        extractor = self.answer_extractor(example.get("template"))
+        return generation.strip() if extractor is None else extractor(generation, example)
+
+    def score(self, generation: str, example: dict) -> dict[str, float]:
+        """Per-example scores of a generation under the task's generation metrics (an RL reward is one of them)."""
+        answer = self.extract_answer(generation, example)
+        metrics = [get_metric(name) for name in self.metrics]
+        return {m.name: m.score(answer, example["references"], example) for m in metrics if m.prediction == "generation"}
+
+    def check(self, *, sample_size: int = checks.SAMPLE_SIZE) -> None:
+        """Checks the definition and a sample of every split's records (see flan_jax.data.checks); reads the data."""
+        checks.check_definition(self)
+        checks.check_records(self, sample_size=sample_size)
+
+    def render_record(self, split: str | None, index: int, template: Template, *, template_set: str = "eval") -> dict:
+        """Record `index` of `split` rendered with `template` (no few-shot), as get_dataset would; for checks.
+
+        `split=None` renders few-shot exemplar `index` (targets always rendered: exemplars show them).
+        """
+        records = self.records(split) if split is not None else self.exemplar_records()
+        for_eval = template_set == "eval" and split is not None
+        renderer = _Renderer(self, records, (template,), 0, None, 0, None, False, for_eval)
+        return renderer.render(index, template, self.option_styles[0])
 
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {self.source!r}, templates={[t.name for t in self.templates]})"
@@ -229,9 +296,15 @@ class _Renderer:
     Position k is record `order(k // n)[k % n]` of the split: each epoch is a fresh permutation
     (numpy's PCG64 seeded by (task seed, epoch), computed once per epoch), which costs one list
     lookup per example, unlike a per-index bijective shuffle.
+
+    For evaluation (`for_eval`), a task with a `references_field` is scored on its references, so
+    its targets are only rendered when the record has their fields: an evaluation record need not
+    carry a training-only field such as a chain-of-thought rationale (its `targets` is then None).
     """
 
-    def __init__(self, task: Task, records, templates, seed, order_seed, num_shots, exemplars, exclude_self):
+    _CHECKED_RECORDS = 8  # records `check` renders with every template (spread over the split)
+
+    def __init__(self, task: Task, records, templates, seed, order_seed, num_shots, exemplars, exclude_self, for_eval):
         self.task_name = task.name
         self.records = records
         self.order_seed = order_seed  # None: records in file order
@@ -245,14 +318,14 @@ class _Renderer:
         self.exemplars = exemplars
         self.exclude_self = exclude_self
         self.few_shot = task.few_shot
+        self.targets_optional = for_eval and task.references_field is not None
 
     def check(self) -> None:
-        """Renders the first record with every template, so a field typo fails before training starts."""
-        try:
+        """Renders a few records (first, last, evenly between) with every template, so a field typo fails
+        before training starts; the error names the record's file and line."""
+        for index in checks.sample_indices(len(self.records), self._CHECKED_RECORDS):
             for template in self.templates:
-                template.render(self._fields(self.records[0], self.option_styles[0])[0], task=self.task_name)
-        except DataError as error:
-            raise _locate(error, self.task_name, self.records, 0) from None
+                self.render(index, template, self.option_styles[0])
 
     def _fields(self, record: dict, style: str) -> tuple[dict, list[str]]:
         if self.options_field is None:
@@ -283,35 +356,53 @@ class _Renderer:
         epoch, index = divmod(position, len(self.records))
         if self.order_seed is not None:
             index = self._order(epoch)[index]
-        record = self.records[index]
         template = self.templates[choose(self.seed, position, len(self.templates))]
         style = self.option_styles[choose(self.seed, position, len(self.option_styles), _SALT_OPTIONS)]
+        example = self.render(index, template, style)
+        if self.num_shots:
+            example["inputs"] = self._with_exemplars(example["inputs"], position, index, template, style)
+        return example
+
+    def render(self, index: int, template: Template, style: str) -> dict:
+        """Record `index` rendered with `template` and options `style` (errors located at its file and line)."""
+        record = self.records[index]
         try:
             fields, options = self._fields(record, style)
-            inputs, targets = template.render(fields, task=self.task_name)
+            inputs = template.render_inputs(fields, task=self.task_name)
+            targets = self._targets(template, fields)
             references = self._references(record, targets)
         except DataError as error:
             raise _locate(error, self.task_name, self.records, index) from None
-        if self.num_shots:
-            inputs = self._with_exemplars(inputs, position, index, template, style)
-        return {"inputs": inputs, "targets": targets, "task": self.task_name, "references": references, "options": options}
+        return {
+            "inputs": inputs, "targets": targets, "task": self.task_name, "references": references,
+            "options": options, "template": template.name,
+        }
 
-    def _references(self, record: dict, targets: str) -> list[str]:
+    def _targets(self, template: Template, fields: dict) -> str | None:
+        if self.targets_optional and not all(name in fields for name in template.targets_fields):
+            return None
+        return template.render_targets(fields, task=self.task_name)
+
+    def _references(self, record: dict, targets: str | None) -> list[str]:
         if self.references_field is None:
             return [targets]
         value = record.get(self.references_field)
         if isinstance(value, str):
             return [value]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
             return list(value)
-        raise DataError(f"references must be a str or a list of str, got {type(value).__name__}", field=self.references_field)
+        shown = "an empty list" if isinstance(value, (list, tuple)) and not value else type(value).__name__
+        raise DataError(f"references must be a str or a non-empty list of str, got {shown}", field=self.references_field)
 
     def _with_exemplars(self, inputs: str, position: int, index: int, template: Template, style: str) -> str:
         pool = len(self.exemplars)
         candidates = pool - 1 if self.exclude_self else pool
         k = min(self.num_shots, max(candidates, 0))
-        rng = random.Random(choose(self.seed, position, 2**62, _SALT_SHOTS))
-        drawn = rng.sample(range(candidates), k)
+        if self.few_shot.in_order:
+            drawn = list(range(k))
+        else:
+            rng = random.Random(choose(self.seed, position, 2**62, _SALT_SHOTS))
+            drawn = rng.sample(range(candidates), k)
         if self.exclude_self:
             drawn = [i + 1 if i >= index else i for i in drawn]  # skip the query itself
         shots = []
@@ -490,10 +581,20 @@ def _register(item: Task | Mixture, replace: bool) -> Task | Mixture:
     return item
 
 
-def register_task(task: Task, *, replace: bool = False) -> Task:
-    """Registers a task under `task.name` (a duplicate name raises unless replace=True). Returns the task."""
+def register_task(task: Task, *, replace: bool = False, check: bool | None = None) -> Task:
+    """Registers a task under `task.name` (a duplicate name raises unless replace=True). Returns the task.
+
+    The definition is always checked (metric names registered, options where a metric or the answer
+    extractor needs them). `check` decides when a sample of the records is checked too (every
+    template renders, references suit the metrics, answers are among the options; flan_jax.data.checks):
+    True: now (reads the data); None (default): now when the source is in memory, otherwise when a run
+    starts (train / evaluate), before any step or generation; False: not at registration.
+    """
     if not isinstance(task, Task):
         raise TypeError(f"register_task needs a Task, got {type(task).__name__}")
+    checks.check_definition(task)
+    if check or (check is None and task.source.in_memory):
+        checks.check_records(task)
     return _register(task, replace)
 
 

@@ -128,6 +128,10 @@ class PicklableLock:
 class Source(PicklableLock, abc.ABC):
     """Base class: per-split records, loaded on first use and cached."""
 
+    # True when the records are already in this process (nothing to read), so registering a task
+    # on this source checks a sample of its records at once (flan_jax.data.checks).
+    in_memory = False
+
     def __init__(self) -> None:
         self._cache: dict[str, Records] = {}
         self._lock = threading.Lock()
@@ -486,6 +490,8 @@ class FunctionSource(Source):
 
 class InMemorySource(Source):
     """Records given directly, `{"train": [dict, ...], ...}` (tests, small hand-written tasks)."""
+
+    in_memory = True
 
     def __init__(self, splits: Mapping[str, Sequence[dict]]):
         super().__init__()

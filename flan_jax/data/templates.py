@@ -17,7 +17,9 @@ import dataclasses
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+from flan_jax.data.answers import AnswerAfter, AnswerExtractor, Extractor, as_extractor, option_labels
 from flan_jax.data.errors import DataError
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -54,23 +56,40 @@ def compile_pattern(pattern: str, *, template: str = "", part: str = "") -> tupl
 
 @dataclasses.dataclass(frozen=True)
 class Template:
-    """One (inputs, targets) pattern pair over record fields, e.g. Template("Q: {question}", "{answer}")."""
+    """One (inputs, targets) pattern pair over record fields, e.g. Template("Q: {question}", "{answer}").
+
+    `answer` says how the final answer is read from a generation for this template (a
+    `data.Answer*` extractor, a marker string or a function; see flan_jax.data.answers); None
+    uses the task's `answer=`. Chain-of-thought templates (`cot_templates`) set `AnswerAfter()`.
+    """
 
     inputs: str
     targets: str
     name: str = ""
+    answer: AnswerExtractor | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "answer", as_extractor(self.answer))
         inputs_pattern, inputs_fields = compile_pattern(self.inputs, template=self.name, part="inputs")
         targets_pattern, targets_fields = compile_pattern(self.targets, template=self.name, part="targets")
         object.__setattr__(self, "_inputs_pattern", inputs_pattern)
         object.__setattr__(self, "_targets_pattern", targets_pattern)
         object.__setattr__(self, "fields", tuple(dict.fromkeys(inputs_fields + targets_fields)))
+        object.__setattr__(self, "targets_fields", targets_fields)
 
     def render(self, fields: Mapping[str, object], *, task: str = "") -> tuple[str, str]:
         """Returns (inputs, targets). A missing field raises DataError naming task, template and field."""
+        return self.render_inputs(fields, task=task), self.render_targets(fields, task=task)
+
+    def render_inputs(self, fields: Mapping[str, object], *, task: str = "") -> str:
+        return self._format(self._inputs_pattern, fields, task)
+
+    def render_targets(self, fields: Mapping[str, object], *, task: str = "") -> str:
+        return self._format(self._targets_pattern, fields, task)
+
+    def _format(self, pattern: str, fields: Mapping[str, object], task: str) -> str:
         try:
-            return self._inputs_pattern.format_map(fields), self._targets_pattern.format_map(fields)
+            return pattern.format_map(fields)
         except KeyError as error:
             field = error.args[0] if error.args else "?"
             raise DataError(
@@ -115,17 +134,14 @@ def choose(seed: int, index: int, count: int, salt: int = 0) -> int:
 # ---------------------------------------------------------------------------- answer options
 
 OPTIONS_FIELD = "options"  # the placeholder a template uses to show the answer options
-
-
-def _letters(options: Sequence[str]) -> list[str]:
-    return [chr(ord("A") + i) if i < 26 else str(i + 1) for i in range(len(options))]
+# Labels come from `option_labels`, which AnswerChoice also uses to read "(B)" back as the option.
 
 
 OPTION_STYLES: dict[str, Callable[[Sequence[str]], str]] = {
     "flan": lambda o: "OPTIONS:\n" + "\n".join(f"- {x}" for x in o),
     "dash": lambda o: "Options:\n- " + "\n- ".join(o),
-    "letters": lambda o: "Options: " + " ".join(f"{l}) {x}" for l, x in zip(_letters(o), o)),
-    "parenthesized": lambda o: "\n".join(f"({l}) {x}" for l, x in zip(_letters(o), o)),
+    "letters": lambda o: "Options: " + " ".join(f"{l}) {x}" for l, x in zip(option_labels(o), o)),
+    "parenthesized": lambda o: "\n".join(f"({l}) {x}" for l, x in zip(option_labels(o), o)),
     "inline": lambda o: "Choose from: " + ", ".join(o) + ".",
     "none": lambda o: "",  # renders nothing: the no-options variant for templates that keep {options}
 }
@@ -145,11 +161,20 @@ def render_options(options: Sequence[str], style: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class FewShot:
-    """How k exemplars from the training split are put before the query.
+    """How k exemplars are put before the query, and where they come from.
 
     inputs = prefix + EX_1 + example_separator + ... + EX_k + example_separator + input_prefix + query
     with EX_i = input_prefix + inputs_i + target_prefix + targets_i, all rendered with the query's
     template. Exemplars are dropped from the end until inputs fit in `max_chars` characters.
+
+    Where the exemplars come from (records like the task's own, run through its preprocessors):
+      default            the task's own split `split` (the query itself is never its own exemplar),
+                         k drawn per query from (seed, position)
+      source=Source      split `split` of another source, e.g. `JsonlSource({"train": "shots.jsonl"})`,
+                         drawn the same way
+      exemplars=[...]    a fixed list of records: the FIRST k, in the given order, for every query
+                         (the fixed k-shot prompts of chain-of-thought papers)
+    `fixed_order=True/False` overrides the draw (first k in order / random k) for any of them.
     """
 
     prefix: str = ""
@@ -158,6 +183,31 @@ class FewShot:
     example_separator: str = "\n\n"
     max_chars: int = 4096
     split: str = "train"
+    source: Any = None  # a flan_jax.data Source (typed loosely: sources import nothing from here)
+    exemplars: tuple[Mapping[str, Any], ...] | None = None
+    fixed_order: bool | None = None
+
+    def __post_init__(self):
+        if self.source is not None and self.exemplars is not None:
+            raise DataError("FewShot: give exemplars from a source or a fixed list, not both")
+        if self.exemplars is not None:
+            exemplars = tuple(self.exemplars)
+            bad = [i for i, e in enumerate(exemplars) if not isinstance(e, Mapping)]
+            if bad or not exemplars:
+                raise DataError(f"FewShot(exemplars=...) needs a non-empty list of record dicts (bad items: {bad})")
+            object.__setattr__(self, "exemplars", exemplars)
+        if self.source is not None and not hasattr(self.source, "records"):
+            raise DataError(f"FewShot(source=...) needs a flan_jax.data Source, got {type(self.source).__name__}")
+
+    @property
+    def in_order(self) -> bool:
+        """Whether every query gets the first k exemplars in order (instead of k drawn per query)."""
+        return self.exemplars is not None if self.fixed_order is None else self.fixed_order
+
+    @property
+    def from_task(self) -> bool:
+        """Whether exemplars come from the task's own source (then the query is never its own exemplar)."""
+        return self.source is None and self.exemplars is None
 
     def join(self, exemplars: Sequence[tuple[str, str]], query_inputs: str) -> str:
         blocks = [f"{self.input_prefix}{i}{self.target_prefix}{t}" for i, t in exemplars]
@@ -187,13 +237,17 @@ def cot_templates(
     triggers: Sequence[str] = COT_TRIGGERS,
     targets: str = COT_TARGETS,
     prefix: str = "cot",
+    answer: Extractor = AnswerAfter(),
 ) -> list[Template]:
     """Chain-of-thought templates: question pattern + a reasoning trigger -> rationale + "So the answer is ...".
 
-    Question patterns and triggers are paired round-robin, so n patterns give n templates.
+    Question patterns and triggers are paired round-robin, so n patterns give n templates. Their
+    `answer` reads the text after "the answer is" from a generation (pass `data.AnswerChoice()` for
+    multiple choice, or None to score the whole generation).
     """
     return [
-        Template(f"{q}\n{triggers[i % len(triggers)]}", targets, name=f"{prefix}{i}") for i, q in enumerate(questions)
+        Template(f"{q}\n{triggers[i % len(triggers)]}", targets, name=f"{prefix}{i}", answer=answer)
+        for i, q in enumerate(questions)
     ]
 
 

@@ -3,11 +3,20 @@
 For each task: take at most `config.eval.max_examples_per_task` examples of `config.eval.split`
 (or "test" when the task has no such split), rendered zero- or few-shot (`config.eval.num_shots`)
 from the task's own definition, then compute the metrics the task lists (`task.metrics`) plus
-`config.eval.extra_metrics`:
+`config.eval.extra_metrics`, each looked up in the metric registry (flan_jax.data.metric_registry):
 
-  exact_match, rouge_l, gsm8k_accuracy   greedy generation, scored by flan_jax.eval.metrics
-  rank_classification                    every option scored by log-likelihood, no generation
-  loss (and perplexity)                  mean NLL per target token
+  generation metrics (exact_match, rouge_l, gsm8k_accuracy, a user's)   greedy generation; the
+      task's answer extractor (`answer=`, e.g. the text after "So the answer is") reads the answer,
+      which the metric scores
+  rank_classification     every option scored by log-likelihood, no generation
+  loss (and perplexity)   mean NLL per target token
+
+Before anything is generated, every example is checked (flan_jax.data.checks): a reference a metric
+cannot score or an answer that is none of the options fails with the record's file and line. An
+extra metric that cannot apply to a task (loss without targets) is left out of it, logged and
+listed under the task's `skipped_metrics`. Prompts cut to fit `data.seq_len - eval.max_new_tokens`,
+references longer than `eval.max_new_tokens` and scored sequences cut to `data.seq_len` are counted
+per task (`truncation` in the results, a table in the report) and warned about before generating.
 
 Work is batched across tasks, not per task: all prompts of all tasks are generated together
 (sorted by length, fixed batch shape), and all options and targets of all tasks are scored in
@@ -27,7 +36,8 @@ from typing import Any
 
 import jax
 
-from flan_jax.eval import metrics as metrics_lib
+from flan_jax.data import checks
+from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
 from flan_jax.eval import report, scoring
 
 GenerateFn = Callable[..., list[list[int]]]
@@ -42,9 +52,17 @@ class _TaskData:
     split: str
     examples: list[dict]
     metric_names: list[str]
-    predictions: list[str] | None = None
+    skipped_metrics: dict[str, str] = dataclasses.field(default_factory=dict)  # extra metric -> why not here
+    generations: list[str] | None = None  # raw greedy generations
+    answers: list[str] | None = None  # what the generation metrics score (the extracted answers)
     rank_results: list[scoring.RankResult] | None = None
     loss: dict[str, float] | None = None
+    scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # metric -> per-example scores
+    truncation: dict[str, float] = dataclasses.field(default_factory=dict)
+    prompt_cuts: list[int] | None = None  # tokens cut from each generation prompt
+
+    def metrics_of(self, prediction: str) -> list[Metric]:
+        return [m for m in map(get_metric, self.metric_names) if m.prediction == prediction]
 
 
 def _lookup(name: str):
@@ -89,7 +107,35 @@ def _load_examples(task, split: str, *, limit: int, num_shots: int, seed: int) -
     return split, [dataset[i] for i in range(count)]
 
 
+def _locator(task, split: str) -> Callable[[int], dict]:
+    """Example i -> its record's location (unshuffled, one epoch: example i is record i of the split)."""
+    records_of = getattr(task, "records", None)
+    if records_of is None:
+        return lambda i: {"record": i}
+    records = records_of(split)
+    return records.where
+
+
+def _inapplicable_extras(task, examples: Sequence[dict], extras: Sequence[str]) -> dict[str, str]:
+    """Extra metrics (config.eval.extra_metrics) this task cannot have, with the reason."""
+    skipped = {}
+    for name in extras:
+        if name in task.metrics:
+            continue  # the task asked for it itself: a problem is an error, raised by the checks
+        metric = get_metric(name)
+        without_targets = sum(ex.get("targets") is None for ex in examples)
+        if metric.prediction == "likelihood" and without_targets:
+            skipped[name] = (
+                f"{without_targets} of {len(examples)} examples have no targets (their records lack fields only the "
+                "targets use); they are scored on their references"
+            )
+        elif metric.needs_options and not all(ex.get("options") for ex in examples):
+            skipped[name] = "the task has no answer options"
+    return skipped
+
+
 def _collect(config) -> list[_TaskData]:
+    """Every task to evaluate with its examples, each example checked before anything is generated."""
     ev = config.eval
     by_name: dict[str, _TaskData] = {}
     for mixture in ev.mixtures:
@@ -101,16 +147,29 @@ def _collect(config) -> list[_TaskData]:
             # A task without metrics has no references (e.g. MT-bench): its answers are generated
             # and written to the predictions for a judge, and no metric (not even loss) is made up.
             names = list(dict.fromkeys([*task.metrics, *ev.extra_metrics])) if task.metrics else []
-            metrics_lib.check_metric_names(names, task=task.name)
+            check_metric_names(names, task=task.name)
             split, examples = _load_examples(
                 task, ev.split, limit=ev.max_examples_per_task, num_shots=ev.num_shots, seed=config.seed
             )
             if not examples:
                 raise ValueError(f"eval: task {task.name!r} has no examples in split {split!r}")
-            by_name[task.name] = _TaskData(task, [mixture], split, examples, names)
+            skipped = _inapplicable_extras(task, examples, [n for n in names if n not in task.metrics])
+            for name, reason in skipped.items():
+                logging.warning("eval: task %s: extra metric %r left out: %s", task.name, name, reason)
+            names = [n for n in names if n not in skipped]
+            checks.check_examples(task, examples, names, locate=_locator(task, split))
+            by_name[task.name] = _TaskData(task, [mixture], split, examples, names, skipped)
     if not by_name:
         raise ValueError("config.eval.mixtures names no task to evaluate")
     return list(by_name.values())
+
+
+def check(config) -> None:
+    """Everything `evaluate` checks before generating (tasks, metrics, every example), without a model.
+
+    The trainer calls it when a run starts, so a bad evaluation task fails before the first step.
+    """
+    _collect(config)
 
 
 def _default_generate() -> GenerateFn:
@@ -119,27 +178,24 @@ def _default_generate() -> GenerateFn:
     return generate
 
 
-def generate_texts(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    max_len: int,
-    batch_size: int,
-    generate_fn: GenerateFn | None = None,
-) -> list[str]:
-    """Greedy continuations of `prompts`, generated in fixed-size batches of similar lengths.
+def prompt_budget(max_len: int, max_new_tokens: int) -> int:
+    """Prompt tokens (BOS included) that fit before `max_new_tokens` generated ones in `max_len` positions."""
+    return max(max_len - max_new_tokens, 1)
 
-    Prompts are sorted by token length so each batch pads little, and the last batch is filled
-    up with copies of its last prompt so every call has the same batch shape (no recompiles).
-    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction.
-    """
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """BOS + tokens of each prompt, cut in the middle to `max_tokens`; and how many tokens each lost."""
+    encoded, cut = [], []
+    for ids in tokenizer.encode_batch(list(prompts)):
+        full = [tokenizer.bos_id, *ids]
+        kept = scoring.cut_prompt(full, max_tokens)
+        encoded.append(kept)
+        cut.append(len(full) - len(kept))
+    return encoded, cut
+
+
+def _generate_encoded(model, tokenizer, encoded, *, max_new_tokens, batch_size, generate_fn) -> list[str]:
     generate_fn = generate_fn or _default_generate()
-    encoded = [
-        scoring.cut_prompt([tokenizer.bos_id, *ids], max(max_len - max_new_tokens, 1))
-        for ids in tokenizer.encode_batch(list(prompts))
-    ]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     texts: list[str] = [""] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -158,44 +214,123 @@ def generate_texts(
     return texts
 
 
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    max_len: int,
+    batch_size: int,
+    generate_fn: GenerateFn | None = None,
+) -> list[str]:
+    """Greedy continuations of `prompts`, generated in fixed-size batches of similar lengths.
+
+    Prompts are sorted by token length so each batch pads little, and the last batch is filled
+    up with copies of its last prompt so every call has the same batch shape (no recompiles).
+    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction.
+    """
+    encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens))
+    return _generate_encoded(
+        model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, generate_fn=generate_fn
+    )
+
+
+def _extract(task, generation: str, example: dict) -> str:
+    extract = getattr(task, "extract_answer", None)
+    return extract(generation, example) if extract is not None else generation
+
+
+def _count_generation_truncation(item: _TaskData, tokenizer, cuts: Sequence[int], budget: int, max_new_tokens: int):
+    """Per task: prompts cut (and by how much), references / targets that cannot fit in max_new_tokens."""
+    cut = [c for c in cuts if c > 0]
+    too_long_references = too_long_targets = 0
+    for ex in item.examples:
+        references = ex.get("references") or []
+        if references and min(len(tokenizer.encode(r)) for r in references) > max_new_tokens:
+            too_long_references += 1
+        targets = ex.get("targets")
+        # A generation that must hold more than the answer (a rationale, say) needs room for the targets.
+        if targets is not None and targets not in references and len(tokenizer.encode(targets)) > max_new_tokens:
+            too_long_targets += 1
+    item.truncation.update({
+        "max_prompt_tokens": budget,
+        "max_new_tokens": max_new_tokens,
+        "prompts_truncated": len(cut),
+        "prompt_tokens_cut_mean": sum(cut) / len(cut) if cut else 0.0,
+        "prompt_tokens_cut_max": max(cut, default=0),
+        "references_over_max_new_tokens": too_long_references,
+        "targets_over_max_new_tokens": too_long_targets,
+    })
+    item.prompt_cuts = list(cuts)
+    if cut or too_long_references or too_long_targets:
+        n = len(item.examples)
+        logging.warning(
+            "eval: task %s: %d of %d prompts cut to %d tokens (by %.1f tokens on average, at most %d; raise "
+            "data.seq_len or lower eval.max_new_tokens); %d of %d have no reference that fits in "
+            "eval.max_new_tokens=%d tokens (they cannot match); %d of %d targets are longer than that",
+            item.task.name, len(cut), n, budget, item.truncation["prompt_tokens_cut_mean"],
+            item.truncation["prompt_tokens_cut_max"], too_long_references, n, max_new_tokens, too_long_targets, n,
+        )
+
+
+def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate_fn: GenerateFn | None) -> None:
+    """Greedy generations for every task with a generation metric or none at all, batched across tasks."""
+    items = [it for it in items if not it.metric_names or it.metrics_of("generation")]
+    if not items:
+        return
+    max_new_tokens = int(config.eval.max_new_tokens)
+    budget = prompt_budget(int(config.data.seq_len), max_new_tokens)
+    encoded, cuts = encode_prompts(tokenizer, [ex["inputs"] for it in items for ex in it.examples], budget)
+    for item, item_cuts in _split_back(cuts, items):
+        _count_generation_truncation(item, tokenizer, item_cuts, budget, max_new_tokens)
+    texts = _generate_encoded(
+        model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=config.eval.batch_size,
+        generate_fn=generate_fn,
+    )
+    for item, generations in _split_back(texts, items):
+        item.generations = generations
+        item.answers = [_extract(item.task, text, ex) for text, ex in zip(generations, item.examples)]
+
+
 def _task_metrics(item: _TaskData) -> dict[str, float]:
     values: dict[str, float] = {}
-    references = [ex.get("references") or [ex["targets"]] for ex in item.examples]
     for name in item.metric_names:
-        if name in metrics_lib.GENERATION_METRICS:
-            values[name] = metrics_lib.mean_generation_metric(name, item.predictions, references)
-        elif name == "rank_classification":
-            correct = 0.0
-            for index, (ex, refs, result) in enumerate(zip(item.examples, references, item.rank_results)):
-                if not any(metrics_lib.exact_match(option, refs) for option in ex["options"]):
-                    # Otherwise the example could never be right and would silently lower the accuracy.
-                    raise ValueError(
-                        f"eval: task {item.task.name!r} example {index}: no answer option {ex['options']} "
-                        f"matches the references {refs}"
-                    )
-                correct += metrics_lib.exact_match(ex["options"][result.choice], refs)
-            values[name] = 100.0 * correct / len(item.examples)
-        elif name == "loss":
+        metric = get_metric(name)
+        if metric.prediction == "likelihood":
             values.update(item.loss)
+            continue
+        if metric.prediction == "generation":
+            predictions = item.answers
+        else:  # "ranked_option"
+            predictions = [ex["options"][r.choice] for ex, r in zip(item.examples, item.rank_results)]
+        scores = [metric.score(p, ex["references"], ex) for p, ex in zip(predictions, item.examples)]
+        item.scores[name] = scores
+        values[name] = metric.aggregate(scores)
     return values
 
 
 def _prediction_records(item: _TaskData) -> list[dict]:
     records = []
     for i, ex in enumerate(item.examples):
-        # "prediction": the generated text, else the option rank classification chose, else None
-        # (a task scored by its loss only generates nothing).
-        record = {"task": item.task.name, "inputs": ex["inputs"], "prediction": None}
-        if item.predictions is not None:
-            record["prediction"] = item.predictions[i]
+        # "generation": the generated text; "prediction": what the generation metrics scored (the
+        # answer read from it), else the option rank classification chose, else None (a task scored
+        # by its loss only generates nothing).
+        record = {"task": item.task.name, "template": ex.get("template"), "inputs": ex["inputs"], "prediction": None}
+        if item.generations is not None:
+            record["generation"] = item.generations[i]
+            record["prediction"] = item.answers[i]
+            record["prompt_tokens_cut"] = item.prompt_cuts[i]
         if item.rank_results is not None:
             record["rank_prediction"] = ex["options"][item.rank_results[i].choice]
             if record["prediction"] is None:
                 record["prediction"] = record["rank_prediction"]
             record["option_scores"] = list(item.rank_results[i].scores)
-        record["references"] = list(ex.get("references") or [ex["targets"]])
+        record["references"] = list(ex["references"])
         if ex.get("options"):
             record["options"] = list(ex["options"])
+        if item.scores:
+            record["scores"] = {name: scores[i] for name, scores in item.scores.items()}
         records.append(record)
     return records
 
@@ -206,23 +341,6 @@ def _split_back(flat: Sequence, items: Sequence[_TaskData]):
     for item in items:
         yield item, flat[offset:offset + len(item.examples)]
         offset += len(item.examples)
-
-
-def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate_fn: GenerateFn | None) -> None:
-    """Greedy generations for every task with a text metric or none at all, batched across tasks."""
-    items = [
-        it for it in items
-        if not it.metric_names or any(m in metrics_lib.GENERATION_METRICS for m in it.metric_names)
-    ]
-    if not items:
-        return
-    texts = generate_texts(
-        model, tokenizer, [ex["inputs"] for it in items for ex in it.examples],
-        max_new_tokens=config.eval.max_new_tokens, max_len=int(config.data.seq_len),
-        batch_size=config.eval.batch_size, generate_fn=generate_fn,
-    )
-    for item, predictions in _split_back(texts, items):
-        item.predictions = predictions
 
 
 def _rank_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
@@ -236,6 +354,7 @@ def _rank_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     )
     for item, rank_results in _split_back(results, items):
         item.rank_results = rank_results
+        item.truncation["ranked_examples_cut"] = sum(r.truncated for r in rank_results)
 
 
 def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
@@ -249,6 +368,7 @@ def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     )
     for item, task_scores in _split_back(scores, items):
         item.loss = scoring.mean_loss(task_scores)
+        item.truncation["loss_targets_cut"] = sum(s.truncated for s in task_scores)
 
 
 def evaluate(
@@ -270,19 +390,21 @@ def evaluate(
     start_time = time.perf_counter()
     items = _collect(config)
     _generate_all(model, tokenizer, config, items, generate_fn)
-    _rank_all(model, tokenizer, config, [it for it in items if "rank_classification" in it.metric_names])
-    _loss_all(model, tokenizer, config, [it for it in items if "loss" in it.metric_names])
+    _rank_all(model, tokenizer, config, [it for it in items if it.metrics_of("ranked_option")])
+    _loss_all(model, tokenizer, config, [it for it in items if it.metrics_of("likelihood")])
 
-    tasks = {
-        it.task.name: {
+    tasks = {}
+    for it in items:
+        tasks[it.task.name] = {
             "cluster": getattr(it.task, "cluster", "") or "",
             "mixtures": it.mixtures,
             "split": it.split,
             "num_examples": len(it.examples),
             "metrics": _task_metrics(it),
+            "truncation": it.truncation,
         }
-        for it in items
-    }
+        if it.skipped_metrics:
+            tasks[it.task.name]["skipped_metrics"] = it.skipped_metrics
     results: dict[str, Any] = {
         "step": int(step),
         "split": ev.split,
@@ -290,6 +412,7 @@ def evaluate(
         "seconds": 0.0,
         "tasks": tasks,
         **report.aggregate(tasks),
+        "definitions": report.DEFINITIONS,
         "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
     }
     results["summary"] = report.summary(results)

@@ -1,9 +1,11 @@
 """Text metrics for generated answers, defined exactly as the benchmarks' official scorers define them.
 
 Every metric here scores ONE prediction against a list of acceptable references and returns a
-number in [0, 1]; the evaluator averages them over a task and reports x100. Tasks name their
-metrics in `task.metrics`; `GENERATION_METRICS` maps those names to the functions here.
-Rank classification and loss need the model, not just text: they live in `flan_jax.eval.scoring`.
+number in [0, 1]; the evaluator averages them over a task and reports x100. They are registered
+by name at the end of this module with `flan_jax.data.register_metric`, the same call a user
+makes for their own metric (see flan_jax.data.metric_registry); tasks name them in `task.metrics`.
+Rank classification and loss need the model, not just text: they are computed in
+`flan_jax.eval.scoring` (rank classification then scores the picked option with exact match).
 
 Official definitions followed (so our numbers compare with published ones):
 
@@ -17,6 +19,9 @@ Official definitions followed (so our numbers compare with published ones):
   tokenizer, which would need a download; we implement the default (English) track only.
   SQuAD's own article removal is available as `normalize_answer(..., remove_articles=True)`.
 * GSM8K: the final number of the answer (see `extract_final_number`), compared numerically.
+
+The metrics score the *answer*: a task's `answer=` extractor (flan_jax.data.answers, e.g. the text
+after "So the answer is") is applied to the generation first.
 """
 
 from __future__ import annotations
@@ -24,27 +29,15 @@ from __future__ import annotations
 import functools
 import math
 import re
-import string
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from rouge_score import rouge_scorer
+from flan_jax.data.answers import normalize_answer
+from flan_jax.data.metric_registry import check_metric_names, get_metric, metric_names, register_metric
 
-_PUNCTUATION = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str, *, remove_articles: bool = False) -> str:
-    """SNI's answer normalization: lowercase, remove ASCII punctuation, collapse whitespace.
-
-    The order matters and is the scorer's: punctuation is deleted (not replaced by a space), so
-    "co-operate" -> "cooperate" and "U.S.A." -> "usa". With `remove_articles` this becomes the
-    original SQuAD v1.1 normalization (articles removed after the punctuation, as SQuAD does).
-    """
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    if remove_articles:
-        text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+__all__ = [
+    "check_metric_names", "exact_match", "extract_final_number", "gsm8k_accuracy", "mean_generation_metric",
+    "metric_names", "normalize_answer", "rouge_l",
+]
 
 
 def _check_references(references: Sequence[str]) -> None:
@@ -61,7 +54,9 @@ def exact_match(prediction: str, references: Sequence[str]) -> float:
 
 
 @functools.cache
-def _rouge_l_scorer() -> rouge_scorer.RougeScorer:
+def _rouge_l_scorer():
+    from rouge_score import rouge_scorer  # imported on first use: nltk's stemmer costs ~0.6 s to import
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -121,31 +116,35 @@ def gsm8k_accuracy(prediction: str, references: Sequence[str]) -> float:
     return 0.0
 
 
-MetricFn = Callable[[str, Sequence[str]], float]
-
-# Metrics computed from the generated text alone, by the name tasks use in `task.metrics`.
-GENERATION_METRICS: dict[str, MetricFn] = {
-    "exact_match": exact_match,
-    "rouge_l": rouge_l,
-    "gsm8k_accuracy": gsm8k_accuracy,
-}
-# Metrics computed from the model's log-likelihoods (flan_jax.eval.scoring).
-LIKELIHOOD_METRICS = ("rank_classification", "loss")
-KNOWN_METRICS = tuple(GENERATION_METRICS) + LIKELIHOOD_METRICS
-
-
-def check_metric_names(names: Sequence[str], *, task: str) -> None:
-    """Fails early, naming the task, when a task asks for a metric nobody implements."""
-    unknown = [name for name in names if name not in KNOWN_METRICS]
-    if unknown:
-        raise ValueError(f"Task {task!r} lists unknown metric(s) {unknown}; known metrics: {list(KNOWN_METRICS)}")
+def gsm8k_reference_problem(reference: str) -> str | None:
+    """Why GSM8K accuracy cannot score against `reference` (it holds no number), checked at registration."""
+    if extract_final_number(reference) is None:
+        return "gsm8k_accuracy compares numbers, and this reference has none (use exact_match for non-numeric answers)"
+    return None
 
 
 def mean_generation_metric(name: str, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Mean of one generation metric over a task's examples, x100 (the convention of SNI and FLAN)."""
+    """A registered metric's aggregate over a task's (prediction, references) pairs (x100 for the built-ins)."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} reference lists")
     if not predictions:
         raise ValueError(f"cannot compute {name} over zero examples")
-    fn = GENERATION_METRICS[name]
-    return 100.0 * sum(fn(p, r) for p, r in zip(predictions, references)) / len(predictions)
+    metric = get_metric(name)
+    return metric.aggregate([metric.score(p, r) for p, r in zip(predictions, references)])
+
+
+# The built-in metrics, registered as a user registers theirs.
+register_metric("exact_match", exact_match, description="SNI exact match of the normalized answer")
+register_metric("rouge_l", rouge_l, description="SNI ROUGE-L F-measure (stemmed), max over references")
+register_metric(
+    "gsm8k_accuracy", gsm8k_accuracy, check_reference=gsm8k_reference_problem,
+    description="GSM8K: the answer's final number equals the reference's",
+)
+register_metric(
+    "rank_classification", exact_match, prediction="ranked_option",
+    description="the option with the highest log-likelihood (T0/FLAN rank classification) matches a reference",
+)
+register_metric(
+    "loss", prediction="likelihood", higher_is_better=False,
+    description="mean negative log-likelihood per target token (nats), and perplexity = exp(loss)",
+)

@@ -2,7 +2,13 @@
 
 FLAN and T0 report the *macro* average: every task counts once, whatever its number of
 examples, so a large task cannot hide a weak cluster. A metric is averaged over the tasks that
-report it (a cluster of classification tasks has no ROUGE-L).
+report it (a cluster of classification tasks has no ROUGE-L). Perplexity is the exception: it
+is never averaged (a mean of per-task perplexities is dominated by the worst task and matches no
+loss); every row's perplexity is exp of that row's loss. `DEFINITIONS` is written into the
+results so a reader of step_<N>.json knows which is which.
+
+The report also says what was cut: per task, prompts truncated to fit (and by how many tokens),
+references that cannot fit in `eval.max_new_tokens`, and scored sequences cut to `data.seq_len`.
 """
 
 from __future__ import annotations
@@ -15,19 +21,39 @@ from typing import Any
 
 # Column order of the Markdown table; other metrics follow alphabetically.
 _PREFERRED_ORDER = ("exact_match", "rouge_l", "rank_classification", "gsm8k_accuracy", "loss", "perplexity")
+_NOT_AVERAGED = ("perplexity",)  # derived from the row's loss instead
+
+DEFINITIONS = {
+    "aggregates": "clusters, mixtures and overall are macro averages over their tasks (each task counts once)",
+    "loss": "per task: mean negative log-likelihood per target token (nats), pooled over the task's examples; "
+            "per group: the macro average of its tasks' losses",
+    "perplexity": "exp(loss) of the same row (for a group: exp of the macro-average loss, not a mean of perplexities)",
+    "percentages": "accuracies, exact match and ROUGE-L are percentages (0-100)",
+    "truncation": "per task: prompts cut to fit data.seq_len - eval.max_new_tokens tokens, examples with no "
+                  "reference that fits in eval.max_new_tokens tokens, targets longer than that, sequences "
+                  "cut to data.seq_len when scored (rank classification, loss)",
+}
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 700.0))  # capped: exp overflows past ~709
 
 
 def macro_average(per_task: Iterable[Mapping[str, float]]) -> dict[str, float]:
-    """Mean of each metric over the tasks that report it, plus `num_tasks`."""
+    """Mean of each metric over the tasks that report it, plus `num_tasks`; perplexity = exp(mean loss)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     num_tasks = 0
     for metrics in per_task:
         num_tasks += 1
         for name, value in metrics.items():
+            if name in _NOT_AVERAGED:
+                continue
             sums[name] = sums.get(name, 0.0) + value
             counts[name] = counts.get(name, 0) + 1
     averaged = {name: sums[name] / counts[name] for name in sorted(sums)}
+    if "loss" in averaged:
+        averaged["perplexity"] = perplexity(averaged["loss"])
     averaged["num_tasks"] = num_tasks
     return averaged
 
@@ -93,8 +119,51 @@ def markdown(results: Mapping[str, Any]) -> str:
         for name, r in results["tasks"].items()
     ]
     lines += _table("Per task", "task (cluster)", task_rows, "examples")
-    lines.append("Accuracies and ROUGE-L are percentages; loss is nats per target token.")
+    lines += truncation_table(results)
+    skipped = [(name, r["skipped_metrics"]) for name, r in results["tasks"].items() if r.get("skipped_metrics")]
+    for name, reasons in skipped:
+        lines += [f"- {name}: left out {', '.join(f'{m} ({why})' for m, why in reasons.items())}"]
+    if skipped:
+        lines.append("")
+    lines.append(
+        "Accuracies and ROUGE-L are percentages; loss is nats per target token (groups: the macro average of "
+        "their tasks' losses); perplexity is exp(loss) of the same row."
+    )
     return "\n".join(lines) + "\n"
+
+
+_TRUNCATION_COLUMNS = (
+    ("prompts_truncated", "prompts cut"),
+    ("prompt_tokens_cut_mean", "tokens cut (mean)"),
+    ("prompt_tokens_cut_max", "tokens cut (max)"),
+    ("references_over_max_new_tokens", "no reference fits max_new_tokens"),
+    ("targets_over_max_new_tokens", "targets > max_new_tokens"),
+    ("ranked_examples_cut", "rank-classified cut"),
+    ("loss_targets_cut", "loss sequences cut"),
+)
+
+
+def truncation_table(results: Mapping[str, Any]) -> list[str]:
+    """Per task with anything cut: how many prompts, by how much, and what could never fit."""
+    rows = []
+    for name, result in results["tasks"].items():
+        counts = result.get("truncation") or {}
+        if any(counts.get(key) for key, _ in _TRUNCATION_COLUMNS):
+            cells = [_count_cell(counts.get(key)) for key, _ in _TRUNCATION_COLUMNS]
+            rows.append(f"| {name} | {result['num_examples']} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ["### Truncation", "", "Nothing was cut: every prompt, reference and scored sequence fit.", ""]
+    budget = next((r["truncation"]["max_prompt_tokens"] for r in results["tasks"].values()
+                   if "max_prompt_tokens" in r.get("truncation", {})), None)
+    header = "| task | examples | " + " | ".join(title for _, title in _TRUNCATION_COLUMNS) + " |"
+    note = f" (generation prompts keep at most {budget} tokens)" if budget is not None else ""
+    return ["### Truncation" + note, "", header, "|" + "---|" * (len(_TRUNCATION_COLUMNS) + 2), *rows, ""]
+
+
+def _count_cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
 def file_stem(step: int, num_shots: int = 0) -> str:

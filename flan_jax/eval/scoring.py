@@ -18,13 +18,14 @@ import bisect
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from flan_jax.eval import report
 
 _MIN_ROW_LEN = 16
 
@@ -201,6 +202,7 @@ class RankResult:
 
     choice: int
     scores: tuple[float, ...]
+    truncated: bool = False  # some option's sequence was cut to fit the maximum length
 
 
 def rank_classify(
@@ -235,9 +237,11 @@ def rank_classify(
             owners.append(index)
     flat = score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm)
     per_example: list[list[float]] = [[] for _ in examples]
+    cut = [False] * len(examples)
     for owner, score in zip(owners, flat):
         per_example[owner].append(score.score(length_normalized))
-    return [RankResult(int(np.argmax(s)), tuple(s)) for s in per_example]
+        cut[owner] = cut[owner] or score.truncated
+    return [RankResult(int(np.argmax(s)), tuple(s), c) for s, c in zip(per_example, cut)]
 
 
 def target_loss(
@@ -262,4 +266,4 @@ def target_sequences(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int
 def mean_loss(scores: Sequence[TargetScore]) -> dict[str, float]:
     """Loss (nats per target token, pooled over the examples) and its perplexity."""
     loss = -sum(s.log_likelihood for s in scores) / sum(s.num_tokens for s in scores)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}  # capped: exp overflows past ~709
+    return {"loss": loss, "perplexity": report.perplexity(loss)}

@@ -52,6 +52,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
     objective = objectives.get_objective(config)
     tokenizer, data_iter = build_data(config, workdir)
+    check_evaluation(config)
     model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
     if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
         # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
@@ -270,6 +271,15 @@ def data_counts(data_iter) -> dict[str, int]:
         "data_response_truncated": total.response_truncated,
         "data_dropped": total.dropped,
     }
+
+
+def check_evaluation(config) -> None:
+    """Checks the evaluation tasks (metrics, every example) when the run starts, so a bad one fails before step 1."""
+    ev = config.eval
+    if ev.mixtures and (ev.at_start or ev.at_end or ev.every_steps):
+        from flan_jax.eval import evaluator
+
+        evaluator.check(config)
 
 
 def run_evaluation(config, model, tokenizer, workdir, step: int) -> dict | None:
