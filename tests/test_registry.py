@@ -197,14 +197,36 @@ def test_docs_tasks_md_examples_run(clean_registry, tmp_path, monkeypatch):
     qa.mkdir()
     for name in ("train", "dev"):
         (qa / f"{name}.jsonl").write_text(json.dumps({"q": "Who wrote Hamlet?", "a": "Shakespeare"}) + "\n")
+    sciq = tmp_path / "sciq"  # the walkthrough's benchmark: letter answers, a separate file of CoT exemplars
+    sciq.mkdir()
+    (sciq / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "Which is a gas?", "choices": ["ice", "steam", "rock"], "answer": "B"},
+        {"question": "Which is a metal?", "choices": ["wood", "iron", "glass"], "answer": "B"},
+    ]))
+    (sciq / "cot_shots.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": f"Shot {i}?", "choices": ["x", "y"], "answer": "A", "rationale": f"Reason {i}."} for i in range(4)
+    ]))
     monkeypatch.setenv("FLAN_JAX_DATA_DIR", str(tmp_path))
     namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/tasks.md", "exec"), namespace)
+    try:
+        for block in blocks:
+            exec(compile(block, "docs/tasks.md", "exec"), namespace)
+    finally:
+        for name in ("contains_answer", "answer_words", "year_match"):
+            data.unregister_metric(name)
     example = namespace["ds"][0]
     assert example["task"] == "my_qa" and example["targets"] == "Shakespeare"
     assert example["inputs"] in ("Question: Who wrote Hamlet?\nAnswer:", "Who wrote Hamlet?\n\nGive a short answer.")
-    assert {"my_qa", "cot_creak", "qa_mix", "everything", "flan_like"} <= set(registry._REGISTRY)
+    assert {"my_qa", "cot_creak", "qa_mix", "everything", "flan_like", "my_lab.sciq_all"} <= set(registry._REGISTRY)
+    # The walkthrough's CoT task: 3 fixed exemplars in file order, then the query; "(B)" reads back as option B.
+    cot = data.get_task("my_lab.sciq_cot")
+    query = cot.get_dataset("validation", shuffle=False, template_set="eval", num_shots=3)[0]
+    assert query["targets"] is None and query["references"] == ["steam"]
+    assert [line for line in query["inputs"].split("\n") if line.startswith("Question")] == [
+        "Question: Shot 0?", "Question: Shot 1?", "Question: Shot 2?", "Question: Which is a gas?"]
+    assert "Reason 0. So the answer is (A)." in query["inputs"]
+    assert cot.score("Steam is a gas. So the answer is (B).", query) == {"exact_match": 1.0}
+    assert cot.score("So the answer is (C).", query) == {"exact_match": 0.0}
 
 
 def test_errors_after_loading_point_at_the_file_line(tmp_path):
