@@ -244,15 +244,14 @@ def _extract(task, generation: str, example: dict) -> str:
 def _count_generation_truncation(item: _TaskData, tokenizer, cuts: Sequence[int], budget: int, max_new_tokens: int):
     """Per task: prompts cut (and by how much), references / targets that cannot fit in max_new_tokens."""
     cut = [c for c in cuts if c > 0]
-    too_long_references = too_long_targets = 0
-    for ex in item.examples:
-        references = ex.get("references") or []
-        if references and min(len(tokenizer.encode(r)) for r in references) > max_new_tokens:
-            too_long_references += 1
-        targets = ex.get("targets")
-        # A generation that must hold more than the answer (a rationale, say) needs room for the targets.
-        if targets is not None and targets not in references and len(tokenizer.encode(targets)) > max_new_tokens:
-            too_long_targets += 1
+    references = [list(ex.get("references") or []) for ex in item.examples]
+    # A generation that must hold more than the answer (a rationale, say) needs room for the targets.
+    targets = [t if t is not None and t not in refs else None for t, refs in zip(
+        (ex.get("targets") for ex in item.examples), references)]
+    lengths = iter(map(len, tokenizer.encode_batch([r for refs in references for r in refs] + [t for t in targets if t is not None])))
+    shortest_reference = [min((next(lengths) for _ in refs), default=0) for refs in references]
+    too_long_references = sum(n > max_new_tokens for n in shortest_reference)
+    too_long_targets = sum(t is not None and next(lengths) > max_new_tokens for t in targets)
     item.truncation.update({
         "max_prompt_tokens": budget,
         "max_new_tokens": max_new_tokens,
