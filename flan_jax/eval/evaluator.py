@@ -246,12 +246,12 @@ def _count_generation_truncation(item: _TaskData, tokenizer, cuts: Sequence[int]
     cut = [c for c in cuts if c > 0]
     references = [list(ex.get("references") or []) for ex in item.examples]
     # A generation that must hold more than the answer (a rationale, say) needs room for the targets.
-    targets = [t if t is not None and t not in refs else None for t, refs in zip(
-        (ex.get("targets") for ex in item.examples), references)]
-    lengths = iter(map(len, tokenizer.encode_batch([r for refs in references for r in refs] + [t for t in targets if t is not None])))
+    targets = [ex.get("targets") for ex in item.examples]
+    longer = [t for t, refs in zip(targets, references) if t is not None and t not in refs]
+    lengths = iter(len(ids) for ids in tokenizer.encode_batch([r for refs in references for r in refs] + longer))
     shortest_reference = [min((next(lengths) for _ in refs), default=0) for refs in references]
     too_long_references = sum(n > max_new_tokens for n in shortest_reference)
-    too_long_targets = sum(t is not None and next(lengths) > max_new_tokens for t in targets)
+    too_long_targets = sum(next(lengths) > max_new_tokens for _ in longer)
     item.truncation.update({
         "max_prompt_tokens": budget,
         "max_new_tokens": max_new_tokens,
