@@ -160,25 +160,27 @@ class Task(PicklableLock):
         few_shot = self.few_shot
         if few_shot.from_task:
             return self.records(few_shot.split)
-        if few_shot.exemplars is not None:
-            source, split = InMemorySource({"exemplars": list(few_shot.exemplars)}), "exemplars"
-        else:
-            source, split = few_shot.source, few_shot.split
-            if split not in source.splits:
-                raise DataError(
-                    f"FewShot(source={source!r}) has no split {split!r} (set FewShot(split=...)); "
-                    f"available: {', '.join(source.splits)}", task=self.name,
-                )
-        key = f"few_shot:{split}"
+        key = "few_shot"  # its own entry of the caches and of `filtered`
         with self._lock:
             if key not in self._records_cache:
-                self._records_cache[key] = self._preprocess(source, split)
+                if few_shot.exemplars is not None:
+                    source, split = InMemorySource({"exemplars": list(few_shot.exemplars)}), "exemplars"
+                else:
+                    source, split = few_shot.source, few_shot.split
+                    if split not in source.splits:
+                        raise DataError(
+                            f"FewShot(source={source!r}) has no split {split!r} (set FewShot(split=...)); "
+                            f"available: {', '.join(source.splits)}", task=self.name,
+                        )
+                self._records_cache[key] = self._preprocess(source, split, label=key)
             return self._records_cache[key]
 
-    def _preprocess(self, source: Source, split: str) -> Records:
+    def _preprocess(self, source: Source, split: str, label: str | None = None) -> Records:
+        """`split` of `source` through the preprocessors; drops are counted in `filtered[label or split]`."""
+        label = label or split
         raw = source.records(split)
         if not self.preprocessors:
-            self.filtered[split] = 0
+            self.filtered[label] = 0
             return raw
         kept: list[dict] = []
         kept_indices: list[int] = []
@@ -194,13 +196,13 @@ class Task(PicklableLock):
             if record is not None:
                 kept.append(record)
                 kept_indices.append(index)
-        self.filtered[split] = len(raw) - len(kept)
-        if self.filtered[split]:
+        self.filtered[label] = len(raw) - len(kept)
+        if self.filtered[label]:
             logging.warning(
-                "task %r split %r: preprocessors dropped %d of %d records", self.name, split, self.filtered[split], len(raw)
+                "task %r split %r: preprocessors dropped %d of %d records", self.name, label, self.filtered[label], len(raw)
             )
         origins = [(w["file"], w.get("line"), w["record"]) for w in map(raw.where, kept_indices)]
-        return Records(kept, f"{self.name}:{split}", origins=origins)
+        return Records(kept, f"{self.name}:{label}", origins=origins)
 
     def _located(self, error: Exception, records: Records, index: int, stage: str) -> DataError:
         """A preprocessor's error, re-raised with task, file, line and record of the record it happened on."""
