@@ -23,12 +23,15 @@ def _demo_config():
     return module.get_config()
 
 
-def _execute(name: str, monkeypatch, env: dict[str, str]) -> nbformat.NotebookNode:
-    """Runs colabs/<name>.ipynb in a fresh kernel (cwd colabs/, one CPU device) and returns it with outputs."""
+def _execute(name: str, monkeypatch, env: dict[str, str], path: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    """Runs colabs/<name>.ipynb in a fresh kernel (cwd colabs/, one CPU device) and returns it with outputs.
+
+    `path`: folders the kernel imports from besides the repository (a user's task package).
+    """
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("XLA_FLAGS", "")  # a notebook user has one CPU device, not the suite's 8 simulated ones
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *path]))
     notebook = nbformat.read(COLABS / f"{name}.ipynb", as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(COLABS)}}
@@ -61,13 +64,44 @@ def _text(notebook):
     return "\n".join(parts)
 
 
+USER_TASKS = """
+from flan_jax import data
+
+data.register_task(data.Task(
+    "nb_user.echo",
+    data.InMemorySource({"validation": [{"word": w} for w in ("alpha", "beta", "gamma")]}),
+    [("Repeat: {word}", "{word}")], metrics=("exact_match",), cluster="user",
+))
+"""
+
+
 @pytest.fixture(scope="module")
-def small_workdir(tmp_path_factory):
-    """A few training steps of the demo setup with a tiny model: two checkpoints, metrics and two evaluations."""
+def user_tasks_dir(tmp_path_factory):
+    """A user's task package outside tasks/, which the notebook workdir's run names in config.data.task_modules."""
+    folder = tmp_path_factory.mktemp("user_tasks")
+    (folder / "nb_user_tasks.py").write_text(USER_TASKS)
+    sys.path.insert(0, str(folder))
+    yield folder
+    sys.path.remove(str(folder))
+    sys.modules.pop("nb_user_tasks", None)
+    from flan_jax import data
+
+    data.unregister("nb_user.echo")
+
+
+@pytest.fixture(scope="module")
+def small_workdir(tmp_path_factory, user_tasks_dir):
+    """A few training steps of the demo setup with a tiny model: two checkpoints, metrics and two evaluations.
+
+    It also evaluates a task of the user's own package (config.data.task_modules), which a notebook
+    or evaluation opening the workdir must import to see.
+    """
     from flan_jax.train.loop import train
 
     workdir = tmp_path_factory.mktemp("notebook_run")
     config = _demo_config()
+    config.data.task_modules = (*config.data.task_modules, "nb_user_tasks")
+    config.eval.mixtures = ("nb_user.echo", *config.eval.mixtures)  # first: the notebook shows the first tasks
     config.data.seq_len = 128
     config.data.batch_size = 8
     config.data.tokenizer.vocab_size = 400
@@ -82,9 +116,11 @@ def small_workdir(tmp_path_factory):
     return workdir
 
 
-def test_explore_checkpoint_notebook(small_workdir, monkeypatch):
-    notebook = _execute("explore_checkpoint", monkeypatch, {"FLAN_JAX_WORKDIR": str(small_workdir)})
+def test_explore_checkpoint_notebook(small_workdir, user_tasks_dir, monkeypatch):
+    notebook = _execute("explore_checkpoint", monkeypatch, {"FLAN_JAX_WORKDIR": str(small_workdir)},
+                        path=(str(user_tasks_dir),))
     assert not _outputs(notebook, "error")
+    assert "| nb_user.echo | Repeat: alpha |" in _text(notebook)  # the run's own task, from its task_modules
     assert len(_images(notebook)) >= 2  # loss / learning-rate curves, per-task bar chart
     text = _text(notebook)
     assert "checkpoints: [2, 4]" in text
@@ -103,9 +139,9 @@ def test_register_a_task_notebook(tmp_path, monkeypatch):
     assert (tmp_path / "eval" / "step_6.json").is_file() and (tmp_path / "eval" / "step_0.json").is_file()
 
 
-def test_evaluate_cli_on_the_workdir(small_workdir):
+def test_evaluate_cli_on_the_workdir(small_workdir, user_tasks_dir):
     """`python -m flan_jax.evaluate` restores a chosen checkpoint and writes its results (config overrides work)."""
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": os.pathsep.join([str(ROOT), str(user_tasks_dir)])}
     command = [
         sys.executable, "-m", "flan_jax.evaluate", "--config=configs/demo.py", f"--workdir={small_workdir}", "--step=2",
         "--config.eval.max_examples_per_task=1", "--config.eval.max_new_tokens=2",
