@@ -146,8 +146,12 @@ def _load_builtins() -> None:
     """Imports flan_jax.eval.metrics once: it registers the built-in metrics (like `tasks` registers tasks)."""
     global _builtins_loaded
     if not _builtins_loaded:
-        _builtins_loaded = True
-        importlib.import_module("flan_jax.eval.metrics")
+        _builtins_loaded = True  # set first: the module calls register_metric while it is imported
+        try:
+            importlib.import_module("flan_jax.eval.metrics")
+        except BaseException:
+            _builtins_loaded = False
+            raise
 
 
 def get_metric(name: str) -> Metric:
