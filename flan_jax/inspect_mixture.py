@@ -2,7 +2,12 @@
 counts and packing fill, measured on a sample of each task.
 
   python -m flan_jax.inspect_mixture --mixture=t0 --seq_len=1024 --tokenizer=tok.model \\
-      [--num_examples_per_task=200] [--render=TASK --n=5] [--plot=shares.png]
+      [--num_examples_per_task=200] [--render=TASK --n=5] [--plot=shares.png] \\
+      [--task_modules=my_lab.tasks] [--num_shots=3 --template_set=eval --split=validation]
+
+`--task_modules` imports a user's own task package first (as config.data.task_modules does for a
+run); `--num_shots` and `--template_set` render and measure the prompts as a k-shot training
+mixture or evaluation (`config.eval.num_shots`, held-out templates) would build them.
 
 Why tokens and not only examples: a task's rate sets its share of *examples*, but its share of the
 *training signal* is rate x tokens per example, which long-document tasks (summarization) inflate.
@@ -88,10 +93,12 @@ def _padded_fill(features: list[dict], seq_len: int) -> float:
     return sum(len(f["input_tokens"]) for f in features) / max(len(features) * seq_len, 1)
 
 
-def _sample(task: data.Task, split: str, n: int, seed: int) -> list[dict]:
+def _sample(task: data.Task, split: str, n: int, seed: int, num_shots: int = 0, template_set: str = "train") -> list[dict]:
     if task.num_examples(split) == 0:
         return []
-    return list(itertools.islice(iter(task.get_dataset(split, seed=seed, shuffle=True)), n))
+    dataset = task.get_dataset(split, seed=seed, shuffle=True, num_shots=num_shots, template_set=template_set)
+    # Evaluation-only records may have no targets (scored on their references): measure the prompt alone.
+    return [{**e, "targets": e["targets"] or ""} for e in itertools.islice(iter(dataset), n)]
 
 
 def inspect(
@@ -106,12 +113,14 @@ def inspect(
     overlong: str = "truncate",
     seed: int = 0,
     tokenizer_vocab_size: int = 8000,
+    num_shots: int = 0,
+    template_set: str = "train",
 ) -> MixtureReport:
     """Measures a registered mixture (or task) on samples; see the module docstring."""
     mixture = data.get_mixture(mixture_name)
     rates = mixture.rates()
     tasks = sorted(mixture.tasks, key=lambda t: t.name)
-    samples = {task.name: _sample(task, split, num_examples_per_task, seed) for task in tasks}
+    samples = {task.name: _sample(task, split, num_examples_per_task, seed, num_shots, template_set) for task in tasks}
     if tokenizer is None:
         texts = [text for sample in samples.values() for e in sample for text in (e["inputs"], e["targets"])]
         tokenizer = tokenizer_lib.SentencePieceTokenizer(
@@ -148,9 +157,9 @@ def inspect(
         r.token_share = weighted[r.name] / total
 
     mixed = []
-    stream = mixture.get_dataset(split, seed=seed, shuffle=True)
+    stream = mixture.get_dataset(split, seed=seed, shuffle=True, num_shots=num_shots, template_set=template_set)
     for example in itertools.islice(iter(stream), num_mixed_examples):
-        feature, _ = featurize(example, tokenizer, config)
+        feature, _ = featurize({**example, "targets": example["targets"] or ""}, tokenizer, config)
         if feature is not None:
             mixed.append(feature)
     return MixtureReport(
@@ -165,12 +174,20 @@ def inspect(
     )
 
 
-def render_examples(task_name: str, n: int, *, split: str = "train", seed: int = 0) -> str:
-    """The first `n` rendered examples of a task, as a reader would want to check them."""
+def render_examples(
+    task_name: str, n: int, *, split: str = "train", seed: int = 0, num_shots: int = 0, template_set: str = "train"
+) -> str:
+    """The first `n` rendered examples of a task (k-shot, training or evaluation templates), to check by eye."""
     task = data.get_task(task_name)
+    dataset = task.get_dataset(split, seed=seed, shuffle=True, num_shots=num_shots, template_set=template_set)
+    how = f"{num_shots}-shot, {template_set} templates" if num_shots else f"{template_set} templates"
     blocks = []
-    for i, example in enumerate(_sample(task, split, n, seed)):
-        blocks.append(f"----- {task_name} example {i} -----\n[inputs]\n{example['inputs']}\n[targets]\n{example['targets']}")
+    for i, example in enumerate(itertools.islice(iter(dataset), n)):
+        targets = example["targets"] if example["targets"] is not None else f"(none; references {example['references']})"
+        blocks.append(
+            f"----- {task_name} example {i} -----\n[inputs]\n{example['inputs']}\n[targets]\n{targets}\n"
+            f"[template] {example['template']!r} ({how})"
+        )
     return "\n".join(blocks) if blocks else f"task {task_name!r} has no examples in split {split!r}"
 
 
@@ -266,8 +283,10 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _run(FLAGS) -> None:
+    data.import_task_modules(FLAGS.task_modules)
+    shots = dict(num_shots=FLAGS.num_shots, template_set=FLAGS.template_set)
     if FLAGS.render:
-        print(render_examples(FLAGS.render, FLAGS.n, split=FLAGS.split, seed=FLAGS.seed))
+        print(render_examples(FLAGS.render, FLAGS.n, split=FLAGS.split, seed=FLAGS.seed, **shots))
         print()
     tokenizer = _load_tokenizer_file(FLAGS.tokenizer) if FLAGS.tokenizer else None
     report = inspect(
@@ -280,6 +299,7 @@ def _run(FLAGS) -> None:
         num_packing_bins=FLAGS.num_packing_bins,
         overlong=FLAGS.overlong,
         seed=FLAGS.seed,
+        **shots,
     )
     print(report.table())
     if FLAGS.plot:
@@ -291,6 +311,9 @@ if __name__ == "__main__":
     from absl import app
 
     flags.DEFINE_string("mixture", None, "registered mixture or task", required=True)
+    flags.DEFINE_list("task_modules", [], "modules that register tasks first, as config.data.task_modules")
+    flags.DEFINE_integer("num_shots", 0, "few-shot exemplars before each prompt, as config.eval.num_shots")
+    flags.DEFINE_enum("template_set", "train", ["train", "eval"], "training or evaluation (held-out) templates")
     flags.DEFINE_string("split", "train", "split to inspect")
     flags.DEFINE_integer("seq_len", 1024, "row length for truncation and packing")
     flags.DEFINE_string("tokenizer", "", "sentencepiece .model or HF tokenizer.json (default: train one on the sample)")

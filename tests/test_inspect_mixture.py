@@ -47,6 +47,8 @@ def test_render_and_plot(tiny_mixture, tmp_path):
     text = inspect_mixture.render_examples("inspect_short", 2)
     assert text.count("[inputs]") == 2
     assert text.startswith("----- inspect_short example 0 -----\n[inputs]\n#")
+    few = inspect_mixture.render_examples("inspect_short", 1, num_shots=3, template_set="eval")
+    assert few.count("\n\n#") == 3 and "(3-shot, eval templates)" in few
     report = inspect_mixture.inspect(tiny_mixture, seq_len=96, tokenizer=tiny_tokenizer(), num_examples_per_task=5,
                                      num_mixed_examples=20)
     inspect_mixture.plot_token_shares(report, tmp_path / "shares.png")
@@ -54,15 +56,18 @@ def test_render_and_plot(tiny_mixture, tmp_path):
 
 
 def test_command_line(tmp_path):
-    """The CLI end to end, on a mixture registered before the module runs (no tokenizer: trains one)."""
+    """The CLI end to end, on a mixture of a user's task module it imports (no tokenizer: trains one), 2-shot."""
+    (tmp_path / "cli_user_tasks.py").write_text(textwrap.dedent("""
+        from data_fakes import register_fake_tasks
+        register_fake_tasks("cli_", {"a": 40, "b": 10}, long_every={"b": 5})
+    """))
     script = textwrap.dedent(
         f"""
         import runpy, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from data_fakes import register_fake_tasks
-        register_fake_tasks("cli_", {{"a": 40, "b": 10}}, long_every={{"b": 5}})
-        sys.argv = ["inspect_mixture", "--mixture=cli_mix", "--seq_len=128", "--num_examples_per_task=40",
-                    "--num_mixed_examples=50", "--render=cli_b", "--n=2", "--plot={tmp_path / 'p.png'}"]
+        sys.path[:0] = [{os.path.dirname(__file__)!r}, {str(tmp_path)!r}]
+        sys.argv = ["inspect_mixture", "--task_modules=cli_user_tasks", "--mixture=cli_mix", "--seq_len=128",
+                    "--num_examples_per_task=40", "--num_mixed_examples=50", "--render=cli_b", "--n=2",
+                    "--num_shots=2", "--plot={tmp_path / 'p.png'}"]
         runpy.run_module("flan_jax.inspect_mixture", run_name="__main__")
         """
     )
@@ -70,6 +75,8 @@ def test_command_line(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "----- cli_b example 1 -----" in result.stdout
+    first = result.stdout.split("----- cli_b example 0 -----")[1].split("----- cli_b example 1")[0]
+    assert first.count("\n\n#") == 2 and "(2-shot, train templates)" in first  # two exemplars before the query
     assert "| cli_a | 40 | 0.8000 |" in result.stdout
     assert "Saved the token-share chart" in result.stdout
     assert (tmp_path / "p.png").is_file()
