@@ -159,6 +159,12 @@ class Task(PicklableLock):
         """The records few-shot exemplars are drawn from (`few_shot`: own split, other source or fixed list)."""
         few_shot = self.few_shot
         if few_shot.from_task:
+            if few_shot.split not in self.splits:
+                raise DataError(
+                    f"few-shot exemplars come from split {few_shot.split!r} (FewShot.split), which this task lacks "
+                    f"(it has {', '.join(self.splits)}); give few_shot=data.FewShot(split=...), source=... or "
+                    "exemplars=[...]", task=self.name,
+                )
             return self.records(few_shot.split)
         key = "few_shot"  # its own entry of the caches and of `filtered`
         with self._lock:
