@@ -157,6 +157,9 @@ def test_few_shot_from_a_fixed_list_or_another_file(tmp_path):
     inputs = [e["inputs"] for e in from_file.get_dataset("train", num_shots=2, seed=0)]
     assert all(block.startswith("Q: s") for text in inputs for block in text.split("\n\n")[:-1])
     assert len({text.split("\n\n")[0] for text in inputs}) > 1  # drawn, not fixed
+    only_eval = data.Task("tpl_no_train", data.InMemorySource({"test": [{"q": "x", "a": "y"}]}), [("Q: {q}", "{a}")])
+    with pytest.raises(data.DataError, match=r"split 'train' \(FewShot.split\), which this task lacks"):
+        only_eval.get_dataset("test", num_shots=1)
     with pytest.raises(data.DataError, match="not both"):
         data.FewShot(source=data.JsonlSource({"train": path}), exemplars=shots)
     with pytest.raises(data.DataError, match="has no split 'dev'"):
