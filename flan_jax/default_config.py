@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     # cudnn: jax.nn.dot_product_attention with cuDNN flash attention (use this on NVIDIA GPUs)
     # reference: plain einsum + softmax (tests)
     model.attention = "xla"
+    # Layers as one stacked block run by lax.scan (True: compile time independent of depth) or a
+    # Python loop (False); None: scanned from model.config.SCAN_MIN_LAYERS (8) layers on. The
+    # parameter layout follows; checkpoints in the other layout are converted when loaded.
+    model.scan_layers = ml_collections.config_dict.placeholder(bool)
 
     # ---------------------------------------------------------------- mesh
     config.mesh = mesh = ml_collections.ConfigDict()

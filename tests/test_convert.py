@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -134,6 +135,32 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(hf_dirs, name, tmp
     for path, value in original.items():
         assert params_back[path].dtype == np.asarray(value).dtype
         assert np.array_equal(params_back[path], np.asarray(value)), path  # bitwise
+
+
+def test_scanned_layout_imports_exports_and_stores_like_the_unrolled_one(hf_dirs, tmp_path):
+    """HF -> a scanned model (stacked layers) matches transformers; it exports and stores bitwise."""
+    from flan_jax.model import layout
+
+    cfg, flat = convert.load_hf_params(hf_dirs["llama3_gqa"])
+    cfg = cfg.replace(attention="reference", scan_layers=True)
+    model = our_model(cfg, layout.stack(checkpoint.nest(flat)))
+    assert model.layers.attn.q.kernel.shape[0] == cfg.n_layers
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf_dirs["llama3_gqa"], ids), atol=1e-4, rtol=1e-4)
+
+    params = nnx.state(model, nnx.Param)
+    convert.write_hf(tmp_path / "hf", cfg, params)
+    _, back = convert.load_hf_params(tmp_path / "hf")
+    assert set(back) == set(flat) and all(np.array_equal(back[p], flat[p]) for p in flat)  # bitwise, per layer
+
+    convert.save_converted(tmp_path / "converted", cfg, params)  # stored per layer, whatever the layout
+    assert (tmp_path / "converted" / "params" / "layers.1").is_dir()
+    cfg_back, stored = convert.load_converted(tmp_path / "converted")
+    assert cfg_back.scanned
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(stored)), jax.tree.leaves(nnx.to_pure_dict(params))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    _, unrolled = convert.load_converted(tmp_path / "converted", stacked=False)
+    assert set(checkpoint.flatten(unrolled)) == set(flat)
 
 
 def test_cli_round_trip_with_shards_and_tokenizer_files(hf_dirs, tmp_path):

@@ -23,7 +23,10 @@ FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 
 # Fields that say how to run a model rather than what the model is: an experiment config may
 # change them for a converted checkpoint (see `ModelConfig.with_runtime`).
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "scan_layers")
+
+# `scan_layers=None` scans models with at least this many layers (see `ModelConfig.scanned`).
+SCAN_MIN_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; logits are always float32
     remat: str = "none"  # none | full | dots
     attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | reference
+    # Layers stacked and run by one lax.scan (True) or a Python loop (False); None: by depth
+    # (`scanned`). Changes the parameter layout (model/layout.py), not the model.
+    scan_layers: bool | None = None
 
     def __post_init__(self) -> None:
         checks = {
@@ -85,6 +91,8 @@ class ModelConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        if self.scan_layers not in (None, True, False):
+            raise ValueError(f"ModelConfig.scan_layers={self.scan_layers!r}; expected True, False or None (by depth)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
@@ -163,6 +171,16 @@ class ModelConfig:
         total += 0 if self.tie_embeddings else d * self.vocab_size
         total += self.max_positions * d if self.position == "learned" else 0
         return total
+
+    @property
+    def scanned(self) -> bool:
+        """Whether the layers are stacked and scanned: `scan_layers`, or when None, by depth.
+
+        Scanning makes compile time independent of depth (a 32-layer 8B step compiles in seconds
+        instead of minutes); for shallow models the Python loop compiles quickly anyway and runs
+        slightly faster on CPU (docs/training.md, "Scanned or unrolled layers").
+        """
+        return self.scan_layers if self.scan_layers is not None else self.n_layers >= SCAN_MIN_LAYERS
 
     @property
     def embed_multiplier(self) -> float:

@@ -226,12 +226,13 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
 def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
     """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
 
-    Params only: the optimizer state, step and data position start fresh.
+    Params only: the optimizer state, step and data position start fresh. Converted in either
+    layer layout, they are converted to this run's (`config.model.scan_layers`).
     """
     from flan_jax import convert
     from flan_jax.model.config import RUNTIME_FIELDS
 
-    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
+    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype, stacked=model_cfg.scanned)
     differing = {
         k: (v, model_cfg.to_dict().get(k))
         for k, v in converted_cfg.to_dict().items()
@@ -242,7 +243,7 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
             f"checkpoint.init_from={path}: its architecture differs from config.model "
             f"(field: (converted, config)): {differing}"
         )
-    loaded = nnx.to_pure_dict(params)
+    loaded = nnx.to_pure_dict(params)  # in this run's layer layout (stacked=)
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
