@@ -161,6 +161,12 @@ def test_layout_conversion_round_trips_exactly_for_params_optimizer_state_and_ab
     assert_trees_equal(jax.tree.map(np.asarray, back), host["params"])
     assert back["layers"]["mlp"]["up"]["kernel"].sharding == stacked.sharding
 
+    # A frozen slot's fingerprint (checked on resume) does not depend on the layout.
+    unrolled_params = layout.to_layout(state.params, stacked=False)
+    assert state_lib.fingerprint(state.params) == state_lib.fingerprint(unrolled_params)
+    changed = {**unrolled_params, "layers": {**unrolled_params["layers"], 2: jax.tree.map(lambda x: x + 1, unrolled_params["layers"][2])}}
+    assert state_lib.fingerprint(changed) != state_lib.fingerprint(unrolled_params)
+
 
 def _iterator():
     return iter(grain.MapDataset.range(100).map(lambda i: {"x": np.full((2,), i)}).to_iter_dataset())
