@@ -165,7 +165,6 @@ def _decode(
     *, steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
 ):
     model = nnx.merge(graphdef, state)
-    cfg = model.cfg
     batch, prompt_len = tokens.shape
     cache_len = prompt_len + steps
     slots = jnp.arange(cache_len)

@@ -39,8 +39,8 @@ import numpy as np
 from flax import nnx
 
 from flan_jax import sharding
-from flan_jax.model.causal_attention import causal_block_attention
 from flan_jax.model import layer_stack
+from flan_jax.model.causal_attention import causal_block_attention
 from flan_jax.model.config import ModelConfig
 from flan_jax.model.matmul import dense_dot
 
