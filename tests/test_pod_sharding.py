@@ -7,6 +7,10 @@ rematerialisation is read from the process's stderr (XLA logs it from C++, so `c
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -15,9 +19,9 @@ from flax import nnx
 from flan_jax import default_config, sharding
 from flan_jax import model as fm
 from flan_jax.train import aot, partitioning
+from tests import train_fakes
 
-CASES = [  # mesh (data, fsdp, tensor), family, scanned layers
-    ((2, 2, 2), "llama", True),
+CASES = [  # mesh (data, fsdp, tensor), family, scanned layers; (2, 2, 2) runs through benchmarks/aot_fit.py below
     ((4, 2, 1), "gpt2", False),  # learned position table: a second lookup
     ((1, 4, 2), "gemma", True),  # tied head: the embedding is also the output projection
 ]
@@ -68,6 +72,24 @@ def test_embedding_and_logits_compile_without_involuntary_rematerialisation_and_
     assert gathered.get("bf16", 0) > 0, report.collectives
     assert set(gathered) == {"bf16"}, gathered
     assert not report.replicated_large_leaves
+
+
+def test_the_aot_fit_benchmark_reports_bf16_gathers_and_no_remat_warning_on_a_2x2x2_mesh(tmp_path, capfd):
+    """benchmarks/aot_fit.py end to end (its child process's XLA log is read for the warning)."""
+    out = tmp_path / "aot.json"
+    done = subprocess.run([sys.executable, "benchmarks/aot_fit.py", "--rows=tiny:scanned", f"--json={out}"],
+                          cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = json.loads(out.read_text())
+    assert row["mesh"] == [2, 2, 2] and row["layout"] == "scanned" and row["compile_s"] > 0
+    assert row["involuntary_remat"] == 0
+    assert set(row["all_gathered_matrix_dtypes"]) == {"bf16"}, row["collectives"]
+    assert row["state_bytes_per_device"] == row["param_bytes_per_device"] + row["opt_bytes_per_device"] > 0
+    assert "| tiny |" in done.stdout and "| scanned | (2, 2, 2) |" in done.stdout
+
+    _compile_logits(_config((2, 2, 2), "llama", True))  # the plain forward on the same mesh
+    log = capfd.readouterr().err
+    assert aot.INVOLUNTARY_REMAT not in log
 
 
 def test_gradients_are_reduced_then_sliced_where_the_gpu_pipeline_forms_reduce_scatters():
