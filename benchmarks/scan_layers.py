@@ -1,7 +1,7 @@
 """Scanned vs unrolled layers on this machine: compile time and training throughput of the trainer's step.
 
     python benchmarks/scan_layers.py                        # demo, 7m, 8- and 16-layer presets, float32
-    python benchmarks/scan_layers.py --presets=demo --dtype=bfloat16 --windows=5
+    python benchmarks/scan_layers.py --presets=demo --dtype=bfloat16 --remat=full --windows=5
 
 The measurement behind `config.model.scan_layers=None` (scan from `SCAN_MIN_LAYERS` layers on,
 flan_jax/model/config.py). For each preset both layouts are built from the same seed with the
@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--presets", default="demo,7m,8l,16l")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--remat", default="none", help="none|dots|full")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3, help="interleaved windows per layout")
     args = parser.parse_args()
@@ -45,6 +46,7 @@ def main() -> None:
     rows = []
     for preset in args.presets.split(","):
         rows.extend(measure(preset, args))
+    print(f"{args.dtype} compute, remat {args.remat}")
     print(f"| preset | layers | layout | compile s | tokens/s (median of {args.windows} x {args.steps} steps) | scanned / unrolled |")
     print("|---|---:|---|---:|---:|---:|")
     for row in rows:
@@ -73,7 +75,8 @@ def measure(preset: str, args) -> list[dict]:
     runs = {}
     for layout in ("unrolled", "scanned"):
         config = default_config.get_config()
-        config.model.update(**shape, max_positions=seq_len, dtype=args.dtype, scan_layers=layout == "scanned")
+        config.model.update(**shape, max_positions=seq_len, dtype=args.dtype, remat=args.remat,
+                            scan_layers=layout == "scanned")
         config.data.seq_len, config.data.batch_size = seq_len, batch_size
         config.mesh.data = 1
         mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])

@@ -82,8 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     # reference: plain einsum + softmax (tests)
     model.attention = "xla"
     # Layers as one stacked block run by lax.scan (True: compile time independent of depth) or a
-    # Python loop (False); None: scanned from model.config.SCAN_MIN_LAYERS (8) layers on. The
-    # parameter layout follows; checkpoints in the other layout are converted when loaded.
+    # Python loop (False); None: scanned from 8 layers on, except on CPU with bf16 compute and no
+    # remat (flan_jax/model/config.py default_scan_layers: measured there). The parameter layout
+    # follows; checkpoints in the other layout are converted when loaded.
     model.scan_layers = ml_collections.config_dict.placeholder(bool)
 
     # ---------------------------------------------------------------- mesh

@@ -217,11 +217,18 @@ def test_a_checkpoint_restores_into_the_other_layout(tmp_path, saved_scan):
                  layout.to_layout(jax.tree.map(np.asarray, reference.params), stacked=not saved_scan))
 
 
-def test_scan_default_follows_depth_and_the_matmul_count_ignores_the_layer_axis():
-    from flan_jax.model.config import SCAN_MIN_LAYERS
+def test_scan_default_follows_the_measurements_and_the_matmul_count_ignores_the_layer_axis():
+    from flan_jax.model.config import SCAN_MIN_LAYERS, default_scan_layers
     from flan_jax.train import metrics
 
-    assert not fm.ModelConfig(n_layers=SCAN_MIN_LAYERS - 1).scanned and fm.ModelConfig(n_layers=SCAN_MIN_LAYERS).scanned
+    shallow, deep = fm.ModelConfig(n_layers=SCAN_MIN_LAYERS - 1), fm.ModelConfig(n_layers=SCAN_MIN_LAYERS)
+    for backend in ("cpu", "gpu", "tpu"):
+        assert not default_scan_layers(shallow, backend) and default_scan_layers(deep, backend)
+        assert default_scan_layers(deep.replace(dtype="bfloat16", remat="full"), backend)
+    # bf16 without remat: unrolled on CPU only (XLA:CPU's backward of a scanned bf16 step is slow).
+    assert not default_scan_layers(deep.replace(dtype="bfloat16"), "cpu")
+    assert default_scan_layers(deep.replace(dtype="bfloat16"), "gpu")
+    assert deep.scanned == default_scan_layers(deep, jax.default_backend())
     assert fm.ModelConfig(n_layers=2, scan_layers=True).scanned and not fm.ModelConfig(n_layers=40, scan_layers=False).scanned
     with pytest.raises(ValueError, match="scan_layers"):
         fm.ModelConfig(scan_layers="yes")

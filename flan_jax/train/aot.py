@@ -71,9 +71,16 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
 
     The batch holds the objective's features as [batch_size, seq_len] arrays (float32 for
     `*weights`, int32 otherwise), which is the SFT layout of docs/design.md §4.
+    `config.model.scan_layers=None` is resolved as on an accelerator (the CPU exception of
+    `default_scan_layers` is about running on CPU, not compiling for a pod).
     """
+    from flan_jax.model.config import default_scan_layers
+    from flan_jax.model.registry import config_from
     from flan_jax.train import loop, objectives, optimizer, partitioning, state as state_lib, step as step_lib
 
+    if "scan_layers" in config.model and config.model.scan_layers is None:  # as the target accelerator would pick
+        config = config.copy_and_resolve_references()
+        config.model.scan_layers = default_scan_layers(config_from(config.model), backend="accelerator")
     objective = objectives.get_objective(config)
     mesh = partitioning.make_mesh(config.mesh, devices)
     rules = partitioning.axis_rules(config.mesh)
