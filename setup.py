@@ -35,7 +35,11 @@ setuptools.setup(
     version="0.1.0",
     description="FLAN-style instruction tuning of language models in JAX/Flax.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    # The repository's `tasks/` (the built-in task modules) installs as `flan_jax_tasks`, the name
+    # `config.data.task_modules` imports, so it never collides with a user's own `tasks` package.
+    # (In a source checkout the `flan_jax_tasks` symlink gives it the same name.)
+    packages=[*setuptools.find_packages(include=["flan_jax", "flan_jax.*"]), "flan_jax_tasks"],
+    package_dir={"flan_jax_tasks": "tasks"},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

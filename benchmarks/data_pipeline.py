@@ -92,6 +92,7 @@ def _loader_run(config, tokenizer, examples: grain.MapDataset, num_examples: int
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    data.import_task_modules([data.BUILTIN_TASK_MODULE])
     mixture = data.get_mixture(FLAGS.mixture)
     stream = mixture.get_dataset(FLAGS.split, seed=FLAGS.seed, shuffle=True)
     if FLAGS.tokenizer:

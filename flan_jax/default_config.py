@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
     data.train_mixture = ""  # a registered task or mixture name (see tasks/)
-    data.task_modules = ()  # extra modules to import that register tasks outside tasks/ (e.g. "my_lab.tasks")
+    # Modules imported at start to register tasks and mixtures: the built-in ones (the repository's
+    # tasks/, installed as `flan_jax_tasks`) plus, e.g., a lab's own package. Replacing the tuple drops
+    # the built-ins: ("flan_jax_tasks", "my_lab.tasks") keeps both.
+    data.task_modules = ("flan_jax_tasks",)
     data.train_split = "train"
     data.seq_len = 512  # tokens per packed row
     data.batch_size = 8  # global rows per step, across all processes

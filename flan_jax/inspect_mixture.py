@@ -311,7 +311,7 @@ if __name__ == "__main__":
     from absl import app
 
     flags.DEFINE_string("mixture", None, "registered mixture or task", required=True)
-    flags.DEFINE_list("task_modules", [], "modules that register tasks first, as config.data.task_modules")
+    flags.DEFINE_list("task_modules", [data.BUILTIN_TASK_MODULE], "modules that register tasks, as config.data.task_modules")
     flags.DEFINE_integer("num_shots", 0, "few-shot exemplars before each prompt, as config.eval.num_shots")
     flags.DEFINE_enum("template_set", "train", ["train", "eval"], "training or evaluation (held-out) templates")
     flags.DEFINE_string("split", "train", "split to inspect")

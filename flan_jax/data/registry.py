@@ -571,7 +571,9 @@ def _resolve(target: str | Task | Mixture) -> Task | Mixture:
 # ---------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Task | Mixture] = {}
-_tasks_imported = False
+# The built-in task modules: the repository's tasks/, installed (and, in a source checkout,
+# symlinked) as this package. The default of config.data.task_modules.
+BUILTIN_TASK_MODULE = "flan_jax_tasks"
 
 
 class UnknownNameError(DataError, LookupError):
@@ -618,33 +620,17 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def _import_tasks() -> None:
-    """Imports the `tasks` package once, so that its modules register their tasks and mixtures."""
-    global _tasks_imported
-    if _tasks_imported:
-        return
-    _tasks_imported = True  # set first: tasks modules may call get() while being imported
-    try:
-        importlib.import_module("tasks")
-    except ModuleNotFoundError as error:
-        if error.name != "tasks":
-            _tasks_imported = False
-            raise
-        logging.info("no `tasks` package on the path; only explicitly registered tasks are known")
-    except BaseException:
-        _tasks_imported = False
-        raise
-
-
 def get(name: str) -> Task | Mixture:
     """The task or mixture registered under `name`; unknown names raise with close matches."""
-    if name not in _REGISTRY:
-        _import_tasks()
     try:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(_REGISTRY)} names are registered (data.list_names())"
+        hint = f"; did you mean {', '.join(close)}?" if close else (
+            f"; {len(_REGISTRY)} names are registered (data.list_names()). Tasks are registered by importing "
+            f"their modules: the built-in ones with data.import_task_modules([{BUILTIN_TASK_MODULE!r}]), "
+            "which the trainer does for config.data.task_modules"
+        )
         raise UnknownNameError(f"no task or mixture named {name!r}{hint}") from None
 
 
@@ -662,10 +648,11 @@ def get_mixture(name: str) -> Mixture:
 
 
 def import_task_modules(modules: Sequence[str]) -> None:
-    """Imports modules that register tasks/mixtures living outside `tasks/` (a lab's own package).
+    """Imports the modules that register tasks and mixtures (importing one twice is a no-op).
 
-    Configs name them in `config.data.task_modules`, like seqio's `--module_import`, so a run can
-    train on tasks this repository has never heard of.
+    Configs name them in `config.data.task_modules`, like seqio's `--module_import`: the built-in
+    tasks (`BUILTIN_TASK_MODULE`, the repository's tasks/) by default, and a lab's own package, so a
+    run can train on tasks this repository has never heard of. The registry itself imports nothing.
     """
     for module in modules:
         try:
@@ -679,6 +666,5 @@ def import_task_modules(modules: Sequence[str]) -> None:
 
 def list_names(kind: str | None = None) -> list[str]:
     """Sorted registered names; kind="task" or "mixture" to filter."""
-    _import_tasks()
     types = {None: (Task, Mixture), "task": (Task,), "mixture": (Mixture,)}[kind]
     return sorted(name for name, item in _REGISTRY.items() if isinstance(item, types))
