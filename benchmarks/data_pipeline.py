@@ -71,9 +71,9 @@ def measure_demo_trainer() -> float:
     """Tokens/s of the trainer's jitted step on configs/demo.py's model, batch and compute dtype (1 device)."""
     import train_throughput  # benchmarks/ is on sys.path when this file runs as a script
 
-    from flan_jax import demo
+    from flan_jax.cli import demo_config
 
-    config = demo.load_config(demo.DEMO_CONFIG)
+    config = demo_config.get_config()
     shape = dict(train_throughput.PRESETS["demo"])
     assert all(shape[k] == config.model[k] for k in ("vocab_size", "d_model", "n_layers", "d_ff")), "demo preset is stale"
     variant = "bf16" if config.model.dtype == "bfloat16" else "fp32"

@@ -2,7 +2,7 @@
 
 import logging
 import pickle
-import types
+import sys
 
 import pytest
 
@@ -173,6 +173,7 @@ def test_the_registry_imports_no_task_package_itself(clean_registry, monkeypatch
     """Built-in tasks come from config.data.task_modules (default: flan_jax_tasks), not a hidden import."""
     calls = []
     monkeypatch.setattr(registry.importlib, "import_module", lambda name: calls.append(name))
+    monkeypatch.delitem(sys.modules, registry.BUILTIN_TASK_MODULE, raising=False)
     saved = dict(registry._REGISTRY)
     registry._REGISTRY.clear()
     with pytest.raises(data.UnknownNameError, match=r"data.import_task_modules\(\['flan_jax_tasks'\]\)"):

@@ -18,7 +18,7 @@ Over-long examples (more than `seq_len` features) follow `overlong`:
               at its end and then gets no EOS (the model must not learn to stop mid-answer).
 
 Every truncation and drop is counted per task in `FeatureStats`, which the loader logs and checkpoints
-and `inspect_mixture` reports.
+and `python -m flan_jax.inspect_mixture` reports.
 """
 
 from __future__ import annotations

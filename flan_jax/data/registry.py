@@ -626,11 +626,12 @@ def get(name: str) -> Task | Mixture:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else (
-            f"; {len(_REGISTRY)} names are registered (data.list_names()). Tasks are registered by importing "
-            f"their modules: the built-in ones with data.import_task_modules([{BUILTIN_TASK_MODULE!r}]), "
-            "which the trainer does for config.data.task_modules"
-        )
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(_REGISTRY)} names are registered (data.list_names())"
+        if BUILTIN_TASK_MODULE not in sys.modules:
+            hint += (
+                f". The built-in tasks are not imported: data.import_task_modules([{BUILTIN_TASK_MODULE!r}]) "
+                "registers them (the trainer imports config.data.task_modules)"
+            )
         raise UnknownNameError(f"no task or mixture named {name!r}{hint}") from None
 
 
