@@ -68,6 +68,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                         help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
     parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+    parser.add_argument("--kernels", default="auto",
+                        help="comma list of config.model.kernels (auto, cpu, xla): one flan_jax row per choice")
     parser.add_argument("--grad_accum", type=int, default=1,
                         help="split every step's batch into this many micro-batches, for flan_jax "
                              "(optimizer.grad_accum_steps) and torch alike")
@@ -115,8 +117,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
-            rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat,
-                                     grad_accum=args.grad_accum))
+            for kernel_choice in args.kernels.split(","):
+                rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat,
+                                         grad_accum=args.grad_accum, kernels=kernel_choice))
     rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
 
@@ -206,7 +209,8 @@ def _best_flops(fn, flops: float, repeats: int = 5) -> float:
     return flops / best
 
 
-def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none", grad_accum: int = 1):
+def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none", grad_accum: int = 1,
+            kernels: str = "auto"):
     """The trainer's config for this shape; by default the attention kernel a user would pick here."""
     import jax
 
@@ -222,6 +226,7 @@ def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "no
         attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     config.model.attention = attention
     config.model.remat = remat
+    config.model.kernels = kernels
     config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
     config.optimizer.warmup_steps = 0
     config.optimizer.grad_accum_steps = grad_accum
@@ -250,16 +255,17 @@ def _timing(args: argparse.Namespace) -> dict:
 
 def run_flan_jax(
     shape: dict, variant: str, n_devices: int, *, steps: int = 10, warmup: int = 2, windows: int = 3,
-    attention: str = "auto", remat: str = "none", grad_accum: int = 1,
+    attention: str = "auto", remat: str = "none", grad_accum: int = 1, kernels: str = "auto",
 ) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
     from flax import nnx
 
     from flan_jax import model as model_lib
+    from flan_jax.model import kernels as kernels_lib
     from flan_jax.train import metrics, optimizer, partitioning, state as state_lib, step as step_lib
 
-    config = _config(shape, variant, attention, remat, grad_accum)
+    config = _config(shape, variant, attention, remat, grad_accum, kernels)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -290,6 +296,7 @@ def run_flan_jax(
         "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
         "attention": config.model.attention,
         "remat": config.model.remat,
+        "kernels": kernels_lib.resolve(config.model.kernels),
         "grad_accum": grad_accum,
         "devices": n_devices,
         "tokens_per_sec": tokens_per_sec,
@@ -437,7 +444,7 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
         if datasheet_peak and r["variant"] == "bf16":
             r["mfu"] = r["flops_per_sec"] / (datasheet_peak / len(jax.devices()) * r["devices"])
             mfu = f"{100 * r['mfu']:.0f}%"
-        name = r["name"] + (f" ({r['attention']} attention{', remat ' + r['remat'] if r['remat'] != 'none' else ''})" if "attention" in r else "")
+        name = r["name"] + (f" ({r['attention']} attention, {r['kernels']} kernels{', remat ' + r['remat'] if r['remat'] != 'none' else ''})" if "attention" in r else "")
         print(
             f"| {name} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
             f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / dtype_ceiling:.0f}% | "

@@ -79,11 +79,15 @@ def get_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)
-    # xla: jax.nn.dot_product_attention's XLA path, and for causal training batches a blocked
-    #      version that skips the masked upper triangle (faster on CPU, see docs/training.md)
+    # xla: jax.nn.dot_product_attention's XLA path (with the "cpu" kernels below, causal training
+    #      batches take a blocked version that skips the masked upper triangle, see docs/training.md)
     # cudnn: jax.nn.dot_product_attention with cuDNN flash attention (use this on NVIDIA GPUs)
     # reference: plain einsum + softmax (tests)
     model.attention = "xla"
+    # auto: the hand-written CPU kernels (custom-VJP matmuls, blocked causal attention, RoPE tables
+    # once per step; flan_jax/model/kernels) on a CPU backend, the plain XLA formulation on GPU/TPU;
+    # cpu | xla: force one (both compute the same model; benchmarks/RESULTS.md measures them).
+    model.kernels = "auto"
 
     # ---------------------------------------------------------------- mesh
     config.mesh = mesh = ml_collections.ConfigDict()

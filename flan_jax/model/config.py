@@ -23,7 +23,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
 
 # Fields that say how to run a model rather than what the model is: an experiment config may
 # change them for a converted checkpoint (see `ModelConfig.with_runtime`).
-RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention")
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "kernels")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; logits are always float32
     remat: str = "none"  # none | full | dots
     attention: str = "xla"  # xla | cudnn (jax.nn.dot_product_attention) | reference
+    kernels: str = "auto"  # auto | cpu | xla: hand-tuned CPU kernels or plain XLA (flan_jax/model/kernels)
 
     def __post_init__(self) -> None:
         checks = {
@@ -79,6 +80,7 @@ class ModelConfig:
             "rope_scaling": (self.rope_scaling, ("none", "llama3", "linear")),
             "remat": (self.remat, ("none", "full", "dots")),
             "attention": (self.attention, ("xla", "cudnn", "reference")),
+            "kernels": (self.kernels, ("auto", "cpu", "xla")),
             "param_dtype": (self.param_dtype, ("float32", "bfloat16", "float16")),
             "dtype": (self.dtype, ("float32", "bfloat16", "float16")),
         }

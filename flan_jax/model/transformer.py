@@ -30,9 +30,11 @@ import numpy as np
 from flax import nnx
 
 from flan_jax import sharding
-from flan_jax.model.causal_attention import causal_block_attention
+from flan_jax.model import kernels
 from flan_jax.model.config import ModelConfig
-from flan_jax.model.matmul import dense_dot
+from flan_jax.model.kernels import rope as rope_kernels
+from flan_jax.model.kernels.causal_attention import causal_block_attention
+from flan_jax.model.kernels.matmul import dense_dot
 
 # One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim].
 LayerCache = tuple[jax.Array, jax.Array]
@@ -54,6 +56,7 @@ class Dense(nnx.Module):
     def __init__(self, in_shape, out_shape, axes, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
         self.n_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.kernel_choice = cfg.kernels
         init = nnx.initializers.normal(cfg.init_std)
         self.kernel = _param(rngs, init, (*in_shape, *out_shape), axes, cfg)
         if use_bias:
@@ -63,7 +66,7 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype)
+        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype, kernels.resolve(self.kernel_choice))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -118,50 +121,9 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
 
 
 def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, L, head_dim] for the given per-token positions.
-
-    cos and sin are the two iterations of a `lax.map`. A loop body is a fusion boundary, so XLA
-    writes each table once into a buffer. Left to XLA's CPU fusion, the float32 cos/sin were
-    re-evaluated inside every consumer: per head, for q and k, forward and backward, in every
-    layer (~10% of a float32 7M-parameter training step; docs/training.md, "CPU performance").
-    `lax.optimization_barrier` does not prevent that: XLA strips it before fusing. The loop runs
-    over a new leading axis, so the batch dimension keeps its sharding.
-    """
+    """cos, sin of shape [B, L, head_dim] for the given per-token positions (kernels/rope.py)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
-    cos, sin = jax.lax.map(lambda i: jax.lax.switch(i, (jnp.cos, jnp.sin), freqs), jnp.arange(2))
-    # Both halves of the rotate-half tables carry the same angles.
-    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
-
-
-@jax.custom_vjp
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, L, heads, head_dim] (the layout of HF Llama checkpoints).
-
-    RoPE is a rotation, so its gradient is the inverse rotation: RoPE with -sin (both halves of
-    the tables carry the same angles, see rope_angles). Written out because autodiff of the
-    rotate-half concatenation pads and adds each half separately, with a bf16 rounding after
-    every step; cos and sin come from integer positions and get no gradient.
-    """
-    return _rotate(x, cos, sin)
-
-
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def _apply_rope_fwd(x, cos, sin):
-    return _rotate(x, cos, sin), (cos, sin)
-
-
-def _apply_rope_bwd(residuals, d_out):
-    cos, sin = residuals
-    return _rotate(d_out, cos, -sin), None, None
-
-
-apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+    return rope_kernels.tables(freqs, kernels.resolve(cfg.kernels))
 
 
 # ---------------------------------------------------------------------- attention mask
@@ -215,8 +177,9 @@ class Attention(nnx.Module):
         q = sharding.constrain(self.q(x), ("batch", "length", "act_heads", None))
         k = sharding.constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
         v = sharding.constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
+        impl = kernels.resolve(cfg.kernels)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = rope_kernels.apply(q, *rope, impl), rope_kernels.apply(k, *rope, impl)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
@@ -224,7 +187,7 @@ class Attention(nnx.Module):
             cache = (k, v)
         if cfg.attention == "reference":
             out = reference_attention(q, k, v, mask)
-        elif cfg.attention == "xla" and causal and cache is None:
+        elif cfg.attention == "xla" and causal and cache is None and impl == "cpu":
             # Faster than jax.nn.dot_product_attention's XLA path on CPU (see docs/training.md).
             out = causal_block_attention(q, k, v, mask)
         else:
