@@ -20,8 +20,9 @@ $(VENV)/.test-installed: setup.py
 	$(PY) -m pip install -q -e ".[all]"
 	touch $(VENV)/.demo-installed $@
 
+# FLAN_JAX_TUNED_MALLOC=1: the opt-in glibc malloc tunables for CPU runs (docs/training.md).
 demo: $(VENV)/.demo-installed
-	$(PY) -m flan_jax.demo --workdir=$(WORKDIR)
+	FLAN_JAX_TUNED_MALLOC=1 $(PY) -m flan_jax.demo --workdir=$(WORKDIR)
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -171,5 +171,5 @@ if __name__ == "__main__":
     # The train-step baseline runs as the trainer does (flan_jax/host_memory.py).
     from flan_jax import host_memory
 
-    host_memory.reexec_with_tuned_malloc()
+    host_memory.reexec_with_tuned_malloc(default=True)
     app.run(main)

@@ -22,10 +22,11 @@ With --grad_accum=N both sides run each step as N micro-batches with summed grad
 `optimizer.grad_accum_steps`; torch: N forward/backward passes before the update). On this CPU one
 pass is the fastest for both since the malloc reuse tunables below (benchmarks/RESULTS.md, run 22).
 
-Environment: the script re-runs itself with the glibc malloc tunables of the flan_jax launchers
-(flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; `FLAN_JAX_TUNED_MALLOC=0`
-turns them off), and measures the torch rows in a child process with the reuse tunables but
-without huge pages, torch's fastest setting on this CPU.
+Environment: the script re-runs itself with the glibc malloc tunables the flan_jax launchers use
+when opted in (flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; the
+benchmark opts in for both sides, `FLAN_JAX_TUNED_MALLOC=0` turns them off), and measures the
+torch rows in a child process with the reuse tunables but without huge pages, torch's fastest
+setting on this CPU.
 
 Steps are timed after `--warmup` steps (compilation) in `--windows` windows of `--steps` steps, each
 with one host sync at its end as the trainer does between log steps; every row reports its fastest
@@ -93,7 +94,7 @@ def main() -> None:
     # The flan_jax rows run as `python -m flan_jax.train` would: with its glibc malloc tunables
     # (flan_jax/host_memory.py). The torch rows run in a child process with the reuse tunables
     # but without huge pages, torch's fastest setting on this CPU: each side gets its best.
-    host_memory.reexec_with_tuned_malloc()
+    host_memory.reexec_with_tuned_malloc(default=True)
     on_cpu = not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
     if on_cpu and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
@@ -418,7 +419,7 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
 
     if host_memory.tuned():
         print(
-            f"flan_jax rows with GLIBC_TUNABLES={':'.join(host_memory.TUNABLES)} (as the flan_jax launchers run); "
+            f"flan_jax rows with GLIBC_TUNABLES={':'.join(host_memory.TUNABLES)} (as the flan_jax launchers run with FLAN_JAX_TUNED_MALLOC=1); "
             f"torch rows in a child process without {host_memory.HUGE_PAGES} (torch's faster setting on CPU)"
         )
     print(
