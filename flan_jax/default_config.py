@@ -128,7 +128,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000
     train.log_every = 10
-    train.on_nonfinite = "stop"  # stop | skip (skip the update, count it)
+    train.on_nonfinite = "stop"  # stop | skip (skip the update, count it; bounded by the two limits below)
+    train.max_consecutive_skips = 10  # "skip": stop after more consecutive skipped updates than this (0: no limit)
+    train.max_skipped_steps = 100  # "skip": stop after more skipped updates in all than this (0: no limit)
+    # A resume whose config changes what the run computes (learning rate, schedule, num_steps,
+    # grad accumulation, loss, dtypes, ...) is refused unless this is True; the changes are then
+    # logged and recorded in metrics.jsonl. Architecture / batch / data-stream changes are always
+    # refused (flan_jax/train/config_change.py).
+    train.allow_config_change = False
     train.progress_bar = True
     # Peak FLOP/s of one device for the MFU estimate; 0: known accelerators from a table, on CPU a
     # dense matmul measured at start; -1: do not report MFU.

@@ -8,7 +8,8 @@ config supplies what to evaluate and how (the `eval` section, `data.seq_len`, `d
 Without --config the config saved in the evaluated checkpoint (DIR/checkpoints/<N>/config) is
 used, i.e. the one the run was trained with at that step. Results go to DIR/eval/
 (step_<N>.json, step_<N>.md, predictions_<N>.jsonl; few-shot ones end in _<k>shot), and the
-table is printed.
+table is printed. A `--step` that is not (or no longer: `checkpoint.keep`) in the workdir, or a
+checkpoint that fails its checksums, exits with status 4 and says so.
 """
 
 from __future__ import annotations
@@ -38,10 +39,15 @@ def main(argv: list[str]) -> None:
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.eval import report
     from flan_jax.eval.evaluator import evaluate
+    from flan_jax.train import exit_codes, integrity
     from flan_jax.train.checkpointing import load_model
 
     workdir = _FLAGS["workdir"].value
-    model, run_config, step = load_model(workdir, step=_FLAGS["step"].value)
+    try:
+        model, run_config, step = load_model(workdir, step=_FLAGS["step"].value)
+    except (FileNotFoundError, integrity.ChecksumMismatchError) as error:  # a removed or corrupt checkpoint
+        logging.error("%s", error)
+        sys.exit(int(exit_codes.ExitCode.NO_USABLE_CHECKPOINT))
     config = _FLAGS["config"].value if _FLAGS["config"].value is not None else run_config
     data.import_task_modules(tuple(run_config.data.get("task_modules", ())) + tuple(config.data.get("task_modules", ())))
     if not config.eval.mixtures:

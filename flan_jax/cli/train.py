@@ -3,8 +3,11 @@
 Any config field can be overridden with `--config.<section>.<field>=value`; the config is locked,
 so a misspelt field stops the command at once with the field name and a suggestion. Re-running
 the same command with the same workdir resumes from the latest checkpoint.
-Exit status: 0 when done or preempted (SIGTERM: checkpoint saved), 1 on a non-finite loss in
-"stop" mode, 2 on a bad command line.
+Exit status (flan_jax/train/exit_codes.py): 0 done or preempted (SIGTERM: checkpoint saved),
+1 unexpected error (traceback), 2 bad command line, 3 non-finite loss (or "skip" past its limits),
+4 no usable checkpoint (all corrupt or unreadable), 5 config differs from the checkpoint's, 6 workdir
+locked by another trainer, 7 disk full, 8 checkpoint save failed. Each failure but 1 prints one
+message saying what happened and what to do.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from flan_jax import cli, host_memory
+from flan_jax.train import preemption
 
 _FLAGS: dict = {}
 
@@ -57,18 +61,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").addFilter(_quiet_orbax)
-    from flan_jax.train import loop
+    from flan_jax.train import exit_codes, loop
 
     try:
         loop.train(config, workdir)
-    except loop.NonFiniteError as error:
-        logging.error("%s", error)
-        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 (classified; anything unclassified re-raised with its traceback)
+        code = exit_codes.exit_code_for(error)
+        if code == exit_codes.ExitCode.UNEXPECTED:
+            raise
+        prefix = "Disk full: " if code == exit_codes.ExitCode.DISK_FULL else ""
+        logging.error("%s%s (exit status %d: %s)", prefix, error, code, code.name)
+        sys.exit(int(code))
     print(f"workdir: {workdir}")
 
 
 def run() -> None:
     host_memory.reexec_with_tuned_malloc()
+    preemption.install_early_sigterm_handler()  # before the slow imports: an early SIGTERM exits 0 too
     cli.define_main_flags(define_flags)
     app.run(main, flags_parser=parse_flags)
 

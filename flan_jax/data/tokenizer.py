@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -238,12 +237,11 @@ def mixture_texts(mixture: str, *, split: str = "train", num_examples: int, seed
 
 
 def write_atomically(path: pathlib.Path, content: bytes) -> None:
-    """Writes `content` so that a reader never sees a half-written file (rename is atomic)."""
+    """Writes `content` so that neither a reader nor a crash sees a half-written file (flan_jax/atomic_write.py)."""
+    from flan_jax import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", delete=False) as handle:
-        handle.write(content)
-        temporary = handle.name
-    os.replace(temporary, path)
+    atomic_write.write_bytes(path, content)
 
 
 # --------------------------------------------------------------------------- loading

@@ -2,16 +2,21 @@
 
 Read top to bottom; the pieces it wires live beside it (partitioning, optimizer, losses, step,
 checkpointing, metrics). Hooks run at step boundaries in this order: log, evaluate, checkpoint,
-preemption. A restart with the same workdir resumes from the newest readable checkpoint and
+preemption. A restart with the same workdir resumes from the newest usable checkpoint and
 continues bit for bit (same batches, same RNG, same compiled step).
+
+Run safety, in the order it happens: the SIGTERM handler is installed first (a preemption during
+start-up is honoured too), the workdir is locked (workdir_lock.py), the checkpoint's checksums
+and config are checked before it is restored (integrity.py, config_change.py), and only then is
+DIR/config.json written (atomically). Failures raise the RunErrors of exit_codes.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -21,8 +26,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from flan_jax import atomic_write
 from flan_jax.train import (
     checkpointing,
+    config_change,
     metrics as metrics_lib,
     objectives,
     optimizer,
@@ -30,22 +37,58 @@ from flan_jax.train import (
     state as state_lib,
     step as step_lib,
 )
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradients became NaN/inf and `config.train.on_nonfinite` is "stop"."""
+from flan_jax.train.exit_codes import ConfigMismatchError, NonFiniteError, WorkdirLockedError  # noqa: F401  (NonFiniteError: re-exported)
+from flan_jax.train.nonfinite import NonfiniteGuard
+from flan_jax.train.preemption import PreemptionWatcher
+from flan_jax.train.workdir_lock import WorkdirLock
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-    check_config(config)
-    maybe_initialize_distributed(config.distributed)
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
+    Ends with a `RunError` (exit_codes.py) when the run cannot go on: non-finite loss, no usable
+    checkpoint, a refused config change, a locked workdir, a failed save.
+    """
+    preemption = PreemptionWatcher()  # before anything slow: SIGTERM during start-up is honoured
+    try:
+        check_config(config)
+        maybe_initialize_distributed(config.distributed)
+        workdir = epath.Path(workdir)
+        with lock_workdir(workdir):
+            return _train(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: epath.Path):
+    """Process 0 holds the workdir lock for the run; every process stops if it is taken."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(error is None)) and error is None:
+            error = WorkdirLockedError(f"Process 0 found the workdir {workdir} locked by another trainer (see its log)")
+    if error is not None:
+        raise error
+    try:
+        if lock is not None:
+            atomic_write.remove_stale_temporaries(workdir)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: PreemptionWatcher) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.axis_rules(config.mesh)
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -69,7 +112,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
 
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter)
+    config_changes: dict[str, list] = {}
+
+    def check_resume(saved_config: dict, name: str) -> None:
+        config_changes.update(config_change.check_resume(
+            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
+            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
+        ))
+
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
     resumed = state is not None
     if state is None:
         state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
@@ -79,12 +130,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if resumed:
         check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
     start_step = int(state.step)
+    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
+        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
     n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
     flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
-    preemption = PreemptionWatcher()
+    guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
     def evaluate(step: int) -> dict | None:
@@ -94,6 +147,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     eval_results = None
     try:
         with jax.set_mesh(mesh):
+            if preemption.requested_before_start(start_step):
+                return logged
             if start_step == 0 and config.eval.at_start:
                 evaluate(0)
             for step in range(start_step + 1, num_steps + 1):
@@ -101,14 +156,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 if step == start_step + 1:
                     step_lib.check_batch(batch, config, mesh, objective)
                 state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
+                guard.record(step_metrics)
+                checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
                 if step == start_step + 1:  # throughput excludes the compiling first step
                     reporter.restart_timer(step, step_metrics)
 
                 last = step == num_steps
                 if step % config.train.log_every == 0 or last:
                     values = jax.device_get(step_metrics)
-                    stop_if_nonfinite(values, config, checkpoints)
-                    logged = reporter.log(step, values, extra=data_counts(data_iter))
+                    guard.check(checkpoints)
+                    extra = data_counts(data_iter)
+                    if config_changes and not logged:  # the first record after a resume that changed the config
+                        extra["config_changes"] = config_changes
+                    logged = reporter.log(step, values, extra=extra)
 
                 eval_due = bool(config.eval.mixtures) and (
                     (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
@@ -117,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     eval_results = evaluate(step)
                 ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
                 if ckpt_due:
-                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    guard.check(checkpoints)
                     checkpoints.save(
                         step, state, data_iter, config,
                         metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=frozen_fingerprints,
@@ -126,14 +186,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     reporter.restart_timer(step, state.step)
                 if preemption.requested(step, config.train.log_every):
                     logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    guard.check(checkpoints)
                     checkpoints.save(step, state, data_iter, config, frozen_fingerprints=frozen_fingerprints)
                     break
     finally:
-        preemption.close()
-        checkpoints.close()  # waits for pending async saves
-        reporter.close()
+        try:
+            checkpoints.close()  # waits for pending async saves (and writes their checksums)
+        finally:
+            reporter.close()
     return logged
+
+
+def _default_config_dict() -> dict:
+    from flan_jax import default_config
+
+    return checkpointing.config_to_dict(default_config.get_config())
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -216,7 +283,7 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
     saved = checkpoints.frozen_fingerprints(step)
     differing = sorted(slot for slot in set(saved) | set(fingerprints) if saved.get(slot) != fingerprints.get(slot))
     if differing:
-        raise ValueError(
+        raise ConfigMismatchError(
             f"Checkpoint step {step} in {checkpoints.directory} was trained against other frozen parameters "
             f"(slots {differing}: saved {[saved.get(s) for s in differing]}, now {[fingerprints.get(s) for s in differing]}). "
             "Did checkpoint.init_from or the seed change? Resume with the original ones or use another --workdir."
@@ -303,54 +370,6 @@ def best_metric(eval_results: dict | None, config, eval_ran_now: bool) -> dict |
     if name not in summary:
         raise KeyError(f"config.checkpoint.keep_best_metric={name!r} is not an eval summary key: {sorted(summary)}")
     return {name: float(summary[name])}
-
-
-def stop_if_nonfinite(values: dict, config, checkpoints: checkpointing.Checkpointer) -> None:
-    """In "stop" mode, ends the run at the first non-finite step (no checkpoint is written after it)."""
-    bad_step = int(values["first_nonfinite_step"])
-    if config.train.on_nonfinite != "stop" or bad_step < 0:
-        return
-    checkpoints.wait()
-    raise NonFiniteError(
-        f"Non-finite loss or gradients at step {bad_step}; stopping (config.train.on_nonfinite='stop'). "
-        f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; "
-        "set on_nonfinite='skip' to skip such updates instead."
-    )
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM into a request to checkpoint and exit cleanly at the next step boundary.
-
-    With several processes the flag is agreed on at log steps (an all-gather), so every process
-    saves at the same step.
-    """
-
-    def __init__(self):
-        self._flag = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker)
-            logging.warning("SIGTERM handler not installed (not on the main thread)")
-
-    def close(self) -> None:
-        """Restores the previous handler (train() may run inside a longer-lived process)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self._flag = True
-
-    def requested(self, step: int, every: int) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
 
 
 def maybe_initialize_distributed(dist_config: Any) -> None:

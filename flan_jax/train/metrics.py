@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from flan_jax import atomic_write
 
 # Dense bf16 peak FLOP/s per chip for common accelerators (vendor numbers, no sparsity).
 _PEAK_FLOPS = {
@@ -106,7 +109,11 @@ def peak_flops(configured_per_device: float, compute_dtype: str = "float32") -> 
 
 
 def truncate_jsonl(path: epath.Path, last_step: int) -> None:
-    """Drops entries logged after `last_step` (a run resumed from it will log them again)."""
+    """Drops entries logged after `last_step` (a run resumed from it will log them again).
+
+    The file is replaced atomically (atomic_write): a kill during the rewrite of a long history
+    leaves the old file, never a truncated one.
+    """
     if not path.exists():
         return
     kept = []
@@ -119,7 +126,7 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             # A line cut by a crash mid-write: it is past every complete entry, so it goes.
             logging.warning("Dropping an unreadable metrics.jsonl line: %r", line[:200])
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsWriter:
@@ -138,7 +145,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON: a NaN/inf is written as null (skipped_steps counts the step in "skip" mode).
+        self._file.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self._file.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -167,6 +175,17 @@ def _summary_writer_class():
     finally:
         del sys.modules["torch"]
     return SummaryWriter
+
+
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
