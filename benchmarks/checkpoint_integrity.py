@@ -34,7 +34,7 @@ def measure(preset: str, repeats: int) -> dict:
     from flax import nnx
 
     from flan_jax import default_config, model as model_lib
-    from flan_jax.train import checkpointing, integrity, optimizer, partitioning, step as step_lib
+    from flan_jax.train import checkpointing, integrity, optimizer, partitioning, state as state_lib
 
     config = default_config.get_config()
     config.model.update(**PRESETS[preset])
@@ -42,11 +42,11 @@ def measure(preset: str, repeats: int) -> dict:
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
     rules = partitioning.axis_rules(config.mesh)
     cfg = model_lib.ModelConfig.from_config(config.model)
-    parts = step_lib.ModelParts(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    parts = state_lib.ModelParts(lambda: model_lib.Transformer(cfg, rngs=nnx.Rngs(0)), mesh, rules)
     tx, _ = optimizer.make_optimizer(config.optimizer, 1000)
-    shardings = step_lib.state_shardings(parts, tx, mesh)
-    state = step_lib.init_state(parts, tx, shardings, 0, mesh)
-    abstract = step_lib.abstract_state(parts, tx, shardings, 0)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
+    abstract = state_lib.abstract_state(parts, tx, shardings, 0)
 
     def iterator():
         return iter(grain.MapDataset.range(10_000).map(lambda i: {"x": np.full((2,), i)}).to_iter_dataset())

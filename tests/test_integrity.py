@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flan_jax.train import checkpointing, exit_codes, integrity, optimizer, partitioning, step
+from flan_jax.train import checkpointing, exit_codes, integrity, optimizer, partitioning, state as state_lib
 from tests import train_fakes
 
 
@@ -21,9 +21,9 @@ def _iterator():
 
 def _parts(config):
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
-    parts = step.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh))
+    parts = state_lib.ModelParts(lambda: train_fakes.TinyLM(rngs=nnx.Rngs(0)), mesh, partitioning.axis_rules(config.mesh))
     tx, _ = optimizer.make_optimizer(config.optimizer, 10)
-    return mesh, parts, tx, step.state_shardings(parts, tx, mesh)
+    return mesh, parts, tx, state_lib.state_shardings(parts, tx, mesh)
 
 
 def _save(workdir, steps, *, async_save=True):
@@ -31,14 +31,14 @@ def _save(workdir, steps, *, async_save=True):
     config = train_fakes.tiny_config()
     config.checkpoint.async_save = async_save
     mesh, parts, tx, shardings = _parts(config)
-    state = step.init_state(parts, tx, shardings, 0, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     ckpt = checkpointing.Checkpointer(workdir, config.checkpoint)
     it = _iterator()
     for s in steps:
         next(it)
-        ckpt.save(s, {**state, "params": jax.tree.map(lambda p: p * s, state["params"])}, it, config)
+        ckpt.save(s, state.replace(params=jax.tree.map(lambda p: p * s, state.params)), it, config)
     ckpt.close()
-    return config, step.abstract_state(parts, tx, shardings, seed=0)
+    return config, state_lib.abstract_state(parts, tx, shardings, seed=0)
 
 
 def _flip_a_bit(directory):
@@ -71,8 +71,8 @@ def test_a_flipped_bit_is_caught_the_checkpoint_moved_aside_and_the_previous_one
         restored = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, _iterator())
     assert "checksum mismatch" in caplog.text and os.path.relpath(flipped, tmp_path / "checkpoints" / "4") in caplog.text
     mesh, parts, tx, shardings = _parts(config)
-    step_2_params = jax.tree.map(lambda p: np.asarray(p) * 2, step.init_state(parts, tx, shardings, 0, mesh)["params"])
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored["params"]), step_2_params)
+    step_2_params = jax.tree.map(lambda p: np.asarray(p) * 2, state_lib.init_state(parts, tx, shardings, 0, mesh).params)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored.params), step_2_params)
     assert not (tmp_path / "checkpoints" / "4").exists()
     (moved,) = (tmp_path / "checkpoints_corrupt").iterdir()
     assert moved.name.startswith("4-")
@@ -82,11 +82,11 @@ def test_without_checksums_the_same_flip_restores_silently(tmp_path):
     """Why the checksums exist: Orbax alone restores the flipped bit as a changed parameter."""
     config, abstract = _save(tmp_path, [4])
     clean = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, _iterator())
-    clean = jax.tree.map(np.asarray, clean["params"])
+    clean = jax.tree.map(np.asarray, clean.params)
     _flip_a_bit(tmp_path / "checkpoints" / "4" / "params")
     (tmp_path / "checkpoints" / "4" / integrity.MANIFEST).unlink()  # as a checkpoint of an older flan_jax
     restored = checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(abstract, _iterator())
-    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(restored["params"]))]
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(clean), jax.tree.leaves(restored.params))]
     assert sum(changed) == 1
 
 
@@ -118,7 +118,7 @@ def test_a_failed_async_save_is_reported_at_the_next_poll(tmp_path, monkeypatch)
 
     config = train_fakes.tiny_config()
     mesh, parts, tx, shardings = _parts(config)
-    state = step.init_state(parts, tx, shardings, 0, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
     ckpt = checkpointing.Checkpointer(tmp_path, config.checkpoint)
     monkeypatch.setattr(async_path, "rename", no_space)
     ckpt.save(2, state, _iterator(), config)

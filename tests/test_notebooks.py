@@ -159,6 +159,6 @@ def test_evaluate_cli_on_the_workdir(small_workdir, user_tasks_dir):
     assert misspelt.returncode != 0 and "max_new_tokenz" in misspelt.stderr
 
     # A step that is not (or no longer) in the workdir: one clear line, exit 4, no traceback.
-    removed = subprocess.run([*command[:4], "--step=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    removed = subprocess.run([*command[:5], "--step=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert removed.returncode == 4 and "Traceback" not in removed.stderr
     assert "no checkpoint of step 1" in removed.stderr and "retention removed it" in removed.stderr

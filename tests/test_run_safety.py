@@ -2,7 +2,6 @@
 SIGTERM during start-up; and, in process, the skip limits and refused config changes."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

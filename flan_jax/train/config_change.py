@@ -4,8 +4,8 @@ Re-running the training command on a workdir continues the run in the checkpoint
 saved with it. Every field that differs is logged, and each falls in one of three kinds:
 
   free          how the run is executed or observed, not what it computes: logging, progress,
-                checkpoint cadence and retention, evaluation, mesh and multi-host settings, and
-                the model's remat / attention / kernels (same model, other kernels);
+                checkpoint cadence and retention, evaluation, mesh and multi-host settings, the
+                model's remat / attention / kernels (same model, other kernels) and init_std;
   meaning       fields that change what the run computes from here on (learning rate, schedule,
                 warmup, number of steps (the schedule's length), gradient accumulation, optimizer,
                 loss, compute and parameter dtypes, non-finite policy, data rendering switches):
@@ -32,6 +32,9 @@ FREE = (
     "train.log_every", "train.progress_bar", "train.peak_flops_per_device", "train.allow_config_change",
     "checkpoint.", "eval.", "mesh.", "distributed.", "data.task_modules",
     "model.remat", "model.attention", "model.kernels",
+    # Only the initialisation reads it, which a resume does not redo (frozen slots rebuilt from it
+    # are checked by their fingerprints, train/state.py).
+    "model.init_std",
 )
 INCOMPATIBLE = (
     "seed", "data.batch_size", "data.seq_len", "data.pack", "data.worker_count", "data.num_packing_bins",

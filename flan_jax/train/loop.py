@@ -52,7 +52,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     preemption = PreemptionWatcher()  # before anything slow: SIGTERM during start-up is honoured
     try:
         check_config(config)
-        maybe_initialize_distributed(config.distributed)
+        if maybe_initialize_distributed(config.distributed):
+            preemption.reinstall()  # jax.distributed installs a SIGTERM handler of its own: take it back
         workdir = epath.Path(workdir)
         with lock_workdir(workdir):
             return _train(config, workdir, preemption)
@@ -372,15 +373,15 @@ def best_metric(eval_results: dict | None, config, eval_ran_now: bool) -> dict |
     return {name: float(summary[name])}
 
 
-def maybe_initialize_distributed(dist_config: Any) -> None:
+def maybe_initialize_distributed(dist_config: Any) -> bool:
     """`jax.distributed.initialize` from config.distributed, or from JAX_COORDINATOR_ADDRESS & co.
 
     Must run before anything touches a jax backend. On CPU the cross-process collectives go
-    through gloo.
+    through gloo. Returns whether it initialised it now.
     """
     from_env = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if not (dist_config.initialize or from_env) or jax.distributed.is_initialized():
-        return
+        return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {}
     address = dist_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
@@ -394,3 +395,4 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
         kwargs["process_id"] = process_id
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+    return True

@@ -47,6 +47,13 @@ class PreemptionWatcher:
             self._previous = _EARLY_SIGTERM["previous"]  # close() restores what was there before the launcher
             _EARLY_SIGTERM.update(installed=False, requested=False, previous=None)
 
+    def reinstall(self) -> None:
+        """Takes SIGTERM back after something replaced the handler (jax.distributed's preemption notifier)."""
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            pass
+
     def close(self) -> None:
         """Restores the previous handler (train() may run inside a longer-lived process)."""
         if self._previous is not None:
