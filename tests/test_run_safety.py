@@ -27,7 +27,8 @@ def _steps(workdir):
 def test_a_second_trainer_on_a_busy_workdir_exits_at_once_and_the_first_is_untouched(tmp_path, tokenizer_path, cache_dir):
     env = train_fakes.subprocess_env(cache_dir)
     command = _command(tmp_path, tokenizer_path, train__num_steps=100_000, checkpoint__every_steps=1000, train__log_every=5)
-    first = subprocess.Popen(command, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(tmp_path.parent / f"{tmp_path.name}-first.log", "w")  # a file: a full pipe would stall the trainer
+    first = subprocess.Popen(command, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 240
         while len(_steps(tmp_path)) < 2 and first.poll() is None and time.monotonic() < deadline:
@@ -35,9 +36,11 @@ def test_a_second_trainer_on_a_busy_workdir_exits_at_once_and_the_first_is_untou
         second = subprocess.run(command, cwd=train_fakes.ROOT, env=env, capture_output=True, text=True, timeout=240)
         assert first.poll() is None, "the first trainer ended before the second one finished"
         first.send_signal(signal.SIGTERM)  # the first one then checkpoints and exits 0
-        _, first_err = first.communicate(timeout=240)
+        first.wait(timeout=240)
     finally:
         first.kill()
+        log.close()
+    first_err = open(log.name).read()
     assert second.returncode == exit_codes.ExitCode.WORKDIR_LOCKED, second.stderr[-3000:]
     assert f"in use by another trainer: pid {first.pid} on host" in second.stderr
     assert "Traceback" not in second.stderr
@@ -45,17 +48,6 @@ def test_a_second_trainer_on_a_busy_workdir_exits_at_once_and_the_first_is_untou
     logged = _steps(tmp_path)
     assert logged == list(range(5, 5 * len(logged) + 1, 5))  # every step logged once, by the first trainer only
     assert (tmp_path / "lock").read_text() == ""
-    last = int(max(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()))
-
-    # A restart that changes the learning rate is refused (exit 5) and leaves config.json alone.
-    config_json = (tmp_path / "config.json").read_bytes()
-    changed = subprocess.run(_command(tmp_path, tokenizer_path, train__num_steps=100_000, checkpoint__every_steps=1000,
-                                      train__log_every=5, optimizer__learning_rate=1e-4),
-                             cwd=train_fakes.ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert changed.returncode == exit_codes.ExitCode.CONFIG_MISMATCH, changed.stderr[-3000:]
-    assert "config.optimizer.learning_rate (0.003 -> 0.0001)" in changed.stderr and "allow_config_change=True" in changed.stderr
-    assert f"checkpoints/{last} with a changed config" in changed.stderr
-    assert (tmp_path / "config.json").read_bytes() == config_json
 
 
 def test_sigterm_during_start_up_exits_0_before_the_first_step(tmp_path, tokenizer_path, cache_dir):
