@@ -6,7 +6,8 @@
     logits = m(input_tokens, positions=positions, segment_ids=segment_ids)   # [B, L, V] float32
     fm.logical_axes(m)   # the logical axis names of every parameter
 
-Generation lives in `flan_jax.model.generate`.
+Generation lives in `flan_jax.model.generate`; the CPU-tuned kernels and their plain XLA
+counterparts in `flan_jax.model.kernels` (chosen by `config.model.kernels`).
 """
 
 from flan_jax.model.config import FAMILIES, ModelConfig
