@@ -66,7 +66,7 @@ class _TaskData:
 
 
 def _lookup(name: str):
-    from flan_jax import data  # imported lazily: tasks/ is registered on first lookup
+    from flan_jax import data  # imported lazily (the registry holds what config.data.task_modules registered)
 
     return data.get(name)
 
