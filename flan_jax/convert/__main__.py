@@ -46,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.from_hf:
         cfg = convert.convert_from_hf(args.from_hf, args.out)
-        overrides = convert.config_model_overrides(cfg)
-        lines = [f"config.checkpoint.init_from = {str(args.out)!r}"]
-        lines += [f"config.model.{k} = {v!r}" for k, v in overrides.items()]
-        (pathlib.Path(args.out) / "config_overrides.py.txt").write_text("\n".join(lines) + "\n")
+        lines = (pathlib.Path(args.out) / convert.checkpoint.OVERRIDES).read_text().splitlines()
         print(f"Wrote {args.out} ({cfg.family}, {cfg.num_params:,} parameters). To train from it, "
               "set in your experiment config (also saved in config_overrides.py.txt):")
         print("\n".join("    " + line for line in lines))
