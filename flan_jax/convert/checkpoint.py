@@ -29,7 +29,7 @@ import json
 import os
 import pathlib
 import shutil
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -166,7 +166,8 @@ def staged_folder(out_dir: str | os.PathLike, *, flag: str = "--out") -> Iterato
         what = "a converted checkpoint" if (out / MODEL_CONFIG).exists() or (out / PARAMS).exists() else "files"
         raise FileExistsError(f"{out} already holds {what}; choose a new or empty {flag} folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would become the checkpoint's
     try:
         yield staging
         if out.exists():

@@ -204,6 +204,14 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Mo
     end (checkpoint.staged_folder), so a failure leaves no partial checkpoint behind.
     """
     hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    ggufs = sorted(hf_dir.glob("*.gguf")) if hf_dir.is_dir() else []
+    if ggufs and not any(hf_dir.glob("*.safetensors")):  # a GGUF download (e.g. from a Hub repo)
+        if len(ggufs) > 1:
+            raise ValueError(f"{hf_dir} holds several GGUF files {[f.name for f in ggufs]}; "
+                             "choose one with --from_gguf=FILE")
+        from flan_jax.convert import gguf_import
+
+        return gguf_import.convert_from_gguf(ggufs[0], out_dir)
     safetensors_files(hf_dir)  # refuse pickle-only folders first, before reading anything
     hf_config = read_hf_config(hf_dir)
     cfg = model_config_from(hf_config, hf_dir / "config.json")
