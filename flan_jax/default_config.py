@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
     tok.train_examples = 50_000  # only used when training a tokenizer
     tok.bos_token = ""  # hf only: BOS token text ("": from tokenizer_config.json or the usual names)
     tok.eos_token = ""  # hf only: EOS token text (same rule)
+    # Chat formatting (flan_jax/data/chat.py). "": inputs/targets examples stay plain text (a
+    # `messages` task still uses the tokenizer's own template); "tokenizer": every example and
+    # evaluation prompt is rendered with the tokenizer's own chat template (tokenizer_config.json),
+    # as an instruct model was trained; a path: that .jinja template instead.
+    tok.chat_template = ""
+    tok.system_prompt = ""  # with chat_template: a system message before every example
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
