@@ -206,6 +206,8 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self._last = initial
+        self._total = total
+        self._clock: tuple[int, float] | None = None  # (step, time) of the first update: the ETA's origin
 
     def update(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -220,11 +222,17 @@ class Progress:
             shown["mfu"] = f"{100 * values['mfu']:.1f}%"
         if values.get("skipped_steps"):
             shown["skipped"] = str(values["skipped_steps"])
-        if self._bar is not None:
+        if self._bar is not None:  # tqdm shows its own ETA
             self._bar.update(step - self._last)
             self._bar.set_postfix(shown, refresh=True)
         else:
-            logging.info("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in shown.items()))
+            now = time.perf_counter()
+            if self._clock is None:
+                self._clock = (step, now)  # from here on: the first step's compilation is behind
+            elif step > self._clock[0]:
+                seconds = (now - self._clock[1]) / (step - self._clock[0]) * (self._total - step)
+                shown["eta"] = f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+            logging.info("step %d/%d: %s", step, self._total, ", ".join(f"{k}={v}" for k, v in shown.items()))
         self._last = step
 
     def close(self) -> None:
