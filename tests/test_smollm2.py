@@ -176,6 +176,11 @@ def test_tokenizer_ids_equal_autotokenizer_on_real_text(smollm2, reference, real
     reference.tokenizer.backend_tokenizer.pre_tokenizer = smollm_pre_tokenizer()
     expected = [reference.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     assert ours.encode_batch(texts) == expected
+    # The folder's tokenizer.json + tokenizer_config.json, read by transformers itself: the same ids
+    # (with its default add_special_tokens=True: the config says no BOS is added).
+    folder = transformers.AutoTokenizer.from_pretrained(smollm2.out)
+    assert [folder(t).input_ids for t in texts] == expected
+    assert (folder.bos_token, folder.eos_token, folder.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
     plain = [t for t in texts if "<|" not in t]
     assert [ours.decode(ours.encode(t)) for t in plain] == plain
 
