@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
-    model.family = "llama"  # llama | mistral | qwen2 | gemma | gpt2: sets the architecture defaults
+    model.family = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | olmo2 | gpt2
     model.vocab_size = 8000
     model.d_model = 256
     model.n_layers = 4
@@ -81,6 +81,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.mlp_bias = ml_collections.config_dict.placeholder(bool)
     model.embed_scale = ml_collections.config_dict.placeholder(bool)  # Gemma's sqrt(d_model)
     model.sliding_window = ml_collections.config_dict.placeholder(int)  # 0: off
+    model.layer_types = ml_collections.config_dict.placeholder(tuple)  # per layer "full" | "sliding"; (): all alike
+    model.local_rope_theta = ml_collections.config_dict.placeholder(float)  # Gemma 3's sliding-layer rope base
+    model.qk_norm = ml_collections.config_dict.placeholder(str)  # none | head | full
+    model.block_norms = ml_collections.config_dict.placeholder(str)  # pre | sandwich | post
+    model.attn_softcap = ml_collections.config_dict.placeholder(float)  # Gemma 2; 0: off
+    model.final_softcap = ml_collections.config_dict.placeholder(float)  # Gemma 2; 0: off
+    model.query_scale = ml_collections.config_dict.placeholder(float)  # Gemma's query_pre_attn_scalar; 0: head_dim
     model.init_std = ml_collections.config_dict.placeholder(float)  # None: 0.02
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)

@@ -81,19 +81,24 @@ class Norm(nnx.Module):
     every token, ~10x less accurate than this float32 one.)
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...] | None = None,
+                 axes: tuple[str, ...] = ("embed",)):
+        # `shape`: the trailing dims normalised together (default (d_model,)); QK-norm normalises
+        # each head's (head_dim,) or, as OLMo 2, all heads' (heads, head_dim) at once.
         self.cfg = cfg
+        shape = shape or (cfg.d_model,)
+        self.reduce = tuple(range(-len(shape), 0))
         scale_init = nnx.initializers.zeros if cfg.norm_scale_plus_one else nnx.initializers.ones
-        self.scale = _param(rngs, scale_init, (cfg.d_model,), ("embed",), cfg)
-        self.bias = _param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), cfg) if cfg.norm_bias else None
+        self.scale = _param(rngs, scale_init, shape, axes, cfg)
+        self.bias = _param(rngs, nnx.initializers.zeros, shape, axes, cfg) if cfg.norm_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x32 = x.astype(jnp.float32)
         if cfg.norm == "layer":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+            x32 = x32 - jnp.mean(x32, axis=self.reduce, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=self.reduce, keepdims=True) + cfg.norm_eps)
         scale = self.scale[...].astype(jnp.float32)
         y = y * (1.0 + scale if cfg.norm_scale_plus_one else scale)  # Gemma scales by 1 + w
         if self.bias is not None:
@@ -148,8 +153,9 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Plain softmax attention with grouped-query heads, float32 scores; the tests' reference.
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, softcap: float = 0.0) -> jax.Array:
+    """Plain softmax attention with grouped-query heads, float32 scores; the tests' reference, and
+    the kernel of soft-capped attention (Gemma 2: scores -> cap * tanh(scores / cap)).
 
     q [B, T, H, D], k/v [B, S, KV, D], mask [B, 1, T, S] -> [B, T, H, D].
     """
@@ -157,6 +163,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -171,6 +179,16 @@ class Attention(nnx.Module):
         self.k = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.v = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.o = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=cfg.out_bias, cfg=cfg, rngs=rngs)
+        if cfg.qk_norm == "head":  # Qwen3, Gemma 3: each head's q and k, one scale over head_dim
+            self.q_norm = Norm(cfg, rngs, (hd,), ("head_dim",))
+            self.k_norm = Norm(cfg, rngs, (hd,), ("head_dim",))
+        elif cfg.qk_norm == "full":  # OLMo 2: all heads' features together
+            self.q_norm = Norm(cfg, rngs, (h, hd), ("heads", "head_dim"))
+            self.k_norm = Norm(cfg, rngs, (kv, hd), ("kv_heads", "head_dim"))
+        else:
+            self.q_norm = self.k_norm = None
+        # Kernels scale scores by 1/sqrt(head_dim); Gemma's query_pre_attn_scalar asks for another.
+        self.query_factor = math.sqrt(hd / cfg.query_scale) if cfg.query_scale and cfg.query_scale != hd else 1.0
 
     def __call__(self, x, rope, mask, cache: LayerCache | None = None, cache_index=None, causal: bool = False):
         cfg = self.cfg
@@ -178,15 +196,21 @@ class Attention(nnx.Module):
         k = sharding.constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
         v = sharding.constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
         impl = kernels.resolve(cfg.kernels)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope_kernels.apply(q, *rope, impl), rope_kernels.apply(k, *rope, impl)
+        if self.query_factor != 1.0:
+            q = q * jnp.asarray(self.query_factor, q.dtype)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
-        if cfg.attention == "reference":
-            out = reference_attention(q, k, v, mask)
+        if cfg.attention == "reference" or cfg.attn_softcap:
+            # Soft-capped scores (Gemma 2) always take the einsum path: neither the CPU causal-block
+            # kernel nor jax.nn.dot_product_attention (XLA, cuDNN) can cap them.
+            out = reference_attention(q, k, v, mask, cfg.attn_softcap)
         elif cfg.attention == "xla" and causal and cache is None and impl == "cpu":
             # Faster than jax.nn.dot_product_attention's XLA path on CPU (see docs/training.md).
             out = causal_block_attention(q, k, v, mask)
@@ -223,19 +247,31 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block: x + attn(norm(x)), then x + mlp(norm(x)) ("pre", Llama).
+
+    `block_norms="sandwich"` (Gemma 2/3) also normalises each branch's output before the residual
+    sum: x + post_norm(attn(norm(x))); "post" (OLMo 2) normalises only the outputs:
+    x + post_norm(attn(x)).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg, rngs)
+        pre, post = cfg.block_norms in ("pre", "sandwich"), cfg.block_norms in ("sandwich", "post")
+        self.attn_norm = Norm(cfg, rngs) if pre else None
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg, rngs)
+        self.post_attn_norm = Norm(cfg, rngs) if post else None
+        self.mlp_norm = Norm(cfg, rngs) if pre else None
         self.mlp = MLP(cfg, rngs)
+        self.post_mlp_norm = Norm(cfg, rngs) if post else None
 
     def __call__(self, x, rope, mask, cache: LayerCache | None = None, cache_index=None, causal: bool = False):
-        h, cache = self.attn(self.attn_norm(x), rope, mask, cache, cache_index, causal)
-        x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
-        x = x + self.mlp(self.mlp_norm(x))
+        h, cache = self.attn(_maybe(self.attn_norm, x), rope, mask, cache, cache_index, causal)
+        x = sharding.constrain(x + _maybe(self.post_attn_norm, h), ("batch", "length", "act_embed"))
+        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.mlp_norm, x)))
         return sharding.constrain(x, ("batch", "length", "act_embed")), cache
+
+
+def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
 
 
 def _run_block(block: Block, x, rope, mask, cache, cache_index):
@@ -315,8 +351,10 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(final-norm hidden states [B, L, d_model], output head [d_model, vocab]), compute dtype.
 
-        `hidden @ head` are `__call__`'s logits. The trainer takes these two instead of the logits
-        so its loss can own the head matmul's backward pass (losses.head_cross_entropy).
+        `hidden @ head` are `__call__`'s logits, except for a model that soft-caps its logits
+        (`cfg.final_softcap`, Gemma 2), which callers must then take from `__call__`. The trainer
+        takes these two instead of the logits so its loss can own the head matmul's backward pass
+        (losses.head_cross_entropy).
         """
         mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
         x, _ = self._features(input_tokens, positions, mask, None, None, prefix_mask is None)
@@ -339,6 +377,8 @@ class Transformer(nnx.Module):
         """
         x, new_cache = self._features(tokens, positions, mask, cache, cache_index, causal)
         logits = jnp.dot(x, self._head(), preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap:  # Gemma 2: logits -> cap * tanh(logits / cap), in float32
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
 
     def scalar_head(self, name: str, hidden: jax.Array) -> jax.Array:
