@@ -40,6 +40,29 @@ def byte_level_vocab(texts: list[str], vocab_size: int = 300, special: tuple[str
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
+def sentencepiece_vocab(texts: list[str], vocab_size: int = 300) -> tuple[dict, bytes]:
+    """A small sentencepiece BPE model (byte fallback, dummy prefix, no normalisation) and its
+    vocabulary as llama.cpp's _set_vocab_sentencepiece stores it: ({"tokens", "scores", "types",
+    "kind": "llama", "space_prefix", "special_ids"}, the model's bytes)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, hard_vocab_limit=False, character_coverage=1.0, minloglevel=2,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 5 if sp.is_unused(i) else 1
+             for i in range(n)]
+    vocab = {"tokens": [sp.id_to_piece(i) for i in range(n)], "scores": [sp.get_score(i) for i in range(n)],
+             "types": types, "kind": "llama", "space_prefix": True, "special_ids": {"bos": 1, "eos": 2, "unk": 0}}
+    return vocab, model.getvalue()
+
+
 def write_gguf(
     path: pathlib.Path,
     hf_model,
@@ -75,7 +98,17 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}", gguf.LlamaFileType.ALL_F32)))
-    if vocab is not None:
+    if vocab is not None and vocab.get("kind") == "llama":  # sentencepiece: scores, no merges
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_scores(vocab["scores"])
+        writer.add_token_types(vocab["types"])
+        writer.add_add_space_prefix(vocab["space_prefix"])
+        special_ids = {**vocab["special_ids"], **(special_ids or {})}
+        for role, token_id in special_ids.items():
+            getattr(writer, f"add_{role}_token_id")(token_id)
+        writer.add_add_bos_token(True)
+    elif vocab is not None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(vocab["tokens"])

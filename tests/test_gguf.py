@@ -169,6 +169,30 @@ def test_smollm_pre_tokenizer_splits_digits_like_llama_cpp(tmp_path, llama, voca
     assert differs and all(any(c.isdigit() for c in t) for t in differs)
 
 
+def test_sentencepiece_gguf_tokenizer_matches_sentencepiece_and_transformers(tmp_path, llama):
+    """Llama 2 / Mistral / Gemma-style vocabularies: pieces and scores, merges rebuilt from them.
+
+    Equal to transformers' GGUF tokenizer everywhere, and to sentencepiece itself except on text that
+    starts with whitespace, where sentencepiece adds its dummy-prefix space on top (transformers'
+    Metaspace, and so ours, does not add one before a leading space)."""
+    import sentencepiece as spm
+
+    vocab, model_bytes = gguf_fakes.sentencepiece_vocab(CORPUS * 3, vocab_size=400)
+    path = gguf_fakes.write_gguf(tmp_path / "sp.gguf", llama, arch="llama", vocab=vocab)
+    assert main([f"--from_gguf={path}", f"--out={tmp_path / 'ours'}"]) == 0
+    ours = HFTokenizer(tmp_path / "ours")
+    assert ours.add_bos and (ours.bos_id, ours.eos_id) == (1, 2)
+    sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    texts = [t for t in TEXTS if "<|" not in t] + ["x\u2028y \u00e9\u0301", "   ", "\n"]
+    for text in texts:
+        assert ours.encode(text) == reference(text, add_special_tokens=False).input_ids, text
+        if not text[:1].isspace():
+            assert ours.encode(text) == sp.encode(text), text
+            assert ours.decode(ours.encode(text)) == sp.decode(sp.encode(text)), text
+    assert any(vocab["types"][i] == 6 for text in texts for i in ours.encode(text))  # byte fallback was used
+
+
 # ------------------------------------------------------------------------------------ bad files
 def assert_refused(path: pathlib.Path, tmp_path: pathlib.Path, capsys, *expected: str) -> None:
     out = tmp_path / "out"

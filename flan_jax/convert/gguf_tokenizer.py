@@ -6,8 +6,10 @@ special token ids under llama.cpp's keys, plus `tokenizer.ggml.pre`, the name of
 the tokenizer those describe as an ordinary HF `tokenizers` file, so the rest of flan_jax (and
 transformers, after `--to_hf`) reads it like any other:
 
-- `tokenizer.ggml.model == "gpt2"`: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM, ...). The
-  sentencepiece kind (`"llama"`: Llama 2, Mistral, Gemma) is refused by name for now.
+- `tokenizer.ggml.model == "gpt2"`: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM, ...).
+- `"llama"`: a sentencepiece BPE vocabulary (Llama 2, Mistral, Gemma): pieces with their scores,
+  byte-fallback pieces `<0x..>`; the merges are rebuilt from the scores (as sentencepiece and
+  transformers do), `"▁"` marks spaces and `add_space_prefix` adds one before the text.
 - Pre-tokenizers: the regex sequence llama.cpp's llama-vocab.cpp uses for each name we know
   (`PRE_TOKENIZERS`); any other name is refused, since splitting differently from training gives
   other token ids without any error.
@@ -61,9 +63,11 @@ def build_tokenizer(meta: Mapping[str, Any], *, source: str):
     if kind is None:
         raise GGUFError(f"{source}: no tokenizer metadata (tokenizer.ggml.model); convert with --skip_tokenizer "
                         "and give the model's own tokenizer.json to config.data.tokenizer.path")
+    if kind == "llama":
+        return _sentencepiece_bpe(meta, source=source)
     if kind != "gpt2":
-        raise GGUFError(f"{source}: tokenizer.ggml.model={kind!r} is not rebuilt yet (only 'gpt2', byte-level BPE); "
-                        "convert with --skip_tokenizer and use the model's own tokenizer.json")
+        raise GGUFError(f"{source}: tokenizer.ggml.model={kind!r} is not rebuilt (only 'gpt2', byte-level BPE, and "
+                        "'llama', sentencepiece BPE); convert with --skip_tokenizer and use the model's own tokenizer.json")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise GGUFError(f"{source}: tokenizer.ggml.pre={pre!r} is a pre-tokenizer flan_jax does not know; known: "
@@ -101,6 +105,42 @@ def build_tokenizer(meta: Mapping[str, Any], *, source: str):
     if tokenizer.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise GGUFError(f"{source}: the rebuilt tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} "
                         f"tokens, the file lists {len(tokens)}")
+    return tokenizer
+
+
+def merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """The BPE merges a sentencepiece vocabulary implies: every split of a piece into two pieces,
+    best-scoring merged piece first (sentencepiece's order; transformers' `generate_merges`)."""
+    vocab = {token: index for index, token in enumerate(tokens)}
+    merges = []
+    for token, score in zip(tokens, scores):
+        local = [(token[:i], token[i:], score) for i in range(1, len(token)) if token[:i] in vocab and token[i:] in vocab]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _sentencepiece_bpe(meta: Mapping[str, Any], *, source: str):
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise GGUFError(f"{source}: a sentencepiece tokenizer needs one tokenizer.ggml.scores entry per token")
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer = Tokenizer(models.BPE(
+        vocab={token: index for index, token in enumerate(tokens)}, merges=merges_from_scores(tokens, list(scores)),
+        unk_token=tokens[int(unk_id)] if unk_id is not None else None, fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                       split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1, right=0)] if prefix else []))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == _CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
     return tokenizer
 
 
