@@ -14,6 +14,8 @@ What llama.cpp's convert_hf_to_gguf.py changes, and is undone here:
 - Llama-architecture q/k projections have their rows permuted (`LlamaModel.permute`: rotate-half
   RoPE pairs -> interleaved pairs); the inverse permutation restores the HF layout.
 - Gemma RMSNorm weights are stored as `w + 1` (llama.cpp's norm multiplies by the weight alone).
+Qwen2/3 and Phi-3 (NeoX-style rope in llama.cpp) keep HF's layout; Phi-3's fused qkv and gate_up
+projections stay fused, as in its HF checkpoints.
 
 Refused by name before anything is written: a tensor type outside `SUPPORTED_TYPES`, an
 architecture outside `ARCHITECTURES`, mixture-of-experts files, partial rotary, yarn / longrope
@@ -40,7 +42,7 @@ from flan_jax.model.hf_config import UnsupportedConfigError
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 # GGUF general.architecture -> transformers model_type, for the families our model implements.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "phi3": "phi3"}
 
 # Llama-architecture tensors whose rows llama.cpp permutes, with the head count of each.
 _PERMUTED = {"self_attn.q_proj": "num_attention_heads", "self_attn.k_proj": "num_key_value_heads"}
@@ -157,8 +159,10 @@ def hf_config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], *, sour
         tie_word_embeddings="output.weight" not in tensor_names,
         hidden_act="gelu_pytorch_tanh" if arch == "gemma" else "silu",
     )
-    if arch == "llama":
-        hf.update(attention_bias="blk.0.attn_q.bias" in tensor_names, mlp_bias=False)
+    if arch in ("llama", "qwen3"):
+        hf.update(attention_bias="blk.0.attn_q.bias" in tensor_names)
+    if arch == "phi3":
+        hf["sliding_window"] = int(get("attention.sliding_window", 0)) or None
     for role in ("bos", "eos", "pad", "unk"):
         key = {"pad": "padding", "unk": "unknown"}.get(role, role)
         if f"tokenizer.ggml.{key}_token_id" in meta:
