@@ -1,4 +1,5 @@
-"""The model: one config-driven decoder-only transformer (Llama, Mistral, Qwen2, Gemma, GPT-2).
+"""The model: one config-driven decoder-only transformer
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2, GPT-2).
 
     from flan_jax import model as fm
     cfg = fm.ModelConfig.from_config(config.model)

@@ -1,8 +1,8 @@
 """The decoder-only transformer: config-driven, packed-sequence aware, in Flax NNX.
 
 Read top to bottom: parameters with logical axes, norms, rotary embeddings, the attention mask,
-attention, MLP, block, model. Llama 2/3, Mistral, Qwen2, Gemma and GPT-2 are all this one model
-with different `ModelConfig` switches (see config.py).
+attention, MLP, block, model. Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 and GPT-2
+are all this one model with different `ModelConfig` switches (see config.py).
 
 Why NNX: parameters are plain `nnx.Param`s with a `logical_axes` metadata tuple, so the trainer can
 `nnx.split` / `nnx.merge`, save `nnx.state(model, nnx.Param)` with Orbax and map the names to mesh
