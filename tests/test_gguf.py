@@ -222,6 +222,14 @@ def test_truncated_and_corrupt_gguf_name_the_file_and_tensor(gguf_files, tmp_pat
     assert_refused(bad, tmp_path, capsys, "not a GGUF file")
 
 
+def test_metadata_that_disagrees_with_a_tensor_names_the_tensor_and_metadata_key(llama, vocab, tmp_path, capsys,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(llama.config, "intermediate_size", 80)  # the metadata says 80, the tensors hold 96
+    bad = gguf_fakes.write_gguf(tmp_path / "ff.gguf", llama, arch="llama", vocab=vocab)
+    assert_refused(bad, tmp_path, capsys, "(GGUF tensor 'blk.0.ffn_gate.weight')", "llama.feed_forward_length=80",
+                   "llama.embedding_length=64")
+
+
 def test_unknown_and_unsupported_tensor_types_are_refused_by_name(gguf_files, llama, tmp_path, capsys):
     bad = tmp_path / "unknown.gguf"
     bad.write_bytes(gguf_files["F32"].read_bytes())

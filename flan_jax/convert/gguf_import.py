@@ -230,6 +230,21 @@ def gguf_tensors(reader, cfg: ModelConfig, hf_config: Mapping[str, Any], *, sour
         yield hf_import.SourceTensor(key, shape, f"{source} (GGUF tensor {tensor.name!r})", load)
 
 
+def metadata_fields(arch: str) -> dict[str, str]:
+    """Our logical axes -> the GGUF metadata key that sets each size (for shape errors)."""
+    keys = {"vocab": "vocab_size", "embed": "embedding_length", "heads": "attention.head_count",
+            "kv_heads": "attention.head_count_kv", "head_dim": "attention.key_length", "mlp": "feed_forward_length",
+            "positions": "context_length"}
+    return {axis: f"{arch}.{key}" for axis, key in keys.items()}
+
+
+def _convert(reader, cfg: ModelConfig, hf_config: Mapping[str, Any], path) -> Iterator[tuple[tuple, np.ndarray]]:
+    arch = next(k for k, v in ARCHITECTURES.items() if v == hf_config["model_type"])
+    tensors = gguf_tensors(reader, cfg, hf_config, source=str(path))
+    return hf_import.convert_tensors(tensors, cfg, source=str(path), config_name=f"{path}'s metadata",
+                                     field_names=metadata_fields(arch))
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[Any, dict[str, Any], dict[str, Any], ModelConfig]:
     """(reader, metadata, HF config dict, ModelConfig) of a GGUF, every check done, nothing dequantised."""
     source = str(path)
@@ -247,8 +262,7 @@ def read_gguf(path: str | os.PathLike) -> tuple[Any, dict[str, Any], dict[str, A
 def iter_gguf_params(path: str | os.PathLike) -> tuple[ModelConfig, Iterator[tuple[tuple, np.ndarray]]]:
     """(ModelConfig, iterator of (our param path, float32 array)) for a GGUF file."""
     reader, _, hf_config, cfg = read_gguf(path)
-    tensors = gguf_tensors(reader, cfg, hf_config, source=str(path))
-    return cfg, hf_import.convert_tensors(tensors, cfg, source=str(path), config_name=f"{path}'s metadata")
+    return cfg, _convert(reader, cfg, hf_config, path)
 
 
 def load_gguf_params(path: str | os.PathLike) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
@@ -268,8 +282,7 @@ def convert_from_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *, to
 
     reader, meta, hf_config, cfg = read_gguf(path)
     tokenizer_files = gguf_tokenizer.tokenizer_files(meta, source=str(path)) if tokenizer else {}
-    tensors = gguf_tensors(reader, cfg, hf_config, source=str(path))
-    params = hf_import.convert_tensors(tensors, cfg, source=str(path), config_name=f"{path}'s metadata")
+    params = _convert(reader, cfg, hf_config, path)
     with checkpoint.staged_folder(out_dir) as staging:
         count = hf_import.write_converted(staging, cfg, params, hf_config)
         for name, text in tokenizer_files.items():
