@@ -24,14 +24,27 @@ from flan_jax import model as fm  # noqa: E402
 from flan_jax.model import hf_config  # noqa: E402
 from flan_jax.model.generate import generate_arrays  # noqa: E402
 
-from test_convert import HF_MODELS, hf_dirs, our_model, randomize  # noqa: E402,F401
+from test_convert import HF_MODELS, our_model, randomize  # noqa: E402
 
 NEW_FAMILIES = ["qwen3_qk_norm", "gemma2_softcap", "gemma3_local_rope", "phi3_fused_window", "olmo2_post_norms"]
 PROMPTS = [[5, 9, 3, 17, 22, 40, 41], [7, 1, 60]]
 
 
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """The new families' tiny random HF models of test_convert (and Gemma 1, for a refusal)."""
+    out = {}
+    for name in [*NEW_FAMILIES, "gemma"]:
+        torch.manual_seed(0)
+        model = HF_MODELS[name]().eval()
+        randomize(model)
+        out[name] = tmp_path_factory.mktemp(name)
+        model.save_pretrained(out[name])
+    return out
+
+
 @pytest.mark.parametrize("name", NEW_FAMILIES)
-def test_greedy_generation_equals_transformers_generate(hf_dirs, name):  # noqa: F811
+def test_greedy_generation_equals_transformers_generate(hf_dirs, name):
     cfg, params = convert.load_hf_params(hf_dirs[name])
     model = our_model(cfg, params)
     ours = generate_arrays(model, PROMPTS, max_new_tokens=8, eos_id=-1)
@@ -54,10 +67,10 @@ def test_soft_capped_attention_takes_the_einsum_path_whatever_the_kernel_setting
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)))
     outputs, grads = {}, {}
     for attention in ("reference", "xla", "cudnn"):
-        model = fm.Transformer(base.replace(attention=attention), rngs=nnx.Rngs(0))
-        outputs[attention] = np.asarray(model(ids))
-        graphdef, state = nnx.split(model)
-        grads[attention] = jax.grad(lambda s: nnx.merge(graphdef, s)(ids).sum())(state)
+        graphdef, state = nnx.split(fm.Transformer(base.replace(attention=attention), rngs=nnx.Rngs(0)))
+        loss = jax.jit(lambda s, graphdef=graphdef: nnx.merge(graphdef, s)(ids).sum())
+        outputs[attention] = np.asarray(nnx.merge(graphdef, state)(ids))
+        grads[attention] = jax.jit(jax.grad(loss))(state)
     assert np.abs(outputs["reference"]).max() <= 4.0  # the final cap holds
     for attention in ("xla", "cudnn"):
         np.testing.assert_array_equal(outputs[attention], outputs["reference"])
@@ -98,7 +111,7 @@ def test_sft_loss_of_a_soft_capped_model_uses_the_capped_logits():
     ({"model_type": "qwen3", "use_sliding_window": True, "sliding_window": 4, "layer_types": ["chunked_attention"] * 2},
      "'chunked_attention'"),
 ])
-def test_unimplemented_features_are_refused_by_name_before_anything_is_written(hf_dirs, tmp_path, capsys, change, message):  # noqa: F811
+def test_unimplemented_features_are_refused_by_name_before_anything_is_written(hf_dirs, tmp_path, capsys, change, message):
     from flan_jax.convert.__main__ import main
 
     source = {"gemma2": "gemma2_softcap", "gemma": "gemma", "phi3": "phi3_fused_window", "qwen3": "qwen3_qk_norm"}[change["model_type"]]
