@@ -185,6 +185,10 @@ def test_messages_task_trains_on_every_assistant_turn(messages_task, tokenizer_d
     example = next(iter(messages_task.get_dataset("train", shuffle=False)))
     assert example["messages"] == CONVERSATIONS[0] and example["targets"] == "It is 42."
     assert chat_features.eval_prompt(example) == CONVERSATIONS[0][:3]
+    from flan_jax.eval import evaluator
+
+    (prompt,), _ = evaluator.encode_prompts(tokenizer, [chat_features.eval_prompt(example)], 1000)
+    assert prompt == tokenizer.encode(tokenizer.chat_template.render(CONVERSATIONS[0][:3], add_generation_prompt=True))
     features, _ = featurize(example, tokenizer, FeatureConfig(seq_len=256))
     ids, mask = chat_features.assistant_token_mask(CONVERSATIONS[0], tokenizer)
     assert features["input_tokens"].tolist() == ids[:-1] and features["target_tokens"].tolist() == ids[1:]
@@ -206,12 +210,12 @@ def test_bad_conversations_name_the_record_and_field():
     bad = [{"chat": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
            {"chat": [{"role": "user", "content": "only a question"}]},
            {"chat": [{"role": "robot", "content": "x"}]}]
-    task = data.Task("chat_bad", data.InMemorySource({"train": bad}), (), messages_field="chat")
-    dataset = task.get_dataset("train", shuffle=False)
+    # Checked when the dataset is built (a sample of records, the last one included), before training.
     with pytest.raises(DataError, match="record 1.*field 'chat'.*no assistant turn"):
-        dataset[1]
+        data.Task("chat_bad", data.InMemorySource({"train": bad[:2]}), (), messages_field="chat").get_dataset("train")
     with pytest.raises(DataError, match="record 2.*role='robot'"):
-        dataset[2]
+        data.Task("chat_bad", data.InMemorySource({"train": bad[:1] * 2 + bad[2:]}), (),
+                  messages_field="chat").get_dataset("train")
     with pytest.raises(DataError, match="takes no templates"):
         data.Task("chat_bad2", data.InMemorySource({"train": bad}), [("{x}", "{y}")], messages_field="chat")
 
