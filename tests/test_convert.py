@@ -26,8 +26,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 
 # Per-layer attention kinds (the HF defaults alternate them too): sliding then full for Gemma 2,
 # and for Gemma 3 sliding layers around a full one, each kind with its own rope.
-GEMMA2_LAYERS = ["full_attention", "full_attention"]
-GEMMA3_LAYERS = ["full_attention", "full_attention"]
+GEMMA2_LAYERS = ["sliding_attention", "full_attention"]
+GEMMA3_LAYERS = ["sliding_attention", "full_attention"]
 
 HF_MODELS = {
     "llama3_gqa": lambda: transformers.LlamaForCausalLM(
@@ -40,6 +40,8 @@ HF_MODELS = {
     "gemma": lambda: transformers.GemmaForCausalLM(
         transformers.GemmaConfig(**{**LLAMA_SIZES, "num_key_value_heads": 1}, head_dim=8)),
     "qwen3_qk_norm": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**LLAMA_SIZES, head_dim=8)),
+    "qwen3_sliding_layers": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **LLAMA_SIZES, head_dim=8, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
     "gemma2_softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
         **LLAMA_SIZES, head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
         sliding_window=4, layer_types=GEMMA2_LAYERS)),

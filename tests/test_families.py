@@ -26,7 +26,8 @@ from flan_jax.model.generate import generate_arrays  # noqa: E402
 
 from test_convert import HF_MODELS, our_model, randomize  # noqa: E402
 
-NEW_FAMILIES = ["qwen3_qk_norm", "gemma2_softcap", "gemma3_local_rope", "phi3_fused_window", "olmo2_post_norms"]
+NEW_FAMILIES = ["qwen3_qk_norm", "qwen3_sliding_layers", "gemma2_softcap", "gemma3_local_rope", "phi3_fused_window",
+                "olmo2_post_norms"]
 PROMPTS = [[5, 9, 3, 17, 22, 40, 41], [7, 1, 60]]
 
 

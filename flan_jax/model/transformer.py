@@ -21,7 +21,9 @@ values into the cache at `cache_index` and attends over the whole cache with the
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -38,6 +40,31 @@ from flan_jax.model.kernels.matmul import dense_dot
 
 # One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim].
 LayerCache = tuple[jax.Array, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What may differ between a model's layers, as static (hashable) values.
+
+    Gemma 2/3 (and Qwen with sliding layers) alternate sliding-window and full attention; Gemma 3's
+    sliding layers also rotate with their own rope base. Layers of one kind share one attention
+    mask and one rope table.
+    """
+
+    sliding_window: int = 0  # attend to the last N tokens only; 0: to every earlier token
+    local_rope: bool = False  # Gemma 3's sliding layers: rope base cfg.local_rope_theta, unscaled
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple[LayerKind, ...]:
+    """The kind of each layer of the model `cfg` describes: `cfg.layer_types` ("sliding" layers
+    attend to the last `sliding_window` tokens, with the local rope base when the family has one),
+    or every layer alike (sliding when `sliding_window` is set, as Mistral)."""
+    if not cfg.layer_types:
+        return (LayerKind(sliding_window=cfg.sliding_window),) * cfg.n_layers
+    return tuple(
+        LayerKind(sliding_window=cfg.sliding_window, local_rope=bool(cfg.local_rope_theta)) if kind == "sliding"
+        else LayerKind() for kind in cfg.layer_types
+    )
 
 
 def _param(rngs: nnx.Rngs, init: Any, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
@@ -107,9 +134,15 @@ class Norm(nnx.Module):
 
 
 # ---------------------------------------------------------------------- rotary embeddings
-def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, with Llama 3 / linear context scaling (as in HF)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+def rope_inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies, with Llama 3 / linear context scaling (as in HF).
+
+    `local`: Gemma 3's sliding layers, which rotate with their own base and no scaling.
+    """
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+    if local:
+        return inv_freq.astype(np.float32)
     if cfg.rope_scaling == "linear":
         inv_freq = inv_freq / cfg.rope_factor
     elif cfg.rope_scaling == "llama3":
@@ -125,9 +158,10 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, L, head_dim] for the given per-token positions (kernels/rope.py)."""
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+def rope_angles(positions: jax.Array, cfg: ModelConfig, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, L, head_dim] for the given per-token positions (kernels/rope.py);
+    `local`: Gemma 3's sliding layers' base (rope_inverse_frequencies)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg, local))
     return rope_kernels.tables(freqs, kernels.resolve(cfg.kernels))
 
 
@@ -312,6 +346,7 @@ class Transformer(nnx.Module):
             self.pos_embed = _param(rngs, init, (cfg.max_positions, cfg.d_model), ("positions", "embed"), cfg)
         else:
             self.pos_embed = None
+        self.kinds = layer_kinds(cfg)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg, rngs)
         if cfg.tie_embeddings:
@@ -336,10 +371,14 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_tokens.shape[-1], dtype=jnp.int32), input_tokens.shape)
-        mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
+        masks = self.attention_masks(segment_ids, prefix_mask)
         causal = prefix_mask is None  # then no query sees a later key (see attention_mask)
-        logits, _ = self.forward(input_tokens, positions, mask, causal=causal)
+        logits, _ = self.forward(input_tokens, positions, masks, causal=causal)
         return logits
+
+    def attention_masks(self, segment_ids: jax.Array, prefix_mask: jax.Array | None = None) -> dict[LayerKind, jax.Array]:
+        """The attention mask of each kind of layer this model has (see `attention_mask`)."""
+        return {kind: attention_mask(segment_ids, prefix_mask, kind.sliding_window) for kind in dict.fromkeys(self.kinds)}
 
     def hidden_states(
         self,
@@ -356,21 +395,23 @@ class Transformer(nnx.Module):
         takes these two instead of the logits so its loss can own the head matmul's backward pass
         (losses.head_cross_entropy).
         """
-        mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
-        x, _ = self._features(input_tokens, positions, mask, None, None, prefix_mask is None)
+        masks = self.attention_masks(segment_ids, prefix_mask)
+        x, _ = self._features(input_tokens, positions, masks, None, None, prefix_mask is None)
         return x, self._head()
 
     def forward(
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | Mapping[LayerKind, jax.Array],
         cache: list[LayerCache] | None = None,
         cache_index: jax.Array | int | None = None,
         *,
         causal: bool = False,
     ) -> tuple[jax.Array, list[LayerCache] | None]:
         """The model with an explicit attention mask [B, 1, L, S] and optional KV cache.
+
+        `mask` is one mask for every layer, or one per `LayerKind` of the model (a mapping).
 
         `causal=True` promises that `mask` lets no query see a later key, so attention may skip
         those blocks (`causal_block_attention`).
@@ -404,14 +445,18 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
-        rope = rope_angles(positions, cfg) if cfg.position == "rope" else None
+        # One rope table per rope a kind of layer uses (Gemma 3: local and global bases).
+        ropes = ({local: rope_angles(positions, cfg, local) for local in dict.fromkeys(k.local_rope for k in self.kinds)}
+                 if cfg.position == "rope" else {})
+        mask_of = (lambda kind: mask[kind]) if isinstance(mask, Mapping) else (lambda kind: mask)  # noqa: E731
 
         run_block = _run_causal_block if causal else _run_block
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.layers):
-            x, layer_cache = run_block(block, x, rope, mask, None if cache is None else cache[i], cache_index)
+        for i, (block, kind) in enumerate(zip(self.layers, self.kinds)):
+            x, layer_cache = run_block(block, x, ropes.get(kind.local_rope), mask_of(kind),
+                                       None if cache is None else cache[i], cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
 
