@@ -211,7 +211,7 @@ def test_recipe_tunes_in_bf16_and_transformers_generates_our_tokens_from_the_exp
                  "train.progress_bar": False, "checkpoint.every_steps": 2, "eval.at_start": False, "eval.at_end": False}
     command = [sys.executable, "-m", "flan_jax.train", f"--config=configs/smollm2_sft.py:mixture=synthetic,checkpoint={smollm2.out}",
                f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in overrides.items()]]
-    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", FLAN_JAX_TUNED_MALLOC="0")
+    env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "step 2/2" in result.stderr and "tok/s=" in result.stderr and "eta=" in result.stderr, result.stderr[-2000:]
