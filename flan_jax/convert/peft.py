@@ -219,7 +219,7 @@ def convert_workdir_to_peft(workdir: str | os.PathLike, out_dir: str | os.PathLi
     lora_cfg = lora.LoRAConfig.from_config(config.get("lora"))
     if lora_cfg is None:
         raise ValueError(f"{workdir} is not a LoRA run (config.lora.rank is 0): export it with --to_hf")
-    trained = _trained_paths(config, model)
+    trained = trainable.selection_of(config, model).trained
     others = sorted(trainable.path_str(p) for p in trained if not lora.is_adapter_path(p))
     init_from = str(config.checkpoint.get("init_from", "") or "")
     provenance = {
@@ -228,18 +228,6 @@ def convert_workdir_to_peft(workdir: str | os.PathLike, out_dir: str | os.PathLi
     }
     write_peft(out_dir, model.cfg, model, lora_cfg, base_name_or_path=_hf_name(init_from), provenance=provenance)
     return used
-
-
-def _trained_paths(config, model) -> frozenset:
-    """The flat paths the run trained (its trainable filter applied to the model)."""
-    from flax import nnx
-
-    from flan_jax.train import partitioning, trainable
-
-    state = nnx.state(model, nnx.Param)
-    params = nnx.to_pure_dict(state)
-    axes = partitioning.param_logical_axes(state)
-    return trainable.spec_from_config(config).select(params, axes).trained
 
 
 def _hf_name(init_from: str) -> str | None:

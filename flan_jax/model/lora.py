@@ -103,8 +103,11 @@ class LoRADense(Dense):
     """A `Dense` plus a low-rank update; `kernel` and `bias` are the wrapped projection's own."""
 
     def __init__(self, dense: Dense, config: LoRAConfig, *, rngs: nnx.Rngs, name: str = ""):
-        # Take over the projection's parameters (same Variables, same paths) instead of new ones.
-        self.kernel, self.bias, self.n_in, self.dtype = dense.kernel, dense.bias, dense.n_in, dense.dtype
+        # Take over the projection's parameters (same Variables, same paths) and settings instead
+        # of creating new ones: every public attribute of the wrapped Dense.
+        for name, value in vars(dense).items():
+            if not name.startswith("_"):
+                setattr(self, name, value)
         axes = tuple(dense.kernel.get_metadata().get("logical_axes") or (None,) * dense.kernel.ndim)
         shape = tuple(dense.kernel.shape)
         stack = stacked_dims(axes)

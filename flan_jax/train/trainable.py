@@ -211,3 +211,14 @@ def _key_path(path) -> Path:
 def is_trained(selection: Selection | None, path: Sequence[Any]) -> bool:
     """Whether the parameter at `path` (key tuple) is trained (no selection: everything is)."""
     return selection is None or tuple(path) in selection.trained
+
+
+def selection_of(config: Any, model: Any) -> Selection:
+    """The Selection a run's config (`config.trainable`, `config.lora`) makes on its model, e.g. to
+    show which parameters a checkpoint's run trained (colabs/explore_checkpoint.ipynb)."""
+    from flax import nnx
+
+    from flan_jax.train import partitioning
+
+    state = nnx.state(model, nnx.Param)
+    return spec_from_config(config).select(nnx.to_pure_dict(state), partitioning.param_logical_axes(state))
