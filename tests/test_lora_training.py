@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import subprocess
 import sys
 
 import jax.numpy as jnp

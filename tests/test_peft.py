@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 peft_lib = pytest.importorskip("peft")
 
 from flan_jax import convert  # noqa: E402
-from flan_jax.convert import checkpoint, peft  # noqa: E402
+from flan_jax.convert import peft  # noqa: E402
 from flan_jax.model import lora, registry  # noqa: E402
 from tests.test_convert import HF_MODELS, hf_logits, random_ids, randomize  # noqa: E402
 

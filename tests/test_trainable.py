@@ -98,3 +98,20 @@ def test_partial_fine_tuning_trains_the_selection_as_full_fine_tuning_would():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(initial_flat[path]))
     # Optimizer state exists for the trained parameters only.
     assert set(traversals.flatten_mapping(optax.tree_utils.tree_get(partial.opt_state, "mu"))) == set(trained)
+
+
+def test_frozen_weights_count_no_weight_gradient_in_the_flops():
+    """MFU's numerator: 6 FLOPs per token for a trained matmul weight, 4 for a frozen one."""
+    from flan_jax.model import lora
+    from flan_jax.train import loop, metrics
+
+    config = train_fakes.tiny_config()
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
+    build = lambda: registry.build_model(CFG, rngs=nnx.Rngs(0), lora=lora.LoRAConfig(rank=2))  # noqa: E731
+    full = state_lib.ModelParts(build, mesh, partitioning.axis_rules(config.mesh))
+    split = state_lib.ModelParts(build, mesh, partitioning.axis_rules(config.mesh), trainable=trainable.Spec(lora=True))
+    n_all = metrics.matmul_param_count(full.abstract_params, full.logical_axes, tied_embeddings=False)
+    n_adapters = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(split.trained_abstract))
+    attention = metrics.flops_per_token(CFG, 0, 16)
+    assert loop.training_flops_per_token(full, CFG, 16) == 6 * n_all + attention
+    assert loop.training_flops_per_token(split, CFG, 16) == 6 * n_adapters + 4 * (n_all - n_adapters) + attention
