@@ -160,6 +160,16 @@ def test_resuming_with_another_base_is_refused(lora_run, bases, tokenizer_path, 
     config = train_fakes.demo_config(_overrides(tokenizer_path, bases[1], train__num_steps=STEPS + 3))
     with pytest.raises(ValueError, match=r"other frozen parameters \(slots \['base'\].*checkpoint.init_from"):
         loop.train(config, workdir)
+    # load_model (evaluation, export) checks the rebuilt base too: the base folder replaced in place.
+    aside = tmp_path / "aside"
+    shutil.move(bases[0], aside)
+    try:
+        shutil.copytree(bases[1], bases[0])
+        with pytest.raises(ValueError, match=r"holds only the trained parameters.*not the base it was trained on"):
+            checkpointing.load_model(lora_run, STEPS)
+    finally:
+        shutil.rmtree(bases[0], ignore_errors=True)
+        shutil.move(aside, bases[0])
 
 
 def _command(workdir, tokenizer_path, base):

@@ -168,6 +168,9 @@ def test_bad_peft_folders_are_refused_by_name(bases, tmp_path):
     gpt2_cfg = bases["gpt2"][1]
     with pytest.raises(peft.PeftFormatError, match="not a LoRA weight of a projection of this gpt2 model"):
         peft.adapter_arrays(good, gpt2_cfg, lora_cfg, expected)
+    with pytest.raises(ValueError, match=r"also trained parameters that are not LoRA adapters \(\['final_norm/scale'\]\).*--to_hf"):
+        peft.write_peft(tmp_path / "with_norm", cfg, model, lora_cfg, provenance={"other_trained": ["final_norm/scale"]})
+    assert not (tmp_path / "with_norm").exists()
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / peft.ADAPTER_CONFIG).write_text((good / peft.ADAPTER_CONFIG).read_text())
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"")
