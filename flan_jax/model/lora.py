@@ -105,9 +105,9 @@ class LoRADense(Dense):
     def __init__(self, dense: Dense, config: LoRAConfig, *, rngs: nnx.Rngs, name: str = ""):
         # Take over the projection's parameters (same Variables, same paths) and settings instead
         # of creating new ones: every public attribute of the wrapped Dense.
-        for name, value in vars(dense).items():
-            if not name.startswith("_"):
-                setattr(self, name, value)
+        for attribute, value in vars(dense).items():
+            if not attribute.startswith("_"):
+                setattr(self, attribute, value)
         axes = tuple(dense.kernel.get_metadata().get("logical_axes") or (None,) * dense.kernel.ndim)
         shape = tuple(dense.kernel.shape)
         stack = stacked_dims(axes)
