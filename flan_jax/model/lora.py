@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flan_jax.model.matmul import dense_dot
+from flan_jax.model import kernels
+from flan_jax.model.kernels.matmul import dense_dot
 from flan_jax.model.transformer import Dense
 
 # The decoder's projections, by their module names (PEFT's Llama-style names are aliases).
@@ -140,9 +141,10 @@ class LoRADense(Dense):
             keep = 1.0 - self.dropout_rate
             mask = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), keep, x.shape)
             h = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
-        down = dense_dot(h, self.lora_a[...], self.n_in, self.dtype)
+        impl = kernels.resolve(getattr(self, "kernel_choice", "auto"))  # the wrapped Dense's choice
+        down = dense_dot(h, self.lora_a[...], self.n_in, self.dtype, impl)
         down = down * jnp.asarray(self.scale, down.dtype)
-        return y + dense_dot(down, self.lora_b[...], 1, self.dtype).astype(y.dtype)
+        return y + dense_dot(down, self.lora_b[...], 1, self.dtype, impl).astype(y.dtype)
 
     def delta(self) -> jax.Array:
         """scale * A B in the kernel's shape (float32): what merging adds to the kernel."""
