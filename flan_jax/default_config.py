@@ -125,6 +125,29 @@ def get_config() -> ml_collections.ConfigDict:
     opt.clip_norm = 1.0  # global gradient norm; 0 disables
     opt.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
 
+    # ---------------------------------------------------------------- trained parameters
+    # Which parameters the optimizer trains (flan_jax/train/trainable.py): gradients, optimizer state
+    # and weight decay cover only them; the rest is the frozen base, not saved in the run's
+    # checkpoints but rebuilt from checkpoint.init_from (or the seed) and checked on resume.
+    config.trainable = trainable = ml_collections.ConfigDict()
+    # Regular expressions searched in parameter paths ("layers/0/attn/q/kernel"). Empty: every
+    # parameter, or with LoRA the adapters (+ new scalar heads); with LoRA these add to the adapters.
+    trainable.paths = ()
+    trainable.logical_axes = ()  # also train parameters with a dimension of these names, e.g. ("heads",)
+    trainable.exclude = ()  # regexes of parameters to keep frozen, e.g. (r"^embed", r"^lm_head")
+    trainable.frozen_dtype = ""  # "" (param_dtype) | bfloat16 | float16: the dtype the frozen base is held in
+
+    # ---------------------------------------------------------------- LoRA (flan_jax/model/lora.py)
+    config.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 0  # 0: no LoRA; r > 0 adds adapters to `targets` and trains only them (see config.trainable)
+    lora.alpha = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    lora.dropout = 0.0  # dropout on the adapters' input while training
+    # "all-linear" (every projection; the output head excluded), projection names (q k v o gate up
+    # down; PEFT's q_proj ... too) or regexes over projection paths ("layers/[0-3]/attn/(q|v)$").
+    lora.targets = ("all-linear",)
+    lora.rslora = False  # rank-stabilised scaling (Kalajdzievski 2023)
+    lora.init_from = ""  # a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to start from
+
     # ---------------------------------------------------------------- objective
     config.objective = objective = ml_collections.ConfigDict()
     # What the step minimises (flan_jax/train/objectives): "sft" = next-token cross-entropy on the

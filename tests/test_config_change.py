@@ -14,6 +14,9 @@ def test_fields_fall_in_the_documented_kinds():
         "data.tokenizer.path": "incompatible", "data.train_mixture": "incompatible", "seed": "incompatible",
         "model.kernels": "free", "model.remat": "free", "checkpoint.keep": "free", "eval.mixtures": "free",
         "mesh.data": "free", "train.log_every": "free", "train.allow_config_change": "free",
+        "lora.rank": "incompatible", "lora.targets": "incompatible", "trainable.paths": "incompatible",
+        "trainable.frozen_dtype": "incompatible", "lora.alpha": "meaning", "lora.dropout": "meaning",
+        "lora.init_from": "free",
     }
     assert {field: config_change.kind(field) for field in expected} == expected
     every = config_change.flatten(checkpointing.config_to_dict(default_config.get_config()))

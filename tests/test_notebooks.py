@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,7 @@ def test_explore_checkpoint_notebook(small_workdir, user_tasks_dir, monkeypatch)
     assert "checkpoints: [2, 4]" in text
     assert "| step 2 | step 4 |" in text  # the side-by-side comparison
     assert "training PartitionSpec" in text and "Per task" in text
+    assert re.search(r"the run trains ([\d,]+) of \1 parameters \(100\.00%\)", text)  # full fine-tuning: all trained
 
 
 def test_register_a_task_notebook(tmp_path, monkeypatch):

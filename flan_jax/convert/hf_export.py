@@ -3,8 +3,9 @@
 Large models are written in 5 GiB shards with the usual index file, one shard in memory at a time.
 
 Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
-read through `flan_jax.train.checkpointing.load_model`). Tied models write no `lm_head.weight`,
-as transformers 5 does itself.
+read through `flan_jax.train.checkpointing.load_model`; a LoRA run's adapters are merged into the
+weights). Tied models write no `lm_head.weight`, as transformers 5 does itself. A LoRA run's
+adapters alone go to a PEFT folder instead (`--to_peft`, convert/peft.py).
 """
 
 from __future__ import annotations
@@ -106,6 +107,18 @@ def write_hf(
     return out
 
 
+def plain_params(model, cfg: ModelConfig) -> dict:
+    """The parameters of a plain model: LoRA adapters merged into their kernels (W + scale A B),
+    and a frozen base held in another dtype cast back to `cfg.param_dtype`, so the export is one
+    dtype throughout."""
+    from flax import nnx
+
+    from flan_jax.model import lora
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return lora.merged_params(params, lora.scales_of(model), dtype=cfg.param_dtype)
+
+
 def _token_ids_from(hf_config_file: pathlib.Path) -> dict[str, int | None]:
     if not hf_config_file.is_file():
         return {}
@@ -124,13 +137,11 @@ def convert_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | o
 def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                           dtype: str | None = None) -> int:
     """`--to_hf=OUT --workdir=DIR [--step=N]`: a training run's checkpoint; returns the step used."""
-    from flax import nnx
-
     from flan_jax.train import checkpointing
 
     model, config, used_step = checkpointing.load_model(workdir, step)
-    params = nnx.state(model, nnx.Param)
     cfg: ModelConfig = model.cfg
+    params = plain_params(model, cfg)
     token_ids = {}
     init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
     if init_from and (pathlib.Path(init_from) / checkpoint.MODEL_CONFIG).is_file():

@@ -321,11 +321,11 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
     """(model, config, step) from a run's checkpoint: params only, on the first local device.
 
     For evaluation, notebooks and conversion. `step=None` takes the newest readable checkpoint.
+    A run that trained only some parameters (LoRA adapters, config.trainable) saved only those:
+    its frozen base is rebuilt from `checkpoint.init_from` (or the seed) and must have the
+    fingerprint the checkpoint recorded. The model keeps its adapters unmerged.
     """
-    from flax import nnx
-
-    from flan_jax.model import registry
-    from flan_jax.train import objectives, partitioning, state as state_lib
+    from flan_jax.train import loop, objectives, partitioning
 
     directory = epath.Path(workdir) / "checkpoints"
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
@@ -345,15 +345,13 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
                 logging.warning("Checkpoint %s has no checksums: loading it unverified", directory / str(candidate))
             config = config_from_dict(manager.restore(candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
             mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.local_devices()[:1])
-            cfg = registry.config_from(config.model)
             heads = objectives.get_objective(config).model_heads if "objective" in config else ()
-            parts = state_lib.ModelParts(
-                lambda: registry.build_model(cfg, rngs=nnx.Rngs(0), heads=heads), mesh, partitioning.axis_rules(config.mesh)
-            )
+            cfg, parts = loop.build_model(config, mesh, partitioning.axis_rules(config.mesh), heads=heads)
             abstract = jax.tree.map(
-                lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.abstract_params, parts.param_shardings
+                lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.trained_abstract, parts.trained_shardings
             )
             params = manager.restore(candidate, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+            base = _rebuilt_base(manager, candidate, config, parts, mesh, cfg, workdir) if parts.has_base else None
         except Exception as error:  # noqa: BLE001
             if step is not None:
                 raise
@@ -361,5 +359,24 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
             errors.append(error)
             continue
         manager.close()
-        return parts.merge(params), config, int(candidate)
+        return parts.merge(params, base), config, int(candidate)
     raise RuntimeError(f"No readable checkpoint in {workdir}: {errors}")
+
+
+def _rebuilt_base(manager, step: int, config, parts, mesh, model_cfg, workdir) -> Any:
+    """The frozen base of a run that trained a subset, rebuilt and checked against the checkpoint."""
+    from flan_jax.train import loop, state as state_lib
+
+    base = parts.base_part(loop.initial_params(config, parts, mesh, model_cfg))
+    saved = {}
+    if "frozen" in manager.item_metadata(step):
+        saved = manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"]
+    now = state_lib.fingerprint(base)
+    if saved.get(state_lib.BASE) != now:
+        source = config.checkpoint.get("init_from") or f"the seed ({config.seed})"
+        raise ValueError(
+            f"{workdir}: checkpoint {step} holds only the trained parameters; its frozen base is rebuilt from "
+            f"{source}, but that is not the base it was trained on (fingerprint {saved.get(state_lib.BASE)}, now {now}). "
+            "Restore the original checkpoint.init_from."
+        )
+    return base

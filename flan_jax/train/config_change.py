@@ -12,8 +12,9 @@ saved with it. Every field that differs is logged, and each falls in one of thre
                 refused unless `--config.train.allow_config_change=True`, then logged and recorded
                 in metrics.jsonl (`config_changes` of the first record after the resume);
   incompatible  fields the checkpoint cannot continue under at all: the model's architecture,
-                batch size, row length, packing, data workers, mixture, tokenizer and seed (the
-                data iterator's position and the parameters' shapes belong to them). Refused
+                LoRA's rank and targets, the trainable-parameter filter, batch size, row length,
+                packing, data workers, mixture, tokenizer and seed (the data iterator's position
+                and the parameters' shapes belong to them). Refused
                 always: start a new workdir (`checkpoint.init_from` takes converted weights).
 
 A field the checkpoint's config lacks (it was written by an older flan_jax) counts as unchanged
@@ -35,10 +36,13 @@ FREE = (
     # Only the initialisation reads it, which a resume does not redo (frozen slots rebuilt from it
     # are checked by their fingerprints, train/state.py).
     "model.init_std",
+    "lora.init_from",  # the adapters' starting point: the checkpoint holds where they are now
 )
 INCOMPATIBLE = (
     "seed", "data.batch_size", "data.seq_len", "data.pack", "data.worker_count", "data.num_packing_bins",
     "data.train_mixture", "data.train_split", "data.tokenizer.",
+    # Which parameters exist and are trained, and the frozen base's dtype (docs/lora.md).
+    "lora.rank", "lora.targets", "trainable.",
 )
 # Model fields that describe how to run it, not the architecture (config.RUNTIME_FIELDS minus
 # the dtypes, which change the numbers the run computes).

@@ -123,20 +123,26 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
 
     state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
     resumed = state is not None
+    initial = None
     if state is None:
         state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from:
-            state = state.replace(params=load_init_params(config.checkpoint.init_from, parts, model_cfg))
-    state, frozen_fingerprints = attach_frozen_slots(state, objective, parts, mesh, config, model_cfg, resumed=resumed)
+        if config.checkpoint.init_from or config.lora.get("init_from"):
+            initial = initial_params(config, parts, mesh, model_cfg)
+            state = state.replace(params=parts.trained_part(initial))
+    state, frozen_fingerprints = attach_frozen_slots(
+        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    )
+    del initial
     if resumed:
         check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
+    if parts.has_base:
+        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
     start_step = int(state.step)
     if is_main:  # only now: a restart refused above leaves the run's config.json as it was
         atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
-    n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
-    flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
+    flops_per_token = training_flops_per_token(parts, model_cfg, config.data.seq_len)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
     guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -245,38 +251,85 @@ def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
 
 
 def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str, ...] = ()):
-    """(model config, ModelParts) of `config.model`, through the family registry."""
-    from flan_jax.model import registry
+    """(model config, ModelParts) of `config.model`, through the family registry.
+
+    `config.lora` adds adapters; `config.trainable` (train/trainable.py) says which parameters
+    the optimizer trains (default: all, or with LoRA the adapters).
+    """
+    from flan_jax.model import lora, registry
+    from flan_jax.train import trainable
 
     model_cfg = registry.config_from(config.model)
+    lora_cfg = lora.LoRAConfig.from_config(config.get("lora"))
+    spec = trainable.spec_from_config(config)
     parts = state_lib.ModelParts(
-        lambda: registry.build_model(model_cfg, rngs=nnx.Rngs(config.seed), heads=heads), mesh, rules
+        lambda: registry.build_model(model_cfg, rngs=nnx.Rngs(config.seed), heads=heads, lora=lora_cfg),
+        mesh,
+        rules,
+        trainable=None if spec.trains_everything else spec,
     )
     return model_cfg, parts
 
 
 def initial_params(config, parts: state_lib.ModelParts, mesh, model_cfg) -> dict:
-    """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation."""
+    """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation.
+
+    LoRA adapters (absent from a converted base) start from the seed, or from the PEFT adapter of
+    `config.lora.init_from`. Frozen parameters come in the dtype they are held in.
+    """
     if config.checkpoint.init_from:
-        return load_init_params(config.checkpoint.init_from, parts, model_cfg)
-    return state_lib.init_params(parts, mesh)
+        params = load_init_params(config.checkpoint.init_from, parts, model_cfg, mesh=mesh)
+    else:
+        params = state_lib.init_params(parts, mesh)
+    if config.get("lora") is not None and config.lora.get("init_from"):
+        from flan_jax.convert import peft
+
+        params = peft.load_into(config.lora.init_from, params, parts, model_cfg, config)
+    return params
 
 
 def attach_frozen_slots(
-    state: state_lib.TrainState, objective, parts, mesh, config, model_cfg, *, resumed: bool
+    state: state_lib.TrainState, objective, parts, mesh, config, model_cfg, *, resumed: bool, initial: dict | None = None
 ) -> tuple[state_lib.TrainState, dict[str, str]]:
-    """Fills the frozen slots the objective reads; returns the state and their fingerprints.
+    """Fills the frozen slots of the run; returns the state and their fingerprints.
 
-    "reference" is the initial policy: on a fresh run a copy of the step-0 parameters, on a resume
-    rebuilt from the same source (init_from or seed) so it is never stored in the run's checkpoints.
+    "base" holds the parameters the trainable filter leaves out, "reference" (for objectives that
+    ask for it) a copy of the initial trained parameters: with LoRA that is the base with the
+    initial adapters (B = 0: the adapters switched off), so the reference shares the base and the
+    run holds one copy of the weights. On a fresh run the reference copies the step-0 parameters;
+    on a resume both are rebuilt from the same source (`initial`, or init_from / the seed), so
+    neither is ever stored in the run's checkpoints.
     """
-    frozen = {}
-    for slot in objective.frozen_slots:
+    slots = tuple(objective.frozen_slots)
+    for slot in slots:
         if slot != "reference":
             raise ValueError(f"Objective {objective.name!r} asks for frozen slot {slot!r}; the trainer builds 'reference' only")
-        frozen[slot] = initial_params(config, parts, mesh, model_cfg) if resumed else state_lib.copy_params(state.params)
+    frozen, base = {}, None
+    if initial is None and (parts.has_base or (resumed and slots)):
+        from_seed = not config.checkpoint.init_from and not config.lora.get("init_from")
+        if from_seed and not (resumed and slots):
+            base = state_lib.init_base(parts, mesh)  # only the base is initialised
+        else:
+            initial = initial_params(config, parts, mesh, model_cfg)
+    for slot in slots:
+        frozen[slot] = parts.trained_part(initial) if resumed else state_lib.copy_params(state.params)
+    if parts.has_base:
+        frozen[state_lib.BASE] = base if base is not None else parts.base_part(initial)
     fingerprints = {slot: state_lib.fingerprint(params) for slot, params in frozen.items()}
     return state.replace(frozen=frozen), fingerprints
+
+
+def training_flops_per_token(parts: state_lib.ModelParts, model_cfg, seq_len: int) -> float:
+    """The MFU numerator: frozen weights cost no weight gradient (4 FLOPs per token, not 6)."""
+    tied = model_cfg.tie_embeddings
+    axes_of = lambda tree: parts.selection.trained_part(tree) if parts.has_base else tree  # noqa: E731
+    trained = metrics_lib.matmul_param_count(parts.trained_abstract, axes_of(parts.logical_axes), tied_embeddings=tied)
+    frozen = 0
+    if parts.has_base:
+        frozen = metrics_lib.matmul_param_count(
+            parts.base_abstract, parts.selection.frozen_part(parts.logical_axes), tied_embeddings=tied
+        )
+    return metrics_lib.flops_per_token(model_cfg, trained, seq_len, n_frozen_matmul=frozen)
 
 
 def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int, fingerprints: dict[str, str]) -> None:
@@ -291,10 +344,12 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
         )
 
 
-def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
+def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=None) -> dict:
     """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
 
-    Params only: the optimizer state, step and data position start fresh.
+    Params only: the optimizer state, step and data position start fresh. LoRA adapters, which a
+    converted base lacks, start from the seed's initialisation (needs `mesh`); frozen parameters
+    are placed directly in the dtype they are held in (config.trainable.frozen_dtype).
     """
     from flan_jax import convert
     from flan_jax.model.config import RUNTIME_FIELDS
@@ -311,6 +366,9 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
             f"(field: (converted, config)): {differing}"
         )
     loaded = nnx.to_pure_dict(params)
+    from flan_jax.train import trainable
+
+    adapters = trainable.adapter_paths(parts.abstract_params)  # a converted base has none
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
@@ -321,7 +379,18 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
         return jax.device_put(np.asarray(value, abstract.dtype), sharding)
 
     logging.info("Initialising parameters from %s", path)
-    return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+    held = parts.selection.held(parts.abstract_params) if parts.has_base else parts.abstract_params
+    placed = jax.tree_util.tree_map_with_path(
+        place, loaded, trainable.without(held, adapters), trainable.without(parts.param_shardings, adapters)
+    )
+    if adapters:
+        if mesh is None:
+            raise ValueError("load_init_params: LoRA adapters start from the seed and need the mesh")
+        with jax.set_mesh(mesh):
+            fresh = jax.jit(lambda: trainable.only(parts.init_params(), adapters),
+                            out_shardings=trainable.only(parts.param_shardings, adapters))()
+        placed = trainable.join(placed, fresh)
+    return placed
 
 
 def data_counts(data_iter) -> dict[str, int]:

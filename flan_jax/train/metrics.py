@@ -71,9 +71,11 @@ def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddin
     return total
 
 
-def flops_per_token(model_config: Any, n_matmul: int, seq_len: int) -> float:
+def flops_per_token(model_config: Any, n_matmul: int, seq_len: int, n_frozen_matmul: int = 0) -> float:
+    """`n_frozen_matmul`: matmul weights the run does not train (LoRA's base): no weight gradient,
+    so 2 FLOPs forward + 2 for the input gradient."""
     attention = 12 * model_config.n_layers * model_config.n_heads * model_config.head_dim * seq_len
-    return float(6 * n_matmul + attention)
+    return float(6 * n_matmul + 4 * n_frozen_matmul + attention)
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
