@@ -157,7 +157,9 @@ def test_evaluation_and_exports_of_a_lora_run(lora_run, bases, tmp_path, capsys)
 def test_resuming_with_another_base_is_refused(lora_run, bases, tokenizer_path, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(lora_run, workdir)
-    config = train_fakes.demo_config(_overrides(tokenizer_path, bases[1], train__num_steps=STEPS + 3))
+    # A longer run is allowed as a config change; the other base is what must be refused.
+    config = train_fakes.demo_config(_overrides(tokenizer_path, bases[1], train__num_steps=STEPS + 3,
+                                                train__allow_config_change=True))
     with pytest.raises(ValueError, match=r"other frozen parameters \(slots \['base'\].*checkpoint.init_from"):
         loop.train(config, workdir)
     # load_model (evaluation, export) checks the rebuilt base too: the base folder replaced in place.
