@@ -169,8 +169,8 @@ def _decode(
     cache_len = prompt_len + steps
     slots = jnp.arange(cache_len)
 
-    # Prefill: the whole (left-padded) prompt in one pass, keys/values into slots [0, P); one mask
-    # per kind of layer (e.g. sliding-window and global ones).
+    # Prefill: the whole (left-padded) prompt in one pass, keys/values into slots [0, P).
+    # One mask per kind of layer (e.g. sliding-window and full ones).
     kinds = tuple(dict.fromkeys(model.kinds))
     prompt_masks = {
         kind: jnp.pad(attention_mask(segments, segments if prefix_lm else None, kind.sliding_window),

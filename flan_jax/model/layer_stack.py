@@ -12,7 +12,9 @@ a static *kind* per layer (any hashable value, e.g. `transformer.LayerKind`). Th
 with some period p (1 when every layer is alike); the scan then runs over groups of p layers,
 its body applying the p kinds of a group in order with each kind's static settings, and the
 n_layers % p layers left over run unrolled after it (flax's gemma example and MaxText's gemma3
-do the same with their attention types). The parameter layout does not depend on the grouping:
+do the same with their attention types). Kinds that never repeat but come in long runs (Qwen's
+full layers, then sliding ones) scan each run instead: `plan` picks whichever needs fewer layer
+bodies compiled. The parameter layout does not depend on the grouping:
 it is always `[n_layers, ...]` in layer order, so checkpoints, conversion and adapters need not
 know about kinds. A setting that is an array rather than a static value (e.g. a per-layer rope
 base) can be stacked like a parameter and read from the layer's slice inside the body.
@@ -69,6 +71,38 @@ def pattern_period(kinds: Sequence[Hashable]) -> int:
     return max(n, 1)
 
 
+# One piece of the plan: layers [start, start + groups * period), run as `groups` repeats of a
+# body of `period` layers (a scan when groups > 1, the layers unrolled otherwise).
+Segment = tuple[int, int, int]  # (start, groups, period)
+
+
+def plan(kinds: Sequence[Hashable]) -> list[Segment]:
+    """How the stacked layers run: the plan with the fewest distinct layer bodies to compile.
+
+    Periodic: one scan over groups of `pattern_period(kinds)` layers, then the leftover layers
+    (Gemma 2's alternation, Gemma 3's 5 local + 1 global: one body per kind of the period). Runs:
+    one scan per maximal run of equal kinds (e.g. Qwen's full layers followed by sliding ones,
+    which never repeat). Either way the compiled size no longer grows with depth.
+    """
+    n = len(kinds)
+    if not n:
+        return []
+    period = pattern_period(kinds)
+    groups = n // period
+    periodic = [(0, groups, period)] + ([(groups * period, 1, n - groups * period)] if n % period else [])
+    runs: list[Segment] = []
+    start = 0
+    for i in range(1, n + 1):
+        if i == n or kinds[i] != kinds[start]:
+            runs.append((start, i - start, 1))
+            start = i
+
+    def cost(segments: list[Segment]) -> int:
+        return sum(p for _, _, p in segments)
+
+    return periodic if cost(periodic) <= cost(runs) else runs
+
+
 def run_stacked(
     stacked: nnx.Module,
     kinds: Sequence[Hashable],
@@ -79,12 +113,9 @@ def run_stacked(
     remat: bool = False,
     policy: Callable | None = None,
 ) -> tuple[jax.Array, Any]:
-    """Applies the stacked layers in order: a scan over groups of `pattern_period(kinds)` layers,
-    then the remaining layers unrolled. Returns (x, cache) after the last layer."""
+    """Applies the stacked layers in order, segment by segment of `plan(kinds)`. Returns (x, cache)
+    after the last layer."""
     graphdef, state = nnx.split(stacked)
-    n = len(kinds)
-    period = pattern_period(kinds)
-    groups = n // period
 
     def layer(layer_state, x, cache, index, kind):
         return body(nnx.merge(graphdef, layer_state), x, cache, index, kind)
@@ -97,23 +128,25 @@ def run_stacked(
 
     scanned_layer, unrolled_layer = make(True), make(False)
 
-    def group(carry, xs):
-        x, cache = carry
-        group_state, first_index = xs
-        for j in range(period):
-            layer_state = group_state if period == 1 else jax.tree.map(lambda a: a[j], group_state)
-            x, cache = scanned_layer(layer_state, x, cache, first_index + j, kinds[j])
-        return (x, cache), None
+    for start, groups, period in plan(kinds):
+        if groups == 1:
+            for i in range(start, start + period):
+                x, cache = unrolled_layer(jax.tree.map(lambda a: a[i], state), x, cache, jnp.int32(i), kinds[i])
+            continue
+        segment_kinds = kinds[start:start + period]
 
-    if groups:
-        used = groups * period
+        def group(carry, xs, segment_kinds=segment_kinds, period=period):
+            x, cache = carry
+            group_state, first_index = xs
+            for j in range(period):
+                layer_state = group_state if period == 1 else jax.tree.map(lambda a: a[j], group_state)
+                x, cache = scanned_layer(layer_state, x, cache, first_index + j, segment_kinds[j])
+            return (x, cache), None
 
-        def grouped(a):
-            a = a if used == n else a[:used]
+        def grouped(a, start=start, groups=groups, period=period):
+            a = a[start:start + groups * period] if (start, groups * period) != (0, a.shape[0]) else a
             return a if period == 1 else a.reshape(groups, period, *a.shape[1:])
 
-        xs = (jax.tree.map(grouped, state), jnp.arange(groups, dtype=jnp.int32) * period)
+        xs = (jax.tree.map(grouped, state), start + jnp.arange(groups, dtype=jnp.int32) * period)
         (x, cache), _ = jax.lax.scan(group, (x, cache), xs)
-    for i in range(groups * period, n):
-        x, cache = unrolled_layer(jax.tree.map(lambda a: a[i], state), x, cache, jnp.int32(i), kinds[i])
     return x, cache

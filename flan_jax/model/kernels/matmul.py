@@ -1,6 +1,7 @@
-"""Weight matmuls with float32 accumulation in every pass, forward and backward.
+"""Weight matmuls: `tensordot` in the compute dtype ("xla"), or with float32 accumulation in every
+pass, forward and backward ("cpu"; see flan_jax.model.kernels).
 
-Why a custom VJP: with bfloat16 operands, XLA's CPU backend (YNNPACK) and GPUs run a matmul that
+Why a custom VJP for "cpu": with bfloat16 operands, XLA's CPU backend (YNNPACK) and GPUs run a matmul that
 accumulates into float32 (`preferred_element_type=float32`) on the bf16 dot-product units, about
 2x a float32 matmul on this project's CPU (benchmarks/RESULTS.md); a matmul whose *output* is
 bf16, or whose operands mix f32 and bf16, falls back to the slow path. Autodiff of
@@ -26,16 +27,22 @@ from flan_jax import sharding
 
 
 def dense_dot(
-    x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype, kernel_axes: tuple[str, ...] | None = None
+    x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype, impl: str = "cpu",
+    kernel_axes: tuple[str, ...] | None = None,
 ) -> jax.Array:
-    """`tensordot(x, kernel, n_in)` computed in `dtype` with float32 accumulation, result in `dtype`.
+    """`tensordot(x, kernel, n_in)` computed in `dtype`, result in `dtype`.
 
-    `kernel` stays in its parameter dtype here (the cast happens inside), so its gradient is
-    accumulated and returned in that dtype. `kernel_axes` (its logical axis names) pin the cast
-    copy to the kernel's own sharding, so an FSDP all-gather moves the compute dtype
-    (`sharding.cast_sharded`).
+    impl="cpu": float32 accumulation in the forward and both backward matmuls; `kernel` stays in
+    its parameter dtype until inside, so its gradient is accumulated and returned in that dtype.
+    impl="xla": `tensordot` of the operands cast to `dtype`, differentiated by autodiff (GPUs and
+    TPUs accumulate bf16 matmuls in float32 in hardware). Either way `kernel_axes` (the kernel's
+    logical axis names) pin the cast copy to the kernel's own sharding, so an FSDP all-gather
+    moves the compute dtype, not the float32 master weights (`sharding.cast_sharded`).
     """
-    return _f32_accumulated_dot(x.astype(jnp.dtype(dtype)), kernel, n_in, kernel_axes)
+    dtype = jnp.dtype(dtype)
+    if impl == "xla":
+        return jnp.tensordot(x.astype(dtype), sharding.cast_sharded(kernel, dtype, kernel_axes), axes=n_in)
+    return _f32_accumulated_dot(x.astype(dtype), kernel, n_in, kernel_axes)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
