@@ -115,6 +115,43 @@ def check_same_shapes(tree: Any, like: Any, *, what: str) -> None:
             )
 
 
+# ---------------------------------------------------------------------- selecting by path
+class PartialStackError(ValueError):
+    """A selection (trainable paths, LoRA targets) that picks only some layers of a stacked array."""
+
+
+def layer_names(name: str, n_layers: int) -> list[str] | None:
+    """The per-layer names of a slash-joined stacked path ('layers/attn/q' -> 'layers/0/attn/q',
+    ...), i.e. what the same parameter is called in the unrolled layout; None if not stacked."""
+    parts = name.split("/")
+    if LAYERS not in parts:
+        return None
+    at = parts.index(LAYERS)
+    if at + 1 < len(parts) and _is_index(parts[at + 1]):
+        return None
+    return ["/".join([*parts[:at + 1], str(i), *parts[at + 1:]]) for i in range(n_layers)]
+
+
+def layerwise(name: str, n_layers: int, selected: Callable[[str], bool], what: str) -> bool:
+    """Whether `selected` (a predicate over unrolled names) picks the parameter `name`.
+
+    A stacked parameter holds every layer's array as one, so it is picked when `selected` picks
+    every one of its layer names, not picked when it picks none, and a PartialStackError names
+    the layers otherwise: selections mean the same in both layouts, or fail, never differ.
+    """
+    names = layer_names(name, n_layers)
+    if names is None:
+        return selected(name)
+    picked = [i for i, n in enumerate(names) if selected(n)]
+    if len(picked) in (0, n_layers):
+        return bool(picked)
+    raise PartialStackError(
+        f"{what} selects layers {picked} of the {n_layers} in {name}: with scanned layers "
+        "(config.model.scan_layers) every layer's parameter is one stacked array, so a selection takes "
+        "all layers or none. Select whole stacks, or set config.model.scan_layers=False to choose layers."
+    )
+
+
 # ---------------------------------------------------------------------- tree walking
 def _plain(tree: Any) -> Any:
     """nnx.State -> its pure dict (the layout lives in the keys, not in Variable objects)."""
