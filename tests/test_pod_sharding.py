@@ -21,16 +21,17 @@ from flan_jax import model as fm
 from flan_jax.train import aot, partitioning
 from tests import train_fakes
 
-CASES = [  # mesh (data, fsdp, tensor), family, scanned layers; (2, 2, 2) runs through benchmarks/aot_fit.py below
-    ((4, 2, 1), "gpt2", False),  # learned position table: a second lookup
-    ((1, 4, 2), "gemma", True),  # tied head: the embedding is also the output projection
+CASES = [  # mesh (data, fsdp, tensor), family, scanned layers, kernels; (2, 2, 2) runs through benchmarks/aot_fit.py below
+    ((4, 2, 1), "gpt2", False, "cpu"),  # learned position table: a second lookup
+    # Tied head: the embedding is also the output projection; "xla": the kernels a GPU/TPU gets.
+    ((1, 4, 2), "gemma", True, "xla"),
 ]
 
 
-def _config(mesh_shape, family: str, scan: bool):
+def _config(mesh_shape, family: str, scan: bool, kernels: str = "auto"):
     config = default_config.get_config()
     config.model.update(family=family, vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                        d_ff=128, max_positions=32, dtype="bfloat16", scan_layers=scan)
+                        d_ff=128, max_positions=32, dtype="bfloat16", scan_layers=scan, kernels=kernels)
     config.data.seq_len, config.data.batch_size = 32, 8
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
     return config
@@ -58,9 +59,10 @@ def _compile_logits(config) -> None:
         jax.jit(logits).lower(params, tokens).compile()
 
 
-@pytest.mark.parametrize("mesh_shape,family,scan", CASES)
-def test_embedding_and_logits_compile_without_involuntary_rematerialisation_and_gather_bf16(mesh_shape, family, scan, capfd):
-    config = _config(mesh_shape, family, scan)
+@pytest.mark.parametrize("mesh_shape,family,scan,kernels", CASES)
+def test_embedding_and_logits_compile_without_involuntary_rematerialisation_and_gather_bf16(mesh_shape, family, scan, kernels,
+                                                                                            capfd):
+    config = _config(mesh_shape, family, scan, kernels)
     report = aot.compile_train_step(config)
     _compile_logits(config)
     log = capfd.readouterr().err

@@ -49,7 +49,11 @@ def packed_inputs(rows=2, length=16, seed=0):
     return [jnp.asarray(batch[k]) for k in ("input_tokens", "positions", "segment_ids")]
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", {"sliding_window": 5}), ("gpt2", {}), ("gemma", {})])
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", {}), ("mistral", {"sliding_window": 5}), ("gpt2", {}), ("gemma", {}),
+    ("llama", {"kernels": "xla"}),  # the plain formulation a GPU/TPU runs
+    ("gemma2", {"layer_types": ("sliding", "full", "sliding"), "sliding_window": 4, "kernels": "xla"}),
+])
 def test_scanned_and_unrolled_hold_the_same_weights_and_give_equal_logits(family, overrides):
     unrolled, scanned = build(family, False, **overrides), build(family, True, **overrides)
     assert isinstance(unrolled.layers, nnx.List) and not isinstance(scanned.layers, nnx.List)
