@@ -103,3 +103,8 @@ def test_gradients_are_reduced_then_sliced_where_the_gpu_pipeline_forms_reduce_s
     # Only small things are all-reduced without a slice: scalars (loss, norms) and 1-D norm scales.
     matrices = aot.count_collectives(report.partitioned_hlo, min_rank=2).get("all-reduce", {})
     assert sum(matrices.values()) <= report.all_reduces_then_sliced, (matrices, collectives)
+    # What benchmarks/gpu_collectives.py reports for XLA:GPU: on XLA:CPU the compiled program
+    # keeps the matrix all-reduces (no reduce-scatter pass), as the issue saw.
+    reductions = report.gradient_reductions()
+    assert reductions["partitioned_all_reduces_then_sliced"] == report.all_reduces_then_sliced
+    assert reductions["compiled_reduce_scatters"] == 0 and reductions["compiled_matrix_all_reduces"] > 0, reductions

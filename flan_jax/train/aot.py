@@ -47,6 +47,8 @@ class StepReport:
     replicated_large_leaves: list[str]  # state arrays over 16 MiB that are not sharded at all
     temp_bytes: int | None  # XLA's temporary buffers as this backend plans them
     partitioned_hlo: str  # the step after SPMD partitioning ("" if the backend ran no such pass)
+    # The compiled program (after the backend's own passes: XLA:GPU forms reduce-scatters there).
+    optimized_hlo: str = ""
 
     @property
     def state_bytes_per_device(self) -> int:
@@ -64,6 +66,21 @@ class StepReport:
     @property
     def all_reduces_then_sliced(self) -> int:
         return count_all_reduce_then_slice(self.partitioned_hlo)
+
+    def gradient_reductions(self) -> dict[str, int]:
+        """How the weight gradients are reduced: after partitioning (all-reduces of matrices, and
+        those sliced right after: the reduce-scatter pattern) and in the compiled program
+        (reduce-scatters and matrix all-reduces the backend kept). On XLA:CPU the compiled
+        program keeps the all-reduces; XLA:GPU should turn the sliced ones into reduce-scatters."""
+        def matrices(hlo: str, kind: str) -> int:
+            return sum(count_collectives(hlo, min_rank=2).get(kind, {}).values())
+
+        return {
+            "partitioned_matrix_all_reduces": matrices(self.partitioned_hlo, "all-reduce"),
+            "partitioned_all_reduces_then_sliced": self.all_reduces_then_sliced,
+            "compiled_reduce_scatters": sum(count_collectives(self.optimized_hlo).get("reduce-scatter", {}).values()),
+            "compiled_matrix_all_reduces": matrices(self.optimized_hlo, "all-reduce"),
+        }
 
 
 def compile_train_step(config: Any, *, devices: list | None = None) -> StepReport:
@@ -119,6 +136,7 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
         replicated_large_leaves=replicated_params + replicated_opt,
         temp_bytes=getattr(memory, "temp_size_in_bytes", None) if memory is not None else None,
         partitioned_hlo=hlo,
+        optimized_hlo=compiled.as_text() or "",
     )
 
 
