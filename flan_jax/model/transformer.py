@@ -377,6 +377,9 @@ class Transformer(nnx.Module):
         unknown = sorted(set(heads) - set(SCALAR_HEADS))
         if unknown:
             raise ValueError(f"Transformer: unknown head(s) {unknown}; the decoder carries {SCALAR_HEADS}")
+        # A built model's config says its layout: `scan_layers=None` resolves by depth, dtype and
+        # backend, so `model.cfg.replace(dtype=...)` must not flip it for the model's own weights.
+        cfg = cfg if cfg.scan_layers is not None else cfg.replace(scan_layers=cfg.scanned)
         self.cfg = cfg
         init = nnx.initializers.normal(cfg.init_std)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
