@@ -21,9 +21,9 @@ CORE = [
 ]
 
 EXTRAS = {
-    # Parity tests against the reference implementations. torch is pinned to the CPU build
+    # Parity tests against the reference implementations (trl: the preference losses). torch is pinned to the CPU build
     # (an unpinned torch pulls a multi-GB CUDA build).
-    "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "trl==1.16.0"],
     "tfds": ["tensorflow-datasets==4.9.10", "array_record"],
     "notebooks": ["nbformat", "nbclient", "ipykernel"],
     "test": ["pytest", "pytest-xdist"],
