@@ -110,6 +110,15 @@ def get_config() -> ml_collections.ConfigDict:
     # What the step minimises (flan_jax/train/objectives): "sft" = next-token cross-entropy on the
     # responses, configured by config.loss below.
     objective.name = "sft"
+    # Preference objectives (on data.PreferenceTask pairs): "reward_model", "dpo", "ipo", "simpo".
+    objective.beta = 0.1  # dpo / ipo / simpo: the inverse temperature of the implicit reward
+    objective.label_smoothing = 0.0  # dpo: > 0 is conservative DPO (the share of labels assumed flipped)
+    objective.simpo_gamma = 0.5  # simpo: the target reward margin
+    objective.margin = 0.0  # reward_model: -log sigmoid(r_chosen - r_rejected - margin)
+    # dpo / ipo: where the reference log-probs come from: "cache" (one pass of the initial policy over
+    # the run's pairs before training, kept in DIR/reference_cache/) or "model" (a frozen copy of the
+    # initial policy run at every step).
+    objective.reference = "cache"
 
     # ---------------------------------------------------------------- loss (the "sft" objective)
     config.loss = loss = ml_collections.ConfigDict()

@@ -51,7 +51,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     objective = objectives.get_objective(config)
-    tokenizer, data_iter = build_data(config, workdir)
+    tokenizer = build_tokenizer(config, workdir)
     check_evaluation(config)
     model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
     if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
@@ -64,6 +64,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
         )
+    converter = build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules, workdir)
+    data_iter = build_train_iterator(config, tokenizer, converter)
     num_steps = int(config.train.num_steps)
     tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps)
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
@@ -74,7 +76,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if state is None:
         state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
         if config.checkpoint.init_from:
-            state = state.replace(params=load_init_params(config.checkpoint.init_from, parts, model_cfg))
+            state = state.replace(params=load_init_params(config.checkpoint.init_from, parts, model_cfg, mesh))
     state, frozen_fingerprints = attach_frozen_slots(state, objective, parts, mesh, config, model_cfg, resumed=resumed)
     if resumed:
         check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
@@ -154,26 +156,62 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: expected 'max' or 'min'")
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
-    """(tokenizer, this process's checkpointable batch iterator)."""
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """The run's tokenizer (trained into the workdir when config.data.tokenizer.path is empty)."""
     from flan_jax import data
-    from flan_jax.data import loader, tokenizer as tokenizer_lib
+    from flan_jax.data import tokenizer as tokenizer_lib
 
     data.import_task_modules(config.data.task_modules)
-    tokenizer = tokenizer_lib.load_tokenizer(
+    return tokenizer_lib.load_tokenizer(
         config.data.tokenizer,
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
     )
-    data_iter = loader.make_train_iterator(
+
+
+def build_train_iterator(config: ml_collections.ConfigDict, tokenizer, converter=None):
+    """This process's checkpointable batch iterator, in `converter`'s layout (decoder rows by default)."""
+    from flan_jax.data import converters, loader
+
+    return loader.make_train_iterator(
         config.data,
         tokenizer,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        converter=converter or converters.DECODER,
     )
-    return tokenizer, data_iter
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """(tokenizer, this process's checkpointable batch iterator) of an SFT run."""
+    tokenizer = build_tokenizer(config, workdir)
+    return tokenizer, build_train_iterator(config, tokenizer)
+
+
+def build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules, workdir):
+    """The batch layout the objective trains on (its own, e.g. preference pairs, else the family's).
+
+    An objective that reads cached reference log-probs (DPO / IPO with objective.reference="cache")
+    gets a converter that attaches them; the cache is computed here, before training, by one pass
+    of the initial policy over the run's pairs (flan_jax.train.reference_cache), or reused.
+    """
+    from flan_jax.data import converters
+    from flan_jax.model import registry
+
+    name = getattr(objective, "feature_converter", "") or registry.get_family(model_cfg.family).feature_converter
+    if converters.REFERENCE_FEATURE not in objective.features:
+        return converters.get_converter(name)
+    from flan_jax.train import reference_cache
+
+    reference = initial_params(config, parts, mesh, model_cfg)
+    cache = reference_cache.prepare(
+        config, workdir, tokenizer, objective, parts=parts, reference_params=reference, mesh=mesh, rules=rules,
+        make_iterator=lambda: build_train_iterator(config, tokenizer, converters.PAIRS),
+    )
+    del reference
+    return converters.PairConverter(reference=cache)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str, ...] = ()):
@@ -190,7 +228,7 @@ def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str
 def initial_params(config, parts: state_lib.ModelParts, mesh, model_cfg) -> dict:
     """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation."""
     if config.checkpoint.init_from:
-        return load_init_params(config.checkpoint.init_from, parts, model_cfg)
+        return load_init_params(config.checkpoint.init_from, parts, model_cfg, mesh)
     return state_lib.init_params(parts, mesh)
 
 
@@ -223,26 +261,41 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
         )
 
 
-def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
-    """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
+def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=None) -> dict:
+    """The parameters of `checkpoint.init_from` placed into this run's shardings.
 
-    Params only: the optimizer state, step and data position start fresh.
+    `path` is converted weights (`flan_jax.convert.load_converted`) or another run's workdir (its
+    newest checkpoint, e.g. an SFT run a reward model or DPO starts from). Params only: the
+    optimizer state, step and data position start fresh. Scalar heads (`score`, `value`) this run
+    needs but the source lacks start from the seed's initialisation; heads the source has and this
+    run does not use are left out; both are logged. Any other difference is an error.
     """
-    from flan_jax import convert
     from flan_jax.model.config import RUNTIME_FIELDS
 
-    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
+    source_cfg, loaded = _init_from_source(path, model_cfg)
     differing = {
         k: (v, model_cfg.to_dict().get(k))
-        for k, v in converted_cfg.to_dict().items()
+        for k, v in source_cfg.to_dict().items()
         if k not in RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
     }
     if differing:
         raise ValueError(
             f"checkpoint.init_from={path}: its architecture differs from config.model "
-            f"(field: (converted, config)): {differing}"
+            f"(field: (checkpoint, config)): {differing}"
         )
-    loaded = nnx.to_pure_dict(params)
+    heads = "scalar_heads"
+    wanted, have = parts.abstract_params.get(heads) or {}, loaded.pop(heads, None) or {}
+    if set(have) - set(wanted):
+        logging.info("checkpoint.init_from=%s: leaving out its head(s) %s, unused by this run", path, sorted(set(have) - set(wanted)))
+    missing = sorted(set(wanted) - set(have))
+    if wanted:
+        loaded[heads] = {name: have[name] for name in wanted if name in have}
+    if missing:
+        logging.info("checkpoint.init_from=%s: head(s) %s start from the seed's initialisation", path, missing)
+        fresh = jax.device_get(state_lib.init_params(parts, mesh)[heads]) if mesh is not None else None
+        if fresh is None:
+            raise ValueError(f"checkpoint.init_from={path} lacks the head(s) {missing} and no mesh was given to initialise them")
+        loaded[heads].update({name: fresh[name] for name in missing})
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
@@ -253,7 +306,28 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
         return jax.device_put(np.asarray(value, abstract.dtype), sharding)
 
     logging.info("Initialising parameters from %s", path)
-    return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+    try:
+        return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+    except ValueError as error:
+        if "shape" in str(error):
+            raise
+        raise ValueError(f"checkpoint.init_from={path}: its parameters do not match config.model's ({error})") from None
+
+
+def _init_from_source(path: str, model_cfg) -> tuple[Any, dict]:
+    """(model config, params as a pure dict of host arrays) of converted weights or a run's workdir."""
+    if (epath.Path(path) / "checkpoints").is_dir():
+        source, source_config, step = checkpointing.load_model(path)
+        logging.info("checkpoint.init_from=%s: the run's checkpoint of step %d", path, step)
+        from flan_jax.model import registry
+
+        params = jax.device_get(nnx.to_pure_dict(nnx.state(source, nnx.Param)))
+        params = jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), params)
+        return registry.config_from(source_config.model), params
+    from flan_jax import convert
+
+    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
+    return converted_cfg, nnx.to_pure_dict(params)
 
 
 def data_counts(data_iter) -> dict[str, int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from flan_jax.data.converters.decoder import DECODER, DecoderConverter
-from flan_jax.data.converters.pairs import PAIRS, PairConverter
+from flan_jax.data.converters.pairs import PAIRS, REFERENCE_FEATURE, PairConverter
 
 CONVERTERS = {DECODER.name: DECODER, PAIRS.name: PAIRS}
 
@@ -34,4 +34,4 @@ def get_converter(name: str) -> Any:
         raise ValueError(f"unknown feature converter {name!r}; known: {', '.join(sorted(CONVERTERS))}") from None
 
 
-__all__ = ["CONVERTERS", "DECODER", "DecoderConverter", "PAIRS", "PairConverter", "get_converter"]
+__all__ = ["CONVERTERS", "DECODER", "DecoderConverter", "PAIRS", "PairConverter", "REFERENCE_FEATURE", "get_converter"]

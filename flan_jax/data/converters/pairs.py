@@ -31,6 +31,7 @@ first dropped pairs are logged with the file and line they came from.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from flan_jax.data.tokenizer import Tokenizer
 
 PAIR_KEYS = ("pair_ids", "response_role")
 BATCH_KEYS = packing.BATCH_KEYS + PAIR_KEYS
+REFERENCE_FEATURE = "reference_logps"  # with a reference cache: each response's reference log-prob at its last position
 CHOSEN, REJECTED = 1, 2  # response_role values (and the local segment of each half)
 _LOGGED_DROPS = 3
 
@@ -92,27 +94,57 @@ def build_pair_features(
 
 def build_pair_row(pairs: Sequence[Mapping[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
     """One row holding `pairs` one after another (segments 2k-1, 2k; pair id k), then padding (all 0)."""
-    row = {key: np.zeros(seq_len, dtype=np.float32 if key == "loss_weights" else np.int32) for key in BATCH_KEYS}
+    extra = (REFERENCE_FEATURE,) if pairs and REFERENCE_FEATURE in pairs[0] else ()
+    floats = ("loss_weights", *extra)
+    row = {key: np.zeros(seq_len, dtype=np.float32 if key in floats else np.int32) for key in (*BATCH_KEYS, *extra)}
     start = 0
     for pair, features in enumerate(pairs, start=1):
         end = start + len(features["input_tokens"])
         if end > seq_len:
             raise ValueError(f"{end} features do not fit in seq_len={seq_len}")
-        for key in (*FEATURE_KEYS, "positions", "response_role"):
+        for key in (*FEATURE_KEYS, "positions", "response_role", *extra):
             row[key][start:end] = features[key]
         row["segment_ids"][start:end] = 2 * (pair - 1) + features["local_segment"]
         row["pair_ids"][start:end] = pair
         start = end
+    if extra and np.isnan(row[REFERENCE_FEATURE]).any():
+        raise ValueError(
+            "a pair of this batch has no cached reference log-probs: the run reads past the steps its reference "
+            "cache covers (it is computed for train.num_steps at start; restart the run to extend it)"
+        )
     return row
 
 
+def pair_key(input_tokens: np.ndarray, target_tokens: np.ndarray, local_segment: np.ndarray) -> bytes:
+    """A 16-byte digest of one pair's features (both halves, as packed): its key in a reference cache."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (input_tokens, target_tokens, local_segment):
+        digest.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+    return digest.digest()
+
+
+def reference_feature(features: Mapping[str, np.ndarray], values: tuple[float, float]) -> np.ndarray:
+    """The per-token `reference_logps` of one pair: each response's value at the last position of its half."""
+    out = np.zeros(len(features["input_tokens"]), np.float32)
+    boundary = int(np.argmax(features["local_segment"] == REJECTED))
+    out[boundary - 1], out[-1] = values
+    return out
+
+
 class PairConverter:
-    """Preference pairs for the reward-model and DPO-family objectives (see the module docstring)."""
+    """Preference pairs for the reward-model and DPO-family objectives (see the module docstring).
+
+    With `reference` (an object with `lookup(key) -> (chosen, rejected) | None`, e.g.
+    flan_jax.train.reference_cache.ReferenceCache), every pair also carries its reference
+    log-probs as the per-token feature `reference_logps`; a row holding a pair the cache lacks
+    is refused when it is built (never trained on with a made-up reference).
+    """
 
     name = "pairs"
-    batch_keys = BATCH_KEYS
 
-    def __init__(self):
+    def __init__(self, reference: Any = None):
+        self.reference = reference
+        self.batch_keys = BATCH_KEYS + ((REFERENCE_FEATURE,) if reference is not None else ())
         self._drops_logged = 0
 
     def featurize(
@@ -133,6 +165,10 @@ class PairConverter:
             eos_id=tokenizer.eos_id,
             config=config,
         )
+        if features is not None and self.reference is not None:
+            key = pair_key(features["input_tokens"], features["target_tokens"], features["local_segment"])
+            values = self.reference.lookup(key)
+            features[REFERENCE_FEATURE] = reference_feature(features, (np.nan, np.nan) if values is None else values)
         if outcome is Outcome.DROPPED and self._drops_logged < _LOGGED_DROPS:
             self._drops_logged += 1
             logging.warning(
@@ -150,7 +186,7 @@ class PairConverter:
         return build_pair_row([example], seq_len)
 
     def __repr__(self) -> str:
-        return "PairConverter()"
+        return "PairConverter()" if self.reference is None else "PairConverter(reference=<cache>)"
 
 
 PAIRS = PairConverter()
