@@ -3,7 +3,8 @@
 Large models are written in 5 GiB shards with the usual index file, one shard in memory at a time.
 
 Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
-read through `flan_jax.train.checkpointing.load_model`). Tied models write no `lm_head.weight`,
+read through `flan_jax.train.checkpointing.load_model`); a reward-model run is written as a
+`*ForSequenceClassification` (flan_jax.convert.reward). Tied models write no `lm_head.weight`,
 as transformers 5 does itself.
 """
 
@@ -128,6 +129,11 @@ def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike
     model, config, used_step = checkpointing.load_model(workdir, step)
     params = nnx.state(model, nnx.Param)
     cfg: ModelConfig = model.cfg
+    if getattr(model, "scalar_heads", None) is not None and "score" in model.scalar_heads:  # a reward model
+        from flan_jax.convert import reward
+
+        reward.write_hf_reward_model(out_dir, cfg, params, tokenizer_dir=workdir)
+        return used_step
     token_ids = {}
     init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
     if init_from and (pathlib.Path(init_from) / checkpoint.MODEL_CONFIG).is_file():

@@ -264,8 +264,9 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
 def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=None) -> dict:
     """The parameters of `checkpoint.init_from` placed into this run's shardings.
 
-    `path` is converted weights (`flan_jax.convert.load_converted`) or another run's workdir (its
-    newest checkpoint, e.g. an SFT run a reward model or DPO starts from). Params only: the
+    `path` is converted weights (`flan_jax.convert.load_converted`), another run's workdir (its
+    newest checkpoint, e.g. an SFT run a reward model or DPO starts from), or a Hugging Face
+    `*ForSequenceClassification` reward model folder (flan_jax.convert.reward). Params only: the
     optimizer state, step and data position start fresh. Scalar heads (`score`, `value`) this run
     needs but the source lacks start from the seed's initialisation; heads the source has and this
     run does not use are left out; both are logged. Any other difference is an error.
@@ -326,6 +327,11 @@ def _init_from_source(path: str, model_cfg) -> tuple[Any, dict]:
         return registry.config_from(source_config.model), params
     from flan_jax import convert
 
+    hf_config = epath.Path(path) / "config.json"
+    if hf_config.is_file() and any(a.endswith("ForSequenceClassification") for a in json.loads(hf_config.read_text()).get("architectures", [])):
+        cfg, flat = convert.load_hf_reward_model(path)  # a Hugging Face reward model, read directly
+        params = convert.checkpoint.nest({p: np.asarray(v, model_cfg.param_dtype) for p, v in flat.items()})
+        return cfg, params
     converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
     return converted_cfg, nnx.to_pure_dict(params)
 
