@@ -109,7 +109,7 @@ class ReferenceCache:
         keys = np.frombuffer(b"".join(self.values), np.uint8).reshape(-1, _KEY_BYTES)
         numbers = np.asarray(list(self.values.values()), np.float32).reshape(-1, 2)
         target = folder / f"pairs_{jax.process_index()}.npz"
-        tmp = target.with_suffix(".tmp.npz")
+        tmp = folder / f".{target.stem}.tmp.npz"  # hidden: never read as a finished file
         np.savez(tmp, keys=keys, values=numbers)
         os.replace(tmp, target)
         if jax.process_count() > 1:
