@@ -5,7 +5,9 @@
 
 The model (architecture and parameters) and the tokenizer come from the workdir's run; the
 config supplies what to evaluate and how (the `eval` section, `data.seq_len`, `data.prefix_lm`).
-Without --config the run's own config (DIR/config.json) is used. Results go to DIR/eval/
+Without --config the run's own config (DIR/config.json) is used. Preference tasks report pair
+accuracy: by the reward model's scores, or, for a DPO-family run, by the implicit reward against
+the run's reference (its `checkpoint.init_from`, rebuilt). Results go to DIR/eval/
 (step_<N>.json, step_<N>.md, predictions_<N>.jsonl; few-shot ones end in _<k>shot), and the
 table is printed.
 """
@@ -33,7 +35,9 @@ def main(argv: list[str]) -> None:
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.eval import report
     from flan_jax.eval.evaluator import evaluate
+    from flan_jax.eval.preference import load_reference_model
     from flan_jax.train.checkpointing import load_model
+    from flan_jax.train.objectives import get_objective
 
     model, run_config, step = load_model(_WORKDIR.value, step=_STEP.value)
     config = _CONFIG.value if _CONFIG.value is not None else run_config
@@ -41,7 +45,10 @@ def main(argv: list[str]) -> None:
     if not config.eval.mixtures:
         raise app.UsageError("config.eval.mixtures is empty: name the tasks or mixtures to evaluate")
     tokenizer = load_tokenizer(run_config.data, workdir=_WORKDIR.value)
-    results = evaluate(model, tokenizer, config, workdir=_WORKDIR.value, step=step)
+    reference = None
+    if getattr(get_objective(run_config), "compares_with_reference", False):  # DPO / IPO: implicit rewards
+        reference = lambda: load_reference_model(run_config)  # noqa: E731
+    results = evaluate(model, tokenizer, config, workdir=_WORKDIR.value, step=step, reference=reference)
     sys.stdout.write(report.markdown(results))
     stem = report.file_stem(step, int(config.eval.num_shots))
     print(f"Results written to {_WORKDIR.value}/eval/{stem}.json (+ .md, {stem.replace('step_', 'predictions_', 1)}.jsonl)")

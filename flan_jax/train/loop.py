@@ -89,8 +89,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     preemption = PreemptionWatcher()
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
+    def eval_reference():
+        """The initial policy, for the implicit rewards of DPO-family runs (rebuilt when not held)."""
+        if "reference" in state.frozen:
+            return parts.merge(state.frozen["reference"], state.frozen.get("base"))
+        return parts.merge(initial_params(config, parts, mesh, model_cfg))
+
     def evaluate(step: int) -> dict | None:
-        return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step)
+        reference = eval_reference if getattr(objective, "compares_with_reference", False) else None
+        return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step, reference)
 
     logged: dict[str, Any] = {}
     eval_results = None
@@ -362,14 +369,18 @@ def check_evaluation(config) -> None:
         evaluator.check(config)
 
 
-def run_evaluation(config, model, tokenizer, workdir, step: int) -> dict | None:
-    """Evaluates `config.eval.mixtures` and writes DIR/eval/step_<N>.json (no-op without mixtures)."""
+def run_evaluation(config, model, tokenizer, workdir, step: int, reference=None) -> dict | None:
+    """Evaluates `config.eval.mixtures` and writes DIR/eval/step_<N>.json (no-op without mixtures).
+
+    `reference` (a function returning the reference model) makes preference tasks score the DPO
+    implicit reward.
+    """
     if not config.eval.mixtures:
         return None
     from flan_jax.eval import evaluator
 
     started = time.perf_counter()
-    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step)
+    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step, reference=reference)
     logging.info("Evaluation at step %d took %.1fs: %s", step, time.perf_counter() - started, results.get("summary"))
     return results
 

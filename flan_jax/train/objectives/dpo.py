@@ -30,6 +30,8 @@ from flan_jax.train.objectives.pairwise import REFERENCE_FEATURE, PairwiseObject
 class _ReferencedObjective(PairwiseObjective):
     """DPO and IPO: the loss compares the policy with the reference."""
 
+    compares_with_reference = True  # evaluation scores preference pairs by the implicit reward
+
     def __init__(self, config: Any):
         super().__init__(config)
         self.beta = float(self.settings.beta)
