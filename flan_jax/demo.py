@@ -7,9 +7,12 @@ questions side by side:
   (a) seen tasks, rendered with instruction templates never used in training;
   (b) a task cluster never trained on at all.
 
+Then a preference stage (flan_jax/demo_preference.py): DPO of the tuned model on the synthetic
+verifiable pairs, with a row beside the untrained and SFT ones (and pair accuracies).
+
 The numbers are read back from the workdir's `eval/step_<N>.json` and printed as they are.
 
-  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600]
+  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600] [--preference_steps=120 | 0]
 """
 
 from __future__ import annotations
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="workdirs/demo")
     parser.add_argument("--num_steps", type=int, default=None, help="override config.train.num_steps")
+    parser.add_argument("--preference_steps", type=int, default=None,
+                        help="DPO steps of the preference stage (default: configs/dpo_demo.py's; 0: skip the stage)")
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir).resolve()
 
@@ -130,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     print("Sample generations of the tuned model:")
     print(sample_generations(workdir, final_step))
     print()
+    if args.preference_steps != 0:
+        from flan_jax import demo_preference
+
+        print(f"Preference stage: DPO of the tuned model on the synthetic pairs (correct vs wrong answer), "
+              f"{workdir / 'preference'}", flush=True)
+        dpo_workdir, dpo_step = demo_preference.run_stage(config, workdir, args.preference_steps)
+        minutes = (time.time() - started) / 60
+        print()
+        print("Untrained, SFT and SFT + DPO, (a) seen tasks with held-out templates, (b) the held-out cluster; "
+              "pair accuracy = % of held-out pairs where the correct answer is the more likely one:")
+        print(demo_preference.read_stage(workdir, final_step, dpo_step))
+        print()
     print(f"Trained and evaluated in {minutes:.1f} minutes. Everything is in {workdir}:")
     print(f"  metrics  {workdir / 'metrics.jsonl'}")
     print(f"  eval     {workdir / 'eval'} (step_0.json, step_{final_step}.json, predictions_{final_step}.jsonl)")

@@ -39,3 +39,34 @@ def test_sample_generations_come_from_the_predictions_file(tmp_path):
     seen, heldout = text.split("--- (b) held-out cluster")
     assert "[synthetic.addition.heldout_templates]" in seen and "prediction: '4'" in seen
     assert "prompt:     Text: Ann lives in Oslo. | City?" in heldout and "reference:  'Oslo'" in heldout
+
+
+def _pair_results(logprob_a, logprob_b, implicit_a=None, implicit_b=None):
+    mixtures = {}
+    for name, logprob, implicit in (("synthetic_pairs_eval_seen_heldout_templates", logprob_a, implicit_a),
+                                    ("synthetic_pairs_eval_heldout_cluster", logprob_b, implicit_b)):
+        mixtures[name] = {"logprob_accuracy": logprob, **({"pair_accuracy": implicit} if implicit is not None else {})}
+    return {"mixtures": mixtures}
+
+
+def test_preference_stage_table_puts_untrained_sft_and_dpo_side_by_side():
+    from flan_jax import demo_preference
+
+    dpo = _results(20.0, 6.0, 71.0)
+    dpo["mixtures"].update(_pair_results(88.0, 61.0, 90.0, 55.5)["mixtures"])
+    table = demo_preference.stage_table(
+        _results(0.0, 0.0, 50.0), _results(18.7, 5.8, 69.4), dpo, _pair_results(49.0, 50.0), _pair_results(80.0, 58.0)
+    ).splitlines()
+    assert table[2] == "| untrained | 0.0 | 50.0 | 0.0 | - | 49.0 | 50.0 | - | - |"
+    assert table[3] == "| SFT | 18.7 | 69.4 | 5.8 | - | 80.0 | 58.0 | - | - |"
+    assert table[4] == "| SFT + DPO | 20.0 | 71.0 | 6.0 | - | 88.0 | 61.0 | 90.0 | 55.5 |"
+
+
+def test_dpo_demo_config_trains_the_demo_model_from_the_sft_workdir():
+    from flan_jax import demo_preference
+
+    config = demo_preference.load_dpo_config(demo.REPO_ROOT / "workdirs" / "x", num_steps=7)
+    sft = demo.load_config(demo.DEMO_CONFIG)
+    assert config.checkpoint.init_from.endswith("workdirs/x") and config.train.num_steps == 7
+    assert config.objective.name == "dpo" and config.data.train_mixture == "synthetic_pairs_train"
+    assert config.model.to_dict() == sft.model.to_dict() and config.data.tokenizer.path == ""

@@ -26,7 +26,7 @@ def _losses(workdir, key="loss"):
 @pytest.fixture(scope="module")
 def sft_workdir(tmp_path_factory, tokenizer_path, cache_dir):
     workdir = tmp_path_factory.mktemp("sft")
-    loop.train(_config(tokenizer_path, **{"train.num_steps": 4}), workdir)
+    loop.train(_config(tokenizer_path, **{"train.num_steps": 2}), workdir)
     return workdir
 
 

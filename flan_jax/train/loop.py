@@ -169,8 +169,15 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
     from flan_jax.data import tokenizer as tokenizer_lib
 
     data.import_task_modules(config.data.task_modules)
+    tok_config = config.data.tokenizer
+    init_from = config.checkpoint.init_from
+    if not tok_config.path and init_from and (epath.Path(init_from) / "tokenizer.model").is_file():
+        # A run that starts from another run's workdir (SFT -> reward model / DPO) must read its
+        # vocabulary, not train a new one on its own data.
+        logging.info("Using the tokenizer of checkpoint.init_from=%s", init_from)
+        tok_config = ml_collections.ConfigDict(dict(tok_config.to_dict(), path=str(epath.Path(init_from) / "tokenizer.model")))
     return tokenizer_lib.load_tokenizer(
-        config.data.tokenizer,
+        tok_config,
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
