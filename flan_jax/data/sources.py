@@ -21,6 +21,7 @@ file's records (as in Python).
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import glob
 import hashlib
@@ -62,6 +63,17 @@ def set_default_on_bad_record(mode: str) -> None:
     global _default_on_bad_record
     _check_choice("on_bad_record", mode, BAD_RECORD_MODES)
     _default_on_bad_record = mode
+
+
+@contextlib.contextmanager
+def default_on_bad_record(mode: str) -> Iterator[None]:
+    """`set_default_on_bad_record(mode)` inside the block, the previous default restored after it (the trainer's run)."""
+    previous = _default_on_bad_record
+    set_default_on_bad_record(mode)
+    try:
+        yield
+    finally:
+        set_default_on_bad_record(previous)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

@@ -38,6 +38,13 @@ class NonFiniteError(RuntimeError):
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
+    from flan_jax.data import sources
+
+    with sources.default_on_bad_record(config.data.on_bad_record):  # what sources and pair checks do with bad records
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
     check_config(config)
     maybe_initialize_distributed(config.distributed)
     workdir = epath.Path(workdir)
