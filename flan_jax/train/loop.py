@@ -394,7 +394,8 @@ def run_evaluation(config, model, tokenizer, workdir, step: int, reference=None)
     from flan_jax.eval import evaluator
 
     started = time.perf_counter()
-    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step, reference=reference)
+    extra = {"reference": reference} if reference is not None else {}
+    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step, **extra)
     logging.info("Evaluation at step %d took %.1fs: %s", step, time.perf_counter() - started, results.get("summary"))
     return results
 
