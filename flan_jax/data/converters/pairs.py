@@ -18,7 +18,9 @@ halves never see each other. Per position, on top of docs/design.md §4:
 An objective sums per-token log-probabilities by (pair_ids, response_role) to get each response's
 log-probability over its response tokens only (flan_jax.train.pairs), and reads a reward model's
 score at the last position of each half (whose input is the response's last token). `loss_weights`
-equals `response_role > 0`.
+equals `response_role > 0`. With a reference cache (DPO's precomputed reference log-probs,
+flan_jax.train.reference_cache) every pair also carries `reference_logps`: each response's
+reference log-prob at the last position of its half, 0 elsewhere.
 
 Over-long pairs (more than `seq_len` features for both halves) follow `config.data.overlong`:
 "truncate" cuts the prompt from the LEFT (the end of a dialogue is what the responses answer),
