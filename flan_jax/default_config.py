@@ -113,6 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Preference objectives (on data.PreferenceTask pairs): "reward_model", "dpo", "ipo", "simpo".
     objective.beta = 0.1  # dpo / ipo / simpo: the inverse temperature of the implicit reward
     objective.label_smoothing = 0.0  # dpo: > 0 is conservative DPO (the share of labels assumed flipped)
+    objective.sft_weight = 0.0  # dpo / ipo: + weight x the chosen response's mean token NLL (RPO)
     objective.simpo_gamma = 0.5  # simpo: the target reward margin
     objective.margin = 0.0  # reward_model: -log sigmoid(r_chosen - r_rejected - margin)
     # dpo / ipo: where the reference log-probs come from: "cache" (one pass of the initial policy over

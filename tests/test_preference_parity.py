@@ -39,6 +39,7 @@ def setup(tmp_path_factory):
         logits = model(batch["input_tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         return pairs_lib.response_log_probs(logits, batch)
 
+    ours_params = {"policy": policy, "reference": reference, "cfg": cfg, "batch": batch}
     valid = np.asarray(pairs_lib.valid_pairs(batch))
     assert valid.sum() == len(PAIRS)
     pick = lambda x: np.asarray(x)[valid]  # noqa: E731  (row-major = pair order)
@@ -53,7 +54,7 @@ def setup(tmp_path_factory):
         "rejected": [" " + fakes.as_text(r) for _, _, r in PAIRS],
     })
     return types.SimpleNamespace(
-        ours=ours, policy_hf=policy_hf, reference_hf=reference_hf, tokenizer=fakes.hf_tokenizer(tmp),
+        ours=ours, ours_params=ours_params, policy_hf=policy_hf, reference_hf=reference_hf, tokenizer=fakes.hf_tokenizer(tmp),
         dataset=dataset, tmp=tmp,
     )
 
@@ -103,6 +104,51 @@ def test_dpo_and_ipo_losses_and_rewards_equal_trl(setup, loss_type):
     np.testing.assert_allclose(np.asarray(rejected), expected["rewards/rejected"], rtol=1e-5, atol=1e-5)
     # A whole padded batch in trl is the mean of our per-pair losses.
     np.testing.assert_allclose(float(np.mean(loss)), _trl_whole_batch_loss(trainer), rtol=1e-5, atol=1e-5)
+
+
+def test_dpo_with_an_sft_term_equals_trls_sigmoid_plus_sft_loss_per_pair(setup):
+    """objective.sft_weight: trl's loss_type=["sigmoid", "sft"] with weights [1, a], one pair per batch
+    (trl pools the NLL over the batch's chosen tokens; for one pair that is our per-pair mean)."""
+    weight = 0.7
+    trainer = _dpo_trainer(setup, loss_type=["sigmoid", "sft"], loss_weights=[1.0, weight])
+    expected = _trl_dpo_per_pair(trainer)["loss"]
+    o = setup.ours
+    loss, _, _ = losses.dpo(*o.policy, *o.reference, beta=BETA)
+    np.testing.assert_allclose(np.asarray(loss) - weight * o.policy[0] / o.lengths[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, loss_type", [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_the_objectives_batch_loss_and_mean_rewards_equal_trls(setup, name, loss_type):
+    """The registered objective itself (its loss_sum / prepare's pair count, frozen reference slot) on
+    the packed batch against trl on the padded batch of the same pairs."""
+    import jax
+    from flax import nnx
+
+    from flan_jax import default_config
+    from flan_jax.model import registry
+    from flan_jax.train import objectives, partitioning, state as state_lib
+
+    config = default_config.get_config()
+    config.objective.update(name=name, beta=BETA, reference="model")
+    objective = objectives.get_objective(config)
+    p = setup.ours_params
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
+    parts = state_lib.ModelParts(lambda: registry.build_model(p["cfg"], rngs=nnx.Rngs(0)), mesh,
+                                 partitioning.axis_rules(config.mesh))
+    ctx = objectives.ObjectiveContext(parts=parts, params=p["policy"], frozen_params={"reference": p["reference"]},
+                                      rng=jax.random.key(0))
+    prepared = objective.prepare(p["batch"])
+    total, metrics = objective.loss_sum(ctx, p["batch"])
+    trainer = _dpo_trainer(setup, loss_type=[loss_type])
+    expected = _trl_whole_batch_loss(trainer)
+    mode = "train" if trainer.model.training else "eval"
+    assert float(prepared.denominator) == len(PAIRS)
+    np.testing.assert_allclose(float(total / prepared.denominator), expected, rtol=1e-5, atol=1e-5)
+    names = {"rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+             "rewards/margin": "rewards/margins", "rewards/accuracy": "rewards/accuracies"}  # ours: trl's
+    for ours_name, trl_name in names.items():
+        np.testing.assert_allclose(float(metrics[ours_name] / prepared.denominator), trainer._metrics[mode][trl_name][-1],
+                                   rtol=1e-5, atol=1e-5, err_msg=ours_name)
 
 
 def _cpo_trainer(setup, **kwargs):

@@ -5,6 +5,11 @@
   "ipo"    the squared, length-normalised IPO loss (as trl computes it), target 1 / (2 beta).
   "simpo"  reference-free: -log sigmoid(beta * (mean token log-prob chosen - rejected) - gamma).
 
+With config.objective.sft_weight = a > 0, dpo and ipo add a x the chosen response's mean token
+negative log-likelihood per pair (RPO, Pang et al. 2024; trl's loss_type=["sigmoid", "sft"] with
+weights [1, a], which pools the NLL over the batch's tokens instead of averaging it per pair): plain
+DPO on small models tends to lower the likelihood of the chosen responses too.
+
 Per-pair formulas: flan_jax.train.preference_losses (checked against trl 1.16). The reference
 log-probs of dpo/ipo come from the cache or the frozen slot (objectives/pairwise.py). Logged per
 step (means over the batch's pairs): loss, rewards/chosen, rewards/rejected, rewards/accuracy
@@ -49,6 +54,9 @@ class _ReferencedObjective(PairwiseObjective):
         policy = self.response_log_probs(ctx.model, batch)
         reference = reference_log_probs(self, ctx, batch)
         loss, chosen, rejected = self.per_pair(policy, reference, batch)
+        sft_weight = float(self.settings.sft_weight)
+        if sft_weight:  # RPO: + weight x the chosen response's mean token NLL, so its likelihood cannot collapse
+            loss = loss - sft_weight * policy.chosen / jnp.maximum(pairs.response_lengths(batch).chosen, 1.0)
         drift = 0.5 * ((policy.chosen - reference.chosen) + (policy.rejected - reference.rejected))
         return _sums(self, batch, loss, chosen, rejected, policy, drift)
 
