@@ -27,8 +27,8 @@ import random
 
 from flan_jax import data
 from flan_jax.data.preference import PairFields, PreferenceTask
-from tasks import synthetic
-from tasks import synthetic_families as families
+from . import synthetic
+from . import synthetic_families as families
 
 PREFIX = "synthetic_pairs."
 
