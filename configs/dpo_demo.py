@@ -30,10 +30,10 @@ def get_config(sft_workdir: str = "workdirs/demo"):
     config.data.train_mixture = "synthetic_pairs_train"
 
     config.objective.name = "dpo"
-    config.objective.beta = 0.1
+    config.objective.beta = 0.25
     config.objective.reference = "cache"
 
-    config.optimizer.learning_rate = 5e-4
+    config.optimizer.learning_rate = 2e-4
     config.optimizer.warmup_steps = 10
     config.optimizer.schedule = "constant"
     config.train.num_steps = 120
