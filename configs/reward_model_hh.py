@@ -10,8 +10,9 @@ INIT (after the colon) is where the model starts from:
   * nothing (`configs/reward_model_hh.py` alone): a small model from scratch with a tokenizer trained
     on the pairs, only to check the pipeline.
 The `score` head is new in every case (initialised from the seed). Reads
-`$FLAN_JAX_DATA_DIR/hh_rlhf/harmless-base-test.jsonl.gz` (2,312 pairs): the first 2,000 train, the
-other 312 are the held-out pairs evaluated (pair accuracy = % with score(chosen) > score(rejected)).
+`$FLAN_JAX_DATA_DIR/hh_rlhf/harmless-base-test.jsonl.gz` (2,312 pairs): every 8th record is held out
+(289, `data.CarvedSplits`) and evaluated (pair accuracy = % with score(chosen) > score(rejected)), the
+other 2,023 train.
 The 5 pairs whose dialogues have different prompts are counted and skipped; so are the 4 with an
 empty response, because this config sets data.on_bad_record = "skip" (all skips are logged).
 Export: `python -m flan_jax.convert --to_hf=OUT --workdir=workdirs/rm_hh` (LlamaForSequenceClassification, ...).
@@ -42,13 +43,13 @@ def get_config(init: str = ""):
     config.optimizer.learning_rate = 1e-5 if init else 3e-4
     config.optimizer.warmup_steps = 20
     config.optimizer.weight_decay = 0.0
-    config.train.num_steps = 250  # ~1 epoch of the 2,000 training pairs at 8 rows per step
+    config.train.num_steps = 250  # ~1 epoch of the ~2,000 training pairs at 8 rows per step
     config.train.log_every = 10
     config.checkpoint.every_steps = 125
 
     config.eval.mixtures = ("hh_rlhf.harmless_base.split",)
     config.eval.split = "validation"
-    config.eval.max_examples_per_task = 0  # all 311 held-out pairs
+    config.eval.max_examples_per_task = 0  # all held-out pairs
     config.eval.every_steps = 125
     config.eval.at_start = True
     return config

@@ -417,7 +417,8 @@ def evaluate(
     _generate_all(model, tokenizer, config, items, generate_fn)
     _rank_all(model, tokenizer, config, [it for it in items if it.metrics_of("ranked_option")])
     pairs = [it for it in items if preference.is_preference_task(it.task)]
-    _loss_all(model, tokenizer, config, [it for it in items if it.metrics_of("likelihood") and it not in pairs])
+    losses = [it for it in items if it.metrics_of("likelihood") and not preference.is_preference_task(it.task)]
+    _loss_all(model, tokenizer, config, losses)
     _preference_all(model, tokenizer, config, pairs, reference)
 
     tasks = {}
