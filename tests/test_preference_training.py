@@ -27,13 +27,15 @@ def _losses(workdir, key="loss"):
 def sft_workdir(tmp_path_factory, tokenizer_path, cache_dir):
     workdir = tmp_path_factory.mktemp("sft")
     loop.train(_config(tokenizer_path, **{"train.num_steps": 2}), workdir)
+    (workdir / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())  # as if the run had trained it
     return workdir
 
 
 def test_dpo_from_an_sft_workdir_cached_reference_equals_the_frozen_one_also_in_micro_batches(
     tmp_path, tokenizer_path, sft_workdir, cache_dir
 ):
-    common = {**PAIRS, "objective.name": "dpo", "checkpoint.init_from": str(sft_workdir), "train.num_steps": 3}
+    common = {**PAIRS, "objective.name": "dpo", "checkpoint.init_from": str(sft_workdir), "train.num_steps": 3,
+              "data.tokenizer.path": ""}  # the SFT run's tokenizer
     cached = loop.train(_config(tokenizer_path, **common), tmp_path / "cached")
     meta = json.loads((tmp_path / "cached" / reference_cache.CACHE_DIR / reference_cache.META).read_text())
     assert meta["steps"] == 3 and meta["pairs"] > 0 and set(meta["fingerprint"]) == {"reference", "tokenizer", "data"}
@@ -44,6 +46,8 @@ def test_dpo_from_an_sft_workdir_cached_reference_equals_the_frozen_one_also_in_
     for key in ("loss", "rewards/chosen", "rewards/margin", "logps/drift"):
         np.testing.assert_allclose(_losses(tmp_path / "cached", key), _losses(tmp_path / "frozen", key), rtol=1e-5, atol=1e-6)
     assert cached["pairs"] == frozen["pairs"] > 0
+    # The SFT run's vocabulary, copied into the run so evaluate / convert / a resume read the same one.
+    assert (tmp_path / "cached" / "tokenizer.model").read_bytes() == tokenizer_path.read_bytes()
     # Step 1 starts at the reference: every log-ratio is 0, so the loss is log 2.
     assert abs(_losses(tmp_path / "cached")[0] - np.log(2)) < 1e-5
 

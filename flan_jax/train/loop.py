@@ -176,19 +176,39 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
     from flan_jax.data import tokenizer as tokenizer_lib
 
     data.import_task_modules(config.data.task_modules)
-    tok_config = config.data.tokenizer
     init_from = config.checkpoint.init_from
-    if not tok_config.path and init_from and (epath.Path(init_from) / "tokenizer.model").is_file():
+    source = epath.Path(init_from) / "tokenizer.model" if init_from else None
+    if not config.data.tokenizer.path and source is not None and source.is_file():
         # A run that starts from another run's workdir (SFT -> reward model / DPO) must read its
-        # vocabulary, not train a new one on its own data.
-        logging.info("Using the tokenizer of checkpoint.init_from=%s", init_from)
-        tok_config = ml_collections.ConfigDict(dict(tok_config.to_dict(), path=str(epath.Path(init_from) / "tokenizer.model")))
+        # vocabulary, not train a new one on its own data: it is copied into this workdir, where
+        # everything that later reads the run (evaluate, convert, a resume) finds it.
+        own = workdir / "tokenizer.model"
+        if not own.exists():
+            logging.info("Using the tokenizer of checkpoint.init_from=%s (copied to %s)", init_from, own)
+            if jax.process_index() == 0:
+                _copy_file(source, own)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_processes("flan_jax_tokenizer_copied")
+        elif own.read_bytes() != source.read_bytes():
+            raise ValueError(
+                f"{own} differs from the tokenizer of checkpoint.init_from={init_from}: this workdir was made with "
+                "another vocabulary; use another --workdir"
+            )
     return tokenizer_lib.load_tokenizer(
-        tok_config,
+        config.data.tokenizer,
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
     )
+
+
+def _copy_file(source: epath.Path, target: epath.Path) -> None:
+    """Copies via a temporary file renamed into place, so a crash never leaves half a file."""
+    tmp = target.parent / f".{target.name}.tmp"
+    tmp.write_bytes(source.read_bytes())
+    tmp.rename(target)
 
 
 def build_train_iterator(config: ml_collections.ConfigDict, tokenizer, converter=None):
