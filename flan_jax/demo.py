@@ -8,11 +8,13 @@ questions side by side:
   (b) a task cluster never trained on at all.
 
 Then a preference stage (flan_jax/demo_preference.py): DPO of the tuned model on the synthetic
-verifiable pairs, with a row beside the untrained and SFT ones (and pair accuracies).
+verifiable pairs, with a row beside the untrained and SFT ones (and pair accuracies), and an RL
+stage (flan_jax/demo_rl.py): GRPO of the tuned model on the seen tasks, rewarded by their own exact
+match, with one row per stage.
 
 The numbers are read back from the workdir's `eval/step_<N>.json` and printed as they are.
 
-  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600] [--preference_steps=120 | 0]
+  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600] [--preference_steps=120 | 0] [--rl_steps=N | 0]
 """
 
 from __future__ import annotations
@@ -111,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num_steps", type=int, default=None, help="override config.train.num_steps")
     parser.add_argument("--preference_steps", type=int, default=None,
                         help="DPO steps of the preference stage (default: configs/dpo_demo.py's; 0: skip the stage)")
+    parser.add_argument("--rl_steps", type=int, default=None,
+                        help="GRPO steps of the RL stage (default: configs/grpo_demo.py's; 0: skip the stage)")
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir).resolve()
 
@@ -146,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
         print("Untrained, SFT and SFT + DPO, (a) seen tasks with held-out templates, (b) the held-out cluster; "
               "pair accuracy = % of held-out pairs where the correct answer is the more likely one:")
         print(demo_preference.read_stage(workdir, final_step, dpo_step))
+        print()
+    if args.rl_steps != 0:
+        from flan_jax import demo_rl
+
+        print(f"RL stage: GRPO of the tuned model on the seen tasks (training templates), rewarded by their own exact "
+              f"match, {workdir / demo_rl.STAGE_DIR}", flush=True)
+        _, rl_step = demo_rl.run_stage(workdir, args.rl_steps)
+        minutes = (time.time() - started) / 60
+        first, last = demo_rl.training_reward(workdir / demo_rl.STAGE_DIR)
+        print()
+        print(f"One row per stage, (a) seen tasks with held-out templates, (b) the held-out cluster (GRPO's training "
+              f"reward, the exact match of its sampled answers: {100 * first:.1f}% -> {100 * last:.1f}%):")
+        preference = (workdir / "preference", dpo_step) if args.preference_steps != 0 else None
+        print(demo_rl.read_stage(workdir, final_step, rl_step, preference))
         print()
     print(f"Trained and evaluated in {minutes:.1f} minutes. Everything is in {workdir}:")
     print(f"  metrics  {workdir / 'metrics.jsonl'}")

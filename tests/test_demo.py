@@ -70,3 +70,26 @@ def test_dpo_demo_config_trains_the_demo_model_from_the_sft_workdir():
     assert config.checkpoint.init_from.endswith("workdirs/x") and config.train.num_steps == 7
     assert config.objective.name == "dpo" and config.data.train_mixture == "synthetic_pairs_train"
     assert config.model.to_dict() == sft.model.to_dict() and config.data.tokenizer.path == ""
+
+
+def test_rl_stage_table_has_one_row_per_stage(tmp_path):
+    from flan_jax import demo_rl
+
+    table = demo_rl.stage_table([("SFT", _results(18.7, 5.8, 69.4)), ("SFT + GRPO", _results(24.0, 7.5, 70.0))]).splitlines()
+    assert table[2] == "| SFT | 18.7 | 69.4 | 5.8 | - |"
+    assert table[3] == "| SFT + GRPO | 24.0 | 70.0 | 7.5 | - |"
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": r}) + "\n" for s, r in enumerate([0.1, 0.2, 0.3, 0.5])))
+    assert demo_rl.training_reward(tmp_path, last=2) == (0.15000000000000002, 0.4)
+
+
+def test_grpo_demo_config_trains_the_demo_model_from_the_sft_workdir_on_its_own_metric():
+    from flan_jax import demo_rl
+
+    config = demo_rl.load_grpo_config(demo.REPO_ROOT / "workdirs" / "x", num_steps=7, seed=3)
+    sft = demo.load_config(demo.DEMO_CONFIG)
+    assert config.checkpoint.init_from.endswith("workdirs/x") and config.train.num_steps == 7 and config.seed == 3
+    assert config.objective.name == "grpo" and config.rl.rewards == ("task_metric",)
+    assert config.data.train_mixture == sft.data.train_mixture  # the seen tasks, training templates
+    assert config.eval.mixtures == tuple(demo.QUESTIONS)  # evaluated like the SFT run: held-out templates and cluster
+    assert config.model.to_dict() == sft.model.to_dict() and config.data.tokenizer.path == ""
+    assert config.data.batch_size % config.rl.group_size == 0

@@ -41,6 +41,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     from flan_jax.data import sources
 
     with sources.default_on_bad_record(config.data.on_bad_record):  # what sources and pair checks do with bad records
+        if getattr(objectives.get_objective(config), "loop", "") == "rl":  # GRPO / PPO sample their own batches
+            from flan_jax.rl import loop as rl_loop
+
+            return rl_loop.train(config, workdir)
         return _train(config, workdir)
 
 

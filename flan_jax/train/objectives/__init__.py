@@ -10,7 +10,8 @@
 
 base.py says what an objective computes and why in two stages; sft.py is the reference example.
 Built in: "sft"; "reward_model" (reward.py); "dpo", "ipo", "simpo" (dpo.py), on preference pairs
-(pairwise.py).
+(pairwise.py); "grpo", "ppo" (flan_jax/rl: an objective with `loop = "rl"` is trained by the RL
+loop, which samples its batches).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def get_objective(config: Any) -> Objective:
 
 
 def _import_builtin() -> None:
+    from flan_jax.rl import grpo, ppo  # noqa: F401  (online RL: trained by flan_jax.rl.loop)
     from flan_jax.train.objectives import dpo, reward, sft  # noqa: F401  (register themselves)
 
 
