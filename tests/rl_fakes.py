@@ -1,6 +1,6 @@
 """Shared by the RL loop tests: a reward with signal for an untrained model, and tiny RL run configs.
 
-Imported by child processes through `config.data.task_modules = ("tests.rl_fakes",)`, which registers
+Imported by child processes through `config.data.task_modules = ("flan_jax_tasks", "tests.rl_fakes")`, which registers
 the reward there too.
 """
 
@@ -24,7 +24,7 @@ def rl_overrides(tokenizer_path, objective: str = "grpo", **overrides) -> dict:
     values = train_fakes.demo_overrides(
         tokenizer_path,
         objective__name=objective,
-        data__task_modules=("tests.rl_fakes",),
+        data__task_modules=("flan_jax_tasks", "tests.rl_fakes"),
         data__batch_size=16,
         rl__group_size=4,
         rl__max_new_tokens=8,

@@ -13,6 +13,8 @@ from flan_jax.rl import prompts as prompts_lib
 from flan_jax.rl.rewards import Completion, RewardError, RewardSet, TaskMetricReward
 from tests import data_fakes
 
+data.import_task_modules([data.BUILTIN_TASK_MODULE])  # the synthetic tasks the task_metric reward scores with
+
 
 def _iterator(examples, policy="error", per_step=3, budget=12):
     return prompts_lib.PromptIterator(

@@ -144,24 +144,33 @@ def test_the_reward_model_reward_is_the_score_head_at_the_completions_last_token
 def test_ppo_against_the_reward_model_runs_and_a_resume_refuses_another_reward_model(
     tmp_path, tokenizer_path, reward_model_workdir, cache_dir
 ):
-    config = _config(tokenizer_path, "ppo", train__num_steps=2, checkpoint__every_steps=1, rl__rewards=("reward_model",),
-                     rl__reward_model=str(reward_model_workdir))
-    logged = loop.train(config, tmp_path)
-    assert np.isfinite(logged["loss"]) and "rewards/reward_model" in logged
-    saved = checkpointing.Checkpointer(tmp_path, config.checkpoint, read_only=True).frozen_fingerprints(2)
-    assert set(saved) == {"reference", "reward:reward_model"}
-    config.train.num_steps = 3
-    config.rl.reward_model = str(_trained_further(reward_model_workdir, tmp_path / "other_rm"))
-    with pytest.raises(ValueError, match=r"reward:reward_model"):
-        loop.train(config, tmp_path)
-
-
-def _trained_further(workdir, target):
-    """A second reward model: the same run trained one step further."""
     import shutil
 
-    shutil.copytree(workdir, target)
-    config = checkpointing.config_from_dict(json.loads((target / "config.json").read_text()))
+    own_rm = tmp_path / "rm"
+    shutil.copytree(reward_model_workdir, own_rm)
+    config = _config(tokenizer_path, "ppo", train__num_steps=2, checkpoint__every_steps=1, rl__rewards=("reward_model",),
+                     rl__reward_model=str(own_rm))
+    run = tmp_path / "ppo"
+    logged = loop.train(config, run)
+    assert np.isfinite(logged["loss"]) and "rewards/reward_model" in logged
+    saved = checkpointing.Checkpointer(run, config.checkpoint, read_only=True).frozen_fingerprints(2)
+    assert set(saved) == {"reference", "reward:reward_model"}
     config.train.num_steps = 3
-    loop.train(config, target)
-    return target
+    # Another reward model by path: a change of what the run computes, refused unless allowed
+    config.rl.reward_model = str(reward_model_workdir)
+    with pytest.raises(loop.ConfigMismatchError, match=r"config.rl.reward_model"):
+        loop.train(config, run)
+    # The same path holding another model (the reward model trained further): its fingerprint refuses it
+    config.rl.reward_model = str(own_rm)
+    config.train.allow_config_change = True  # the longer run is allowed; another reward model is not
+    _train_further(own_rm)
+    with pytest.raises(loop.ConfigMismatchError, match=r"reward:reward_model"):
+        loop.train(config, run)
+
+
+def _train_further(workdir):
+    """The reward model run in `workdir` trained one step further."""
+    config = checkpointing.config_from_dict(json.loads((workdir / "config.json").read_text()))
+    config.train.num_steps = 3
+    config.train.allow_config_change = True
+    loop.train(config, workdir)

@@ -67,17 +67,15 @@ def write_hf_reward_model(
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = reward_hf_tensors(cfg, params)
     hf_config = to_hf(cfg, dtype=str(tensors[HF_SCORE].dtype), token_ids={**(token_ids or {}), "pad_token_id": pad_token_id})
     hf_config["architectures"] = [_architecture(hf_config["architectures"][0])]
     hf_config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, os.fspath(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        checkpoint.copy_tokenizer_files(tokenizer_dir, out)
+    with checkpoint.staged_folder(out, flag="--to_hf") as staging:  # no half-written folder after a failure
+        save_file(tensors, os.fspath(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            checkpoint.copy_tokenizer_files(tokenizer_dir, staging)
     logging.info("Wrote a %s reward model (%d tensors) to %s", hf_config["architectures"][0], len(tensors), out)
     return out
 

@@ -41,6 +41,7 @@ from flan_jax.data.metric_registry import Metric, get_metric, metric_names, regi
 from flan_jax.data.mixing import proportional_rates
 from flan_jax.data.preference import HHRLHFFormat, PairFields, PreferenceTask, TRLFormat
 from flan_jax.data.registry import (
+    BUILTIN_TASK_MODULE,
     Mixture,
     Task,
     UnknownNameError,
@@ -82,8 +83,9 @@ from flan_jax.data.templates import (
 __all__ = [
     "ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "COT_TARGETS", "COT_TRIGGERS", "DEFAULT_OPTION_STYLES",
     "OPTION_STYLES", "PROMPT_RESPONSE", "AlpacaFormat", "AnswerAfter", "AnswerChoice", "AnswerExtractor",
-    "AnswerFunction", "AnswerRegex", "CarvedSplits", "ChatFormat", "CsvSource", "DataError",
-    "DataUnavailableError", "FewShot", "FunctionSource", "HHRLHFFormat", "PairFields", "PreferenceTask", "TRLFormat", "InMemorySource", "JsonSource", "JsonlSource", "Metric",
+    "AnswerFunction", "BUILTIN_TASK_MODULE", "AnswerRegex", "CarvedSplits", "ChatFormat", "CsvSource", "DataError",
+    "DataUnavailableError", "FewShot", "FunctionSource", "HHRLHFFormat", "InMemorySource", "JsonSource", "JsonlSource",
+    "Metric", "PairFields", "PreferenceTask", "TRLFormat",
     "Mixture", "PromptCompletionFormat", "Records", "Source", "StripSuffix", "Task", "Template", "TfdsSource",
     "TsvSource", "UnescapeNewlines", "UnknownNameError", "alpaca_task", "answer_only_templates", "chat_task",
     "check_examples", "cot_templates", "data_dir", "get", "get_metric", "get_mixture", "get_task",

@@ -39,7 +39,7 @@ from typing import Any
 
 import jax
 
-from flan_jax.data import checks
+from flan_jax.data import chat_features, checks
 from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
 from flan_jax.eval import preference, report, scoring
 
@@ -70,7 +70,7 @@ class _TaskData:
 
 
 def _lookup(name: str):
-    from flan_jax import data  # imported lazily: tasks/ is registered on first lookup
+    from flan_jax import data  # imported lazily (the registry holds what config.data.task_modules registered)
 
     return data.get(name)
 
@@ -189,11 +189,20 @@ def prompt_budget(max_len: int, max_new_tokens: int) -> int:
     return max(max_len - max_new_tokens, 1)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """BOS + tokens of each prompt, cut in the middle to `max_tokens`; and how many tokens each lost."""
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]], max_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """The tokens each prompt conditions on, cut in the middle to `max_tokens`; and how many each lost.
+
+    BOS + the prompt's tokens; or, for a conversation (a messages task's) or any prompt when the
+    tokenizer renders chats (`config.data.tokenizer.chat_template`), the chat template's rendering
+    with its generation prompt, as in training (data/chat_features.py).
+    """
+    if all(isinstance(p, str) for p in prompts) and not chat_features.renders_chats(tokenizer):
+        start = chat_features.start_ids(tokenizer)
+        full_prompts = [[*start, *ids] for ids in tokenizer.encode_batch(list(prompts))]  # one native call
+    else:
+        full_prompts = [scoring.encode_prompt(tokenizer, prompt) for prompt in prompts]
     encoded, cut = [], []
-    for ids in tokenizer.encode_batch(list(prompts)):
-        full = [tokenizer.bos_id, *ids]
+    for full in full_prompts:
         kept = scoring.cut_prompt(full, max_tokens)
         encoded.append(kept)
         cut.append(len(full) - len(kept))
@@ -223,7 +232,7 @@ def _generate_encoded(model, tokenizer, encoded, *, max_new_tokens, batch_size, 
 def generate_texts(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict]],
     *,
     max_new_tokens: int,
     max_len: int,
@@ -234,7 +243,9 @@ def generate_texts(
 
     Prompts are sorted by token length so each batch pads little, and the last batch is filled
     up with copies of its last prompt so every call has the same batch shape (no recompiles).
-    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction.
+    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction. A prompt
+    is a string, or a conversation (a list of messages) rendered with the tokenizer's chat
+    template (see `encode_prompts`).
     """
     encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens))
     return _generate_encoded(
@@ -286,7 +297,8 @@ def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate
         return
     max_new_tokens = int(config.eval.max_new_tokens)
     budget = prompt_budget(int(config.data.seq_len), max_new_tokens)
-    encoded, cuts = encode_prompts(tokenizer, [ex["inputs"] for it in items for ex in it.examples], budget)
+    prompts = [chat_features.eval_prompt(ex) for it in items for ex in it.examples]
+    encoded, cuts = encode_prompts(tokenizer, prompts, budget)
     for item, item_cuts in _split_back(cuts, items):
         _count_generation_truncation(item, tokenizer, item_cuts, budget, max_new_tokens)
     texts = _generate_encoded(

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flan_jax.data import chat_features
 from flan_jax.eval import report
 
 _MIN_ROW_LEN = 16
@@ -43,9 +44,11 @@ class TargetScore:
         return self.log_likelihood / max(self.num_tokens, 1) if length_normalized else self.log_likelihood
 
 
-def encode_prompt(tokenizer, inputs: str) -> list[int]:
-    """BOS + the instruction tokens: what the model conditions on (training's layout, design.md §4)."""
-    return [tokenizer.bos_id, *tokenizer.encode(inputs)]
+def encode_prompt(tokenizer, inputs) -> list[int]:
+    """What the model conditions on, laid out as in training (design.md §4): BOS + the instruction
+    tokens, or the chat template's rendering with its generation prompt (a conversation, or any
+    prompt when the tokenizer renders chats; data/chat_features.py)."""
+    return chat_features.prompt_ids(tokenizer, inputs)
 
 
 def encode_target(tokenizer, target: str, *, add_eos: bool = True) -> list[int]:
@@ -231,7 +234,7 @@ def rank_classify(
                 f"rank classification needs answer options, but example {index} of task "
                 f"{example.get('task', '?')!r} has an empty 'options' field"
             )
-        prompt = encode_prompt(tokenizer, example["inputs"])
+        prompt = encode_prompt(tokenizer, chat_features.eval_prompt(example))
         for option in options:
             sequences.append((prompt, encode_target(tokenizer, option)))
             owners.append(index)
@@ -260,7 +263,8 @@ def target_loss(
 
 def target_sequences(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids) of each rendered example, as `score_targets` takes them."""
-    return [(encode_prompt(tokenizer, ex["inputs"]), encode_target(tokenizer, ex["targets"])) for ex in examples]
+    return [(encode_prompt(tokenizer, chat_features.eval_prompt(ex)), encode_target(tokenizer, ex["targets"]))
+            for ex in examples]
 
 
 def mean_loss(scores: Sequence[TargetScore]) -> dict[str, float]:

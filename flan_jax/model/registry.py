@@ -75,9 +75,18 @@ def config_from(model_section: Any) -> Any:
     return get_family(get("family") or "llama").config_from(model_section)
 
 
-def build_model(model_cfg: Any, *, rngs: nnx.Rngs, heads: Sequence[str] = ()) -> nnx.Module:
-    """The module of `model_cfg`'s family, with the extra output `heads` asked for."""
-    return get_family(model_cfg.family).build(model_cfg, rngs=rngs, heads=tuple(heads))
+def build_model(model_cfg: Any, *, rngs: nnx.Rngs, heads: Sequence[str] = (), lora: Any = None) -> nnx.Module:
+    """The module of `model_cfg`'s family, with the extra output `heads` asked for.
+
+    `lora` (a `flan_jax.model.lora.LoRAConfig`) adds LoRA adapters to the projections it targets,
+    after every other parameter is created (so the base initialisation does not change).
+    """
+    model = get_family(model_cfg.family).build(model_cfg, rngs=rngs, heads=tuple(heads))
+    if lora is not None:
+        from flan_jax.model import lora as lora_lib
+
+        lora_lib.apply(model, lora, rngs=rngs)
+    return model
 
 
 def _register_builtin() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -33,11 +32,13 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from flan_jax import atomic_write
 from flan_jax.rl import prompts as prompts_lib
 from flan_jax.rl import rollout as rollout_lib
 from flan_jax.rl.rewards import RewardSet
 from flan_jax.train import (
     checkpointing,
+    config_change,
     loop as train_loop,
     metrics as metrics_lib,
     objectives,
@@ -46,6 +47,7 @@ from flan_jax.train import (
     state as state_lib,
     step as step_lib,
 )
+from flan_jax.train.nonfinite import NonfiniteGuard
 
 # Wall-clock measurements: logged, but not part of what a resumed run reproduces.
 TIMING_KEYS = ("rollout_seconds", "generation_seconds", "update_seconds", "generation_share", "rollout_tokens_per_sec")
@@ -119,15 +121,15 @@ def check_rl_config(config: ml_collections.ConfigDict, mesh=None) -> None:
         raise NotImplementedError("RL runs (grpo / ppo) are single-process for now (any number of local devices)")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Runs (or resumes) the RL run in `workdir`; returns the last logged metrics."""
-    train_loop.check_config(config)
-    train_loop.maybe_initialize_distributed(config.distributed)
-    check_rl_config(config)
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) -> dict[str, Any]:
+    """Runs (or resumes) the RL run in `workdir`; returns the last logged metrics.
 
+    Called by `flan_jax.train.loop.train` (which installed the SIGTERM watcher, checked the trainer
+    settings and locked the workdir) when the objective's `loop` is "rl".
+    """
+    check_rl_config(config)
+    is_main = jax.process_index() == 0
+    workdir = epath.Path(workdir)
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.axis_rules(config.mesh)
     check_rl_config(config, mesh)
@@ -153,27 +155,41 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps * updates)
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), run_state)
+    config_changes: dict[str, list] = {}
+
+    def check_resume(saved_config: dict, name: str) -> None:
+        config_changes.update(config_change.check_resume(
+            saved_config, checkpointing.config_to_dict(config), train_loop._default_config_dict(),
+            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
+        ))
+
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), run_state, check_resume)
     resumed = state is not None
+    initial = None
     if state is None:
         state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from:
-            state = state.replace(params=train_loop.load_init_params(config.checkpoint.init_from, parts, model_cfg, mesh))
-    state, fingerprints = train_loop.attach_frozen_slots(state, objective, parts, mesh, config, model_cfg, resumed=resumed)
+        if config.checkpoint.init_from or config.lora.get("init_from"):
+            initial = train_loop.initial_params(config, parts, mesh, model_cfg)
+            state = state.replace(params=parts.trained_part(initial))
+    state, fingerprints = train_loop.attach_frozen_slots(
+        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    )
+    del initial
     for name, reward in rewards.rewards.items():
         if getattr(reward, "fingerprint", None):
             fingerprints[f"reward:{name}"] = reward.fingerprint
     if resumed:
         train_loop.check_frozen_fingerprints(checkpoints, int(state.step) // updates, fingerprints)
+    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
+        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     rewards.bad_count = run_state.counters["bad_rewards"]
     start_step = int(state.step) // updates
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
     roller = rollout_lib.Roller(config, objective, parts, tokenizer, rewards, mesh, rules)
 
-    n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
-    flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
-    reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=True)
-    preemption = train_loop.PreemptionWatcher()
+    flops_per_token = train_loop.training_flops_per_token(parts, model_cfg, config.data.seq_len)
+    reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
+    guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     run_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), rollout_lib.ROLLOUT_SALT)
 
@@ -184,6 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     eval_results = None
     try:
         with jax.set_mesh(mesh):
+            if preemption.requested_before_start(start_step):
+                return logged
             if start_step == 0 and config.eval.at_start:
                 evaluate(0)
             for step in range(start_step + 1, num_steps + 1):
@@ -199,7 +217,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     if step == start_step + 1 and not update_metrics:
                         step_lib.check_batch(minibatch, config, mesh, objective)
                     state, metrics = train_step(state, partitioning.global_batch(minibatch, batch_sharding))
+                    guard.record(metrics)
                     update_metrics.append(metrics)
+                checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
                 values = mean_metrics(jax.device_get(update_metrics))
                 updated = time.perf_counter()
                 if step == start_step + 1:
@@ -207,9 +227,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
                 last = step == num_steps
                 if step % config.train.log_every == 0 or last:
-                    train_loop.stop_if_nonfinite(values, config, checkpoints)
+                    guard.check(checkpoints)
                     extra = {**rollout.metrics, **prompt_iter.counts(), "bad_rewards": rewards.bad_count}
                     extra.update(timing(rollout, started, generated, updated))
+                    if config_changes and not logged:  # the first record after a resume that changed the config
+                        extra["config_changes"] = config_changes
                     logged = reporter.log(step, values, extra=extra)
 
                 eval_due = bool(config.eval.mixtures) and (
@@ -219,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     eval_results = evaluate(step)
                 ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
                 if ckpt_due:
-                    train_loop.stop_if_nonfinite(values, config, checkpoints)
+                    guard.check(checkpoints)
                     checkpoints.save(
                         step, state, run_state, config,
                         metrics=train_loop.best_metric(eval_results, config, eval_due), frozen_fingerprints=fingerprints,
@@ -228,12 +250,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     reporter.restart_timer(step, state.step)
                 if preemption.requested(step, config.train.log_every):
                     logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
+                    guard.check(checkpoints)
                     checkpoints.save(step, state, run_state, config, frozen_fingerprints=fingerprints)
                     break
     finally:
-        preemption.close()
-        checkpoints.close()
-        reporter.close()
+        try:
+            checkpoints.close()  # waits for pending async saves (and writes their checksums)
+        finally:
+            reporter.close()
     return logged
 
 

@@ -44,7 +44,9 @@ class SFT(Objective):
             prefix_mask=batch["prefix_mask"] if self.use_prefix else None,
         )
         weights = batch[_WEIGHTS]
-        if hasattr(model, "hidden_states"):  # the loss owns the head matmul (faster backward)
+        # The loss owns the head matmul (faster backward), unless the model soft-caps its logits
+        # (Gemma 2), which only its __call__ applies.
+        if hasattr(model, "hidden_states") and not getattr(getattr(model, "cfg", None), "final_softcap", 0.0):
             hidden, head = model.hidden_states(batch["input_tokens"], **inputs)
             return losses.weighted_head_loss_sum(hidden, head, batch, weights, self.loss_config), {}
         logits = model(batch["input_tokens"], **inputs)

@@ -1,6 +1,7 @@
 """The demo's preference stage: DPO of the tuned demo model on the synthetic verifiable pairs.
 
-After SFT (flan_jax/demo.py), `run_stage` trains `configs/dpo_demo.py` from the SFT workdir through
+After SFT (flan_jax/cli/demo.py), `run_stage` trains the DPO demo config (flan_jax/cli/dpo_demo_config.py,
+re-exported by configs/dpo_demo.py) on top of the SFT run's config, from the SFT workdir, through
 the ordinary trainer (reference log-probs cached once, then DPO) into `<workdir>/preference`, and
 `stage_table` puts the three models side by side, read back from the eval files and printed as they
 are:
@@ -17,22 +18,19 @@ mixtures (one packed scoring pass each), written to `<workdir>/preference/baseli
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 from typing import Any
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-DPO_CONFIG = REPO_ROOT / "configs" / "dpo_demo.py"
+from flan_jax.cli import dpo_demo_config
+
 SFT_QUESTIONS = ("synthetic_eval_seen_heldout_templates", "synthetic_eval_heldout_cluster")
 PAIR_QUESTIONS = ("synthetic_pairs_eval_seen_heldout_templates", "synthetic_pairs_eval_heldout_cluster")
 
 
-def load_dpo_config(sft_workdir: pathlib.Path, num_steps: int | None = None):
-    spec = importlib.util.spec_from_file_location("flan_jax_dpo_demo_config", DPO_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(str(sft_workdir))
+def load_dpo_config(sft_config, sft_workdir: pathlib.Path, num_steps: int | None = None):
+    """The preference stage's config on top of the SFT run's (`num_steps`: override its length)."""
+    config = dpo_demo_config.preference_config(sft_config, str(sft_workdir))
     if num_steps is not None:
         config.train.num_steps = num_steps
     return config
@@ -56,7 +54,7 @@ def run_stage(sft_config, sft_workdir: pathlib.Path, num_steps: int | None = Non
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.train import checkpointing, loop, partitioning, state as state_lib
 
-    config = load_dpo_config(sft_workdir, num_steps)
+    config = load_dpo_config(sft_config, sft_workdir, num_steps)
     workdir = sft_workdir / "preference"
     tokenizer = load_tokenizer(sft_config.data, workdir=sft_workdir)
     mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
@@ -96,7 +94,7 @@ def stage_table(untrained: dict, sft: dict, dpo: dict, pair_untrained: dict, pai
 
 
 def read_stage(sft_workdir: pathlib.Path, final_sft_step: int, dpo_step: int) -> str:
-    from flan_jax import demo
+    from flan_jax.cli import demo
 
     folder = sft_workdir / "preference"
     baselines = {n: json.loads((folder / "baselines" / f"{n}.json").read_text()) for n in ("untrained", "sft")}

@@ -1,29 +1,27 @@
 """The demo's RL stage: GRPO of the tuned demo model, rewarded by the synthetic tasks' own exact match.
 
-After SFT (and the preference stage), `run_stage` trains `configs/grpo_demo.py` from the SFT workdir
-through the ordinary trainer into `<workdir>/rl`, and `stage_rows` adds its row to the demo's table:
-exact match and rank classification of (a) the seen tasks with held-out templates and (b) the held-out
-cluster, read back from the eval files and printed as they are, plus the reward of the last logged
-training steps.
+After SFT (and the preference stage), `run_stage` trains the GRPO demo config
+(flan_jax/cli/grpo_demo_config.py, re-exported by configs/grpo_demo.py) on top of the SFT run's
+config, from the SFT workdir, through the ordinary trainer into `<workdir>/rl`, and `read_stage`
+puts one row per stage side by side: exact match and rank classification of (a) the seen tasks
+with held-out templates and (b) the held-out cluster, read back from the eval files and printed as
+they are; `training_reward` gives the reward of the first and last logged training steps.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-GRPO_CONFIG = REPO_ROOT / "configs" / "grpo_demo.py"
+from flan_jax.cli import grpo_demo_config
+
 QUESTIONS = ("synthetic_eval_seen_heldout_templates", "synthetic_eval_heldout_cluster")
 STAGE_DIR = "rl"
 
 
-def load_grpo_config(sft_workdir: pathlib.Path, num_steps: int | None = None, seed: int | None = None):
-    spec = importlib.util.spec_from_file_location("flan_jax_grpo_demo_config", GRPO_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(str(sft_workdir))
+def load_grpo_config(sft_config, sft_workdir: pathlib.Path, num_steps: int | None = None, seed: int | None = None):
+    """The RL stage's config on top of the SFT run's (`num_steps`, `seed`: override them)."""
+    config = grpo_demo_config.rl_config(sft_config, str(sft_workdir))
     if num_steps is not None:
         config.train.num_steps = num_steps
     if seed is not None:
@@ -31,12 +29,12 @@ def load_grpo_config(sft_workdir: pathlib.Path, num_steps: int | None = None, se
     return config
 
 
-def run_stage(sft_workdir: pathlib.Path, num_steps: int | None = None, workdir: pathlib.Path | None = None,
+def run_stage(sft_config, sft_workdir: pathlib.Path, num_steps: int | None = None, workdir: pathlib.Path | None = None,
               seed: int | None = None) -> tuple[pathlib.Path, int]:
     """Trains GRPO from the SFT workdir; returns (its workdir, final step)."""
     from flan_jax.train import loop
 
-    config = load_grpo_config(sft_workdir, num_steps, seed)
+    config = load_grpo_config(sft_config, sft_workdir, num_steps, seed)
     workdir = workdir or sft_workdir / STAGE_DIR
     loop.train(config, workdir)
     return workdir, int(config.train.num_steps)
@@ -65,7 +63,7 @@ def training_reward(workdir: pathlib.Path, last: int = 3) -> tuple[float, float]
 
 
 def read_stage(sft_workdir: pathlib.Path, final_sft_step: int, rl_step: int, preference: tuple[pathlib.Path, int] | None = None) -> str:
-    from flan_jax import demo
+    from flan_jax.cli import demo
 
     rows = [("untrained", demo.read_eval(sft_workdir, 0)), ("SFT", demo.read_eval(sft_workdir, final_sft_step))]
     if preference is not None:
