@@ -20,8 +20,6 @@ rollout key is a function of the run's key and the step), same updates (tests/te
 
 from __future__ import annotations
 
-import json
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -32,13 +30,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from flan_jax import atomic_write
 from flan_jax.rl import prompts as prompts_lib
 from flan_jax.rl import rollout as rollout_lib
 from flan_jax.rl.rewards import RewardSet
 from flan_jax.train import (
     checkpointing,
-    config_change,
     loop as train_loop,
     metrics as metrics_lib,
     objectives,
@@ -155,33 +151,13 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
     tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps * updates)
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    config_changes: dict[str, list] = {}
-
-    def check_resume(saved_config: dict, name: str) -> None:
-        config_changes.update(config_change.check_resume(
-            saved_config, checkpointing.config_to_dict(config), train_loop._default_config_dict(),
-            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
-        ))
-
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), run_state, check_resume)
-    resumed = state is not None
-    initial = None
-    if state is None:
-        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from or config.lora.get("init_from"):
-            initial = train_loop.initial_params(config, parts, mesh, model_cfg)
-            state = state.replace(params=parts.trained_part(initial))
-    state, fingerprints = train_loop.attach_frozen_slots(
-        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    reward_fingerprints = {
+        f"reward:{name}": reward.fingerprint for name, reward in rewards.rewards.items() if getattr(reward, "fingerprint", None)
+    }
+    state, fingerprints, config_changes = train_loop.start_state(
+        config, workdir, checkpoints, run_state, parts, tx, shardings, mesh, model_cfg, objective,
+        extra_fingerprints=reward_fingerprints, updates_per_step=updates,
     )
-    del initial
-    for name, reward in rewards.rewards.items():
-        if getattr(reward, "fingerprint", None):
-            fingerprints[f"reward:{name}"] = reward.fingerprint
-    if resumed:
-        train_loop.check_frozen_fingerprints(checkpoints, int(state.step) // updates, fingerprints)
-    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
-        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     rewards.bad_count = run_state.counters["bad_rewards"]
     start_step = int(state.step) // updates
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
@@ -234,24 +210,11 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
                         extra["config_changes"] = config_changes
                     logged = reporter.log(step, values, extra=extra)
 
-                eval_due = bool(config.eval.mixtures) and (
-                    (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+                eval_results, stop = train_loop.end_of_step(
+                    step, last, state, run_state, config, checkpoints=checkpoints, guard=guard, reporter=reporter,
+                    preemption=preemption, evaluate=evaluate, eval_results=eval_results, fingerprints=fingerprints,
                 )
-                if eval_due:
-                    eval_results = evaluate(step)
-                ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
-                if ckpt_due:
-                    guard.check(checkpoints)
-                    checkpoints.save(
-                        step, state, run_state, config,
-                        metrics=train_loop.best_metric(eval_results, config, eval_due), frozen_fingerprints=fingerprints,
-                    )
-                if eval_due or ckpt_due:
-                    reporter.restart_timer(step, state.step)
-                if preemption.requested(step, config.train.log_every):
-                    logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-                    guard.check(checkpoints)
-                    checkpoints.save(step, state, run_state, config, frozen_fingerprints=fingerprints)
+                if stop:
                     break
     finally:
         try:

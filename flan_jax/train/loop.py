@@ -122,33 +122,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
 
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    config_changes: dict[str, list] = {}
-
-    def check_resume(saved_config: dict, name: str) -> None:
-        config_changes.update(config_change.check_resume(
-            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
-            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
-        ))
-
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
-    resumed = state is not None
-    initial = None
-    if state is None:
-        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from or config.lora.get("init_from"):
-            initial = initial_params(config, parts, mesh, model_cfg)
-            state = state.replace(params=parts.trained_part(initial))
-    state, frozen_fingerprints = attach_frozen_slots(
-        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    state, frozen_fingerprints, config_changes = start_state(
+        config, workdir, checkpoints, data_iter, parts, tx, shardings, mesh, model_cfg, objective
     )
-    del initial
-    if resumed:
-        check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
-    if parts.has_base:
-        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
     start_step = int(state.step)
-    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
-        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
     flops_per_token = training_flops_per_token(parts, model_cfg, config.data.seq_len)
@@ -193,24 +170,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                         extra["config_changes"] = config_changes
                     logged = reporter.log(step, values, extra=extra)
 
-                eval_due = bool(config.eval.mixtures) and (
-                    (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+                eval_results, stop = end_of_step(
+                    step, last, state, data_iter, config, checkpoints=checkpoints, guard=guard, reporter=reporter,
+                    preemption=preemption, evaluate=evaluate, eval_results=eval_results, fingerprints=frozen_fingerprints,
                 )
-                if eval_due:
-                    eval_results = evaluate(step)
-                ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
-                if ckpt_due:
-                    guard.check(checkpoints)
-                    checkpoints.save(
-                        step, state, data_iter, config,
-                        metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=frozen_fingerprints,
-                    )
-                if eval_due or ckpt_due:  # tokens/s measures training only
-                    reporter.restart_timer(step, state.step)
-                if preemption.requested(step, config.train.log_every):
-                    logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-                    guard.check(checkpoints)
-                    checkpoints.save(step, state, data_iter, config, frozen_fingerprints=frozen_fingerprints)
+                if stop:
                     break
     finally:
         try:
@@ -218,6 +182,74 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
         finally:
             reporter.close()
     return logged
+
+
+def start_state(
+    config, workdir: epath.Path, checkpoints: checkpointing.Checkpointer, data_iter, parts, tx, shardings, mesh, model_cfg,
+    objective, *, extra_fingerprints: dict[str, str] | None = None, updates_per_step: int = 1,
+) -> tuple[state_lib.TrainState, dict[str, str], dict[str, list]]:
+    """The run's state: the newest usable checkpoint (its config checked, `data_iter` restored with
+    it), else step 0 (from `checkpoint.init_from` / LoRA's init or the seed), with the frozen slots
+    attached and, on a resume, their fingerprints (and `extra_fingerprints`: e.g. an RL run's reward
+    model) checked; then DIR/config.json is written. Returns (state, fingerprints, the allowed config
+    changes). `updates_per_step`: optimizer steps per checkpointed step (an RL run's updates per rollout).
+    """
+    config_changes: dict[str, list] = {}
+
+    def check_resume(saved_config: dict, name: str) -> None:
+        config_changes.update(config_change.check_resume(
+            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
+            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
+        ))
+
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
+    resumed = state is not None
+    initial = None
+    if state is None:
+        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
+        if config.checkpoint.init_from or config.lora.get("init_from"):
+            initial = initial_params(config, parts, mesh, model_cfg)
+            state = state.replace(params=parts.trained_part(initial))
+    state, fingerprints = attach_frozen_slots(
+        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    )
+    del initial
+    fingerprints.update(extra_fingerprints or {})
+    if resumed:
+        check_frozen_fingerprints(checkpoints, int(state.step) // updates_per_step, fingerprints)
+    if parts.has_base:
+        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
+    if jax.process_index() == 0:  # only now: a restart refused above leaves the run's config.json as it was
+        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+    return state, fingerprints, config_changes
+
+
+def end_of_step(
+    step: int, last: bool, state, data_iter, config, *, checkpoints, guard, reporter, preemption, evaluate,
+    eval_results: dict | None, fingerprints: dict[str, str],
+) -> tuple[dict | None, bool]:
+    """The hooks after a step's log, in order: evaluate, checkpoint, preemption (SIGTERM: save and
+    stop). Returns (the newest evaluation results, whether the run stops now)."""
+    eval_due = bool(config.eval.mixtures) and (
+        (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+    )
+    if eval_due:
+        eval_results = evaluate(step)
+    ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
+    if ckpt_due:
+        guard.check(checkpoints)
+        checkpoints.save(
+            step, state, data_iter, config,
+            metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=fingerprints,
+        )
+    if eval_due or ckpt_due:  # tokens/s measures training only
+        reporter.restart_timer(step, state.step)
+    if preemption.requested(step, config.train.log_every):
+        logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
+        guard.check(checkpoints)
+        checkpoints.save(step, state, data_iter, config, frozen_fingerprints=fingerprints)
+        return eval_results, True
+    return eval_results, False
 
 
 def _default_config_dict() -> dict:
