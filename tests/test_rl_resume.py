@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 
 from flan_jax.rl.loop import TIMING_KEYS
-from flan_jax.train import checkpointing
+from flan_jax.train import checkpointing, loop
 from tests import rl_fakes, train_fakes
 
 NUM_STEPS = 8
@@ -38,11 +38,15 @@ LOGGED = {  # besides loss, reward, reward_std, entropy, completion_length, prom
 }
 
 
-def _command(workdir, tokenizer_path, objective):
-    overrides = rl_fakes.rl_overrides(
+def _overrides(tokenizer_path, objective):
+    return rl_fakes.rl_overrides(
         tokenizer_path, objective, train__num_steps=NUM_STEPS, checkpoint__every_steps=2, checkpoint__keep=2,
         **RUNS[objective],
     )
+
+
+def _command(workdir, tokenizer_path, objective):
+    overrides = _overrides(tokenizer_path, objective)
     return [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={workdir}", *train_fakes.cli_args(overrides)]
 
 
@@ -69,7 +73,8 @@ def _records(workdir):
 def test_sigkill_and_restart_of_an_rl_run_is_bitwise_identical(objective, tmp_path, tokenizer_path, cache_dir):
     env = train_fakes.subprocess_env(cache_dir)
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
-    _run(_command(reference, tokenizer_path, objective), env)
+    # The uninterrupted run in this process (its compiled steps land in the cache the children read)
+    loop.train(train_fakes.demo_config(_overrides(tokenizer_path, objective)), reference)
 
     rng = random.Random(15)
     for _ in range(3):

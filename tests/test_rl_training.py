@@ -133,11 +133,16 @@ def test_the_reward_model_reward_is_the_score_head_at_the_completions_last_token
     from flan_jax.data.tokenizer import SentencePieceTokenizer
 
     tok = SentencePieceTokenizer(tokenizer_path)  # the reward model run's tokenizer
-    for item, score in zip(items, scores):
-        ids = [tok.bos_id, *tok.encode(item.example["inputs"]), *tok.encode(item.text)]
-        hidden, _ = model.hidden_states(np.asarray([ids]), positions=np.arange(len(ids))[None], segment_ids=np.ones((1, len(ids)), np.int32))
-        expected = float(model.scalar_head("score", hidden)[0, -1])
-        assert score == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    rows = [[tok.bos_id, *tok.encode(item.example["inputs"]), *tok.encode(item.text)] for item in items]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int32)  # right-padded: causal attention keeps each row's positions exact
+    segments = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], segments[i, : len(r)] = r, 1
+    hidden, _ = model.hidden_states(ids, positions=np.tile(np.arange(width), (len(rows), 1)), segment_ids=segments)
+    head = np.asarray(model.scalar_head("score", hidden))
+    expected = [float(head[i, len(r) - 1]) for i, r in enumerate(rows)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
     assert len(set(np.round(scores, 6))) > 1
 
 
