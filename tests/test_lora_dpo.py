@@ -24,12 +24,11 @@ from flax import nnx
 from flax.nnx import traversals
 
 import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
-from flan_jax import convert, model as fm
 from flan_jax.model import lora
 from flan_jax.train import checkpointing, loop, objectives, optimizer, partitioning, reference_cache, state as state_lib
 from flan_jax.train.objectives.base import ObjectiveContext
 from flan_jax.train.objectives.pairwise import ADAPTERS_OFF, REFERENCE_FEATURE, reference_log_probs
-from tests import preference_fakes, test_resume, train_fakes
+from tests import preference_fakes, test_lora_training, test_resume, train_fakes
 
 STEPS = 12
 LORA_DPO = {
@@ -46,11 +45,7 @@ def compilation_cache(cache_dir):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """Converted weights (a random model of the demo's shape) the LoRA run adapts."""
-    path = tmp_path_factory.mktemp("lora_dpo") / "base"
-    cfg = fm.ModelConfig.from_config(train_fakes.demo_config(train_fakes.demo_overrides("")).model)
-    params = nnx.to_pure_dict(nnx.state(fm.Transformer(cfg.replace(init_std=0.1), rngs=nnx.Rngs(3)), nnx.Param))
-    convert.save_converted(path, cfg, params)
-    return path
+    return test_lora_training._converted_base(tmp_path_factory.mktemp("lora_dpo") / "base", 3)
 
 
 def _overrides(tokenizer_path, base, **extra):
