@@ -160,9 +160,11 @@ def get_config() -> ml_collections.ConfigDict:
     objective.simpo_gamma = 0.5  # simpo: the target reward margin
     objective.margin = 0.0  # reward_model: -log sigmoid(r_chosen - r_rejected - margin)
     # dpo / ipo: where the reference log-probs come from: "cache" (one pass of the initial policy over
-    # the run's pairs before training, kept in DIR/reference_cache/) or "model" (a frozen copy of the
-    # initial policy run at every step).
-    objective.reference = "cache"
+    # the run's pairs before training, kept in DIR/reference_cache/), "model" (a frozen copy of the
+    # initial policy run at every step), "adapters_off" (LoRA: the policy with its adapters switched
+    # off, the initial policy while they start at zero: one copy of the weights, no pre-pass), or
+    # "auto": "adapters_off" where that is exact (LoRA from the seed, only adapters trained), else "cache".
+    objective.reference = "auto"
     # Online RL (flan_jax/rl, docs/training.md "Reinforcement learning"): "grpo" or "ppo", configured by
     # config.rl below; train.num_steps then counts rollouts (each followed by rl.epochs x rl.minibatches updates).
 

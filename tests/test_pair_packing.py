@@ -9,6 +9,7 @@ import pytest
 from data_fakes import data_config, tiny_tokenizer
 from flax import nnx
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
 from flan_jax import data
 from flan_jax import model as fm
 from flan_jax.data import converters, loader

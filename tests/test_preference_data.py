@@ -9,6 +9,7 @@ import pathlib
 
 import pytest
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
 from flan_jax import data
 from flan_jax.data import preference
 
@@ -183,7 +184,7 @@ def test_preference_tasks_mix_and_split_like_any_task():
 
 
 def test_synthetic_pairs_prefer_the_correct_answer_and_share_the_sft_splits():
-    from tasks import synthetic, synthetic_families
+    from flan_jax_tasks import synthetic, synthetic_families
 
     for family in synthetic_families.FAMILIES:
         task = data.get(f"synthetic_pairs.{family.name}")

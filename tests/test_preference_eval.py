@@ -7,6 +7,7 @@ import pytest
 from eval_fakes import BOS, EOS, BigramModel, CharTokenizer, bigram_log_likelihood
 from flax import nnx
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
 from flan_jax import data, default_config
 from flan_jax import model as fm
 from flan_jax.eval import evaluator

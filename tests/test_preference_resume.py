@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
 from flan_jax.train import checkpointing, loop
 from tests import train_fakes
 from tests.test_resume import NUM_STEPS, _kill_at_random_moment, _lines, _records, _run

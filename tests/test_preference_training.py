@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in tasks and pairs)
 from flan_jax.train import loop, reference_cache
 from tests import train_fakes
 

@@ -54,7 +54,10 @@ def run_stage(sft_config, sft_workdir: pathlib.Path, num_steps: int | None = Non
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.train import checkpointing, loop, partitioning, state as state_lib
 
+    from flan_jax import data
+
     config = load_dpo_config(sft_config, sft_workdir, num_steps)
+    data.import_task_modules(config.data.task_modules)  # the pair mixtures the baselines score
     workdir = sft_workdir / "preference"
     tokenizer = load_tokenizer(sft_config.data, workdir=sft_workdir)
     mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,

@@ -44,7 +44,9 @@ def main(argv: list[str]) -> None:
     from flan_jax.eval.preference import load_reference_model
     from flan_jax.train import exit_codes, integrity
     from flan_jax.train.checkpointing import load_model
+    from flan_jax.model import lora
     from flan_jax.train.objectives import get_objective
+    from flan_jax.train.objectives.pairwise import ADAPTERS_OFF
 
     workdir = _FLAGS["workdir"].value
     try:
@@ -58,8 +60,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("config.eval.mixtures is empty: name the tasks or mixtures to evaluate")
     tokenizer = load_tokenizer(run_config.data, workdir=workdir)
     reference = None
-    if getattr(get_objective(run_config), "compares_with_reference", False):  # DPO / IPO: implicit rewards
-        reference = lambda: load_reference_model(run_config)  # noqa: E731
+    objective = get_objective(run_config)
+    if getattr(objective, "compares_with_reference", False):  # DPO / IPO: implicit rewards
+        if objective.reference == ADAPTERS_OFF:  # LoRA: the base alone, the same weights
+            reference = lambda: lora.adapters_off(model)  # noqa: E731
+        else:
+            reference = lambda: load_reference_model(run_config)  # noqa: E731
     results = evaluate(model, tokenizer, config, workdir=workdir, step=step, reference=reference)
     sys.stdout.write(report.markdown(results))
     stem = report.file_stem(step, int(config.eval.num_shots))

@@ -134,7 +134,14 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
     def eval_reference():
-        """The initial policy, for the implicit rewards of DPO-family runs (rebuilt when not held)."""
+        """The initial policy, for the implicit rewards of DPO-family runs: the policy with its
+        adapters switched off (LoRA), the held reference slot, or rebuilt from its source."""
+        from flan_jax.train.objectives.pairwise import ADAPTERS_OFF
+
+        if getattr(objective, "reference", None) == ADAPTERS_OFF:
+            from flan_jax.model import lora
+
+            return lora.adapters_off(parts.merge(state.params, state.frozen.get("base")))
         if "reference" in state.frozen:
             return parts.merge(state.frozen["reference"], state.frozen.get("base"))
         return parts.merge(initial_params(config, parts, mesh, model_cfg))

@@ -11,7 +11,8 @@ weights [1, a], which pools the NLL over the batch's tokens instead of averaging
 DPO on small models tends to lower the likelihood of the chosen responses too.
 
 Per-pair formulas: flan_jax.train.preference_losses (checked against trl 1.16). The reference
-log-probs of dpo/ipo come from the cache or the frozen slot (objectives/pairwise.py). Logged per
+log-probs of dpo/ipo come from the cache, the frozen slot or, in LoRA runs, the policy with its
+adapters switched off (objectives/pairwise.py). Logged per
 step (means over the batch's pairs): loss, rewards/chosen, rewards/rejected, rewards/accuracy
 (share with reward chosen > rejected), rewards/margin, logps/chosen, logps/rejected and
 logps/drift, the policy's log-prob drift from the reference ((log-ratio chosen + log-ratio
@@ -42,7 +43,7 @@ class _ReferencedObjective(PairwiseObjective):
         self.beta = float(self.settings.beta)
         if self.beta <= 0:
             raise ValueError(f"config.objective.beta={self.beta} must be > 0")
-        self.reference = reference_source(self.settings)
+        self.reference = reference_source(config)  # "cache" | "model" | "adapters_off" (resolved from "auto")
         # Instance attributes: which extra input the run must provide depends on the config.
         self.frozen_slots = ("reference",) if self.reference == "model" else ()
         self.features = PairwiseObjective.features + ((REFERENCE_FEATURE,) if self.reference == "cache" else ())
