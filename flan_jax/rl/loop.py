@@ -133,8 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
     tokenizer = train_loop.build_tokenizer(config, workdir)
     train_loop.check_evaluation(config)
     model_cfg, parts = train_loop.build_model(config, mesh, rules, heads=objective.model_heads)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}")
+    train_loop.check_model_fits(config, model_cfg, tokenizer)
 
     rl = config.rl
     group = int(rl.group_size)

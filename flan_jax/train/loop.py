@@ -105,16 +105,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     tokenizer = build_tokenizer(config, workdir)
     check_evaluation(config)
     model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
-    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
-        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
-            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
-        )
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
-        )
+    check_model_fits(config, model_cfg, tokenizer)
     converter = build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules, workdir)
     data_iter = build_train_iterator(config, tokenizer, converter)
     num_steps = int(config.train.num_steps)
@@ -189,6 +180,20 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
         finally:
             reporter.close()
     return logged
+
+
+def check_model_fits(config, model_cfg, tokenizer) -> None:
+    """The rows and the vocabulary must fit the model (else NaNs or out-of-range lookups later)."""
+    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
+        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
+            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
+        )
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
+        )
 
 
 def start_state(
