@@ -22,7 +22,7 @@ CORE = [
 ]
 
 EXTRAS = {
-    # Parity tests against the reference implementations. torch is pinned to the CPU build
+    # Parity tests against the reference implementations (trl: the preference losses). torch is pinned to the CPU build
     # (an unpinned torch pulls a multi-GB CUDA build).
     "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "trl==1.16.0"],
     # GGUF import (python -m flan_jax.convert --from_gguf). The SmolLM2 weights the tests and

@@ -158,6 +158,69 @@ def get_config() -> ml_collections.ConfigDict:
     # What the step minimises (flan_jax/train/objectives): "sft" = next-token cross-entropy on the
     # responses, configured by config.loss below.
     objective.name = "sft"
+    # Preference objectives (on data.PreferenceTask pairs): "reward_model", "dpo", "ipo", "simpo".
+    objective.beta = 0.1  # dpo / ipo / simpo: the inverse temperature of the implicit reward
+    objective.label_smoothing = 0.0  # dpo: > 0 is conservative DPO (the share of labels assumed flipped)
+    objective.sft_weight = 0.0  # dpo / ipo: + weight x the chosen response's mean token NLL (RPO)
+    objective.simpo_gamma = 0.5  # simpo: the target reward margin
+    objective.margin = 0.0  # reward_model: -log sigmoid(r_chosen - r_rejected - margin)
+    # dpo / ipo: where the reference log-probs come from: "cache" (one pass of the initial policy over
+    # the run's pairs before training, kept in DIR/reference_cache/), "model" (a frozen copy of the
+    # initial policy run at every step), "adapters_off" (LoRA: the policy with its adapters switched
+    # off, the initial policy while they start at zero: one copy of the weights, no pre-pass), or
+    # "auto": "adapters_off" where that is exact (LoRA from the seed, only adapters trained), else "cache".
+    objective.reference = "auto"
+    # Online RL (flan_jax/rl, docs/training.md "Reinforcement learning"): "grpo" or "ppo", configured by
+    # config.rl below; train.num_steps then counts rollouts (each followed by rl.epochs x rl.minibatches updates).
+
+    # ---------------------------------------------------------------- online RL ("grpo" / "ppo")
+    config.rl = rl = ml_collections.ConfigDict()
+    # Rollouts: data.batch_size completions per step = data.batch_size / group_size prompts of
+    # data.train_mixture (rendered with its templates), group_size samples each. A completion has at
+    # most max_new_tokens tokens; a prompt (BOS included) at most data.seq_len - max_new_tokens.
+    rl.group_size = 8
+    rl.max_new_tokens = 32
+    rl.temperature = 1.0
+    rl.top_p = 1.0
+    rl.top_k = 0
+    rl.on_long_prompt = "error"  # error | skip (draw the next prompt, counted) | truncate (cut the middle, counted)
+    # Rewards (flan_jax/rl/rewards.py): registered names, summed with reward_weights (empty: all 1).
+    # "task_metric": the prompt's task scores the completion with its own metric (exact match, GSM8K
+    # number, ROUGE-L, ...); "reward_model": the score head of rl.reward_model; or a user's.
+    rl.rewards = ("task_metric",)
+    rl.reward_weights = ()
+    rl.task_metric = ""  # the metric task_metric uses ("" = each task's first generation metric)
+    rl.reward_model = ""  # a reward_model run's workdir or a HF *ForSequenceClassification folder
+    rl.reward_model_batch_size = 32  # completions scored per reward-model pass
+    rl.on_bad_reward = "error"  # error | skip (a reward raised or is NaN: the completion leaves the loss, counted)
+    # Format penalties subtracted from the reward: no_eos_penalty for a completion with no EOS within
+    # max_new_tokens; DAPO's soft over-length penalty, growing linearly to overlong_penalty over the
+    # last overlong_buffer tokens.
+    rl.no_eos_penalty = 0.0
+    rl.overlong_buffer = 0
+    rl.overlong_penalty = 0.0
+    # Updates: each rollout is split into `minibatches` row subsets, visited `epochs` times.
+    rl.epochs = 1
+    rl.minibatches = 1
+    rl.epsilon = 0.2  # clipped importance ratio: [1 - epsilon, 1 + epsilon_high]
+    rl.epsilon_high = 0.0  # 0: = epsilon (DAPO's clip-higher sets e.g. 0.28)
+    rl.kl_coef = 0.04  # GRPO: k3 KL to the reference in the loss; PPO: per-token KL penalty in the reward; 0: no reference
+    rl.kl_ratio_correction = False  # GRPO: k3 x ratio (DeepSeek-V3.2's unbiased KL gradient; trl 1.16's default)
+    # GRPO: advantages = (r - group mean) / (group std + 1e-4) with scale_rewards="group" ("batch": the
+    # batch std; "none": no division, Dr. GRPO). loss_type: "grpo" = mean over tokens per completion,
+    # then over completions; "dapo" = over all tokens of the batch; "dr_grpo" = token sum / (completions x max_new_tokens).
+    rl.scale_rewards = "group"
+    rl.loss_type = "grpo"
+    # PPO: GAE over the completion tokens, clipped value loss, advantages whitened over the batch.
+    rl.gamma = 1.0
+    rl.lam = 0.95
+    rl.vf_coef = 0.1
+    rl.cliprange_value = 0.2
+    rl.whiten_advantages = True
+    # PPO-ptx (InstructGPT): + ptx_coef x the SFT loss of ptx_batch_size packed rows of ptx_mixture per update.
+    rl.ptx_coef = 0.0
+    rl.ptx_mixture = ""
+    rl.ptx_batch_size = 8
 
     # ---------------------------------------------------------------- loss (the "sft" objective)
     config.loss = loss = ml_collections.ConfigDict()

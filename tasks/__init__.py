@@ -5,6 +5,8 @@ folder), the default of `config.data.task_modules`, which the trainer imports at
 only name things:
 
   synthetic         the built-in FLAN-style mixture generated in code (the demo's data)
+  synthetic_pairs   preference pairs (correct vs wrong answer) of the synthetic tasks
+  hh_rlhf           Anthropic HH-RLHF human preference pairs (harmless-base test split)
   t0                P3/T0 tasks (one per file), 8 clusters, t0_<cluster>, t0_minus_<cluster>
   flan_cot          FLAN chain-of-thought tasks (+ answer-only variants) and GSM8K
   instruction_eval  evaluation-only: Self-Instruct user-oriented, AlpacaEval, MT-bench first turns
@@ -14,4 +16,4 @@ Real-data tasks read their files only when used (paths say "{data_dir}", resolve
 FLAN_JAX_DATA_DIR), so importing this package never needs the data on disk.
 """
 
-from . import flan_cot, flan_mini, instruction_eval, synthetic, t0  # noqa: F401  (register on import)
+from . import flan_cot, flan_mini, hh_rlhf, instruction_eval, synthetic, synthetic_pairs, t0  # noqa: F401  (register on import)

@@ -14,6 +14,7 @@ Evaluation reads the validation split, which never shares a question with the tr
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 from flan_jax import data
 from . import synthetic_families as families
@@ -70,26 +71,37 @@ def _heldout_templates_task(task: data.Task, family: families.Family) -> data.Ta
     return task.replace(name=task.name + HELDOUT_TEMPLATES_SUFFIX, templates=heldout, eval_templates=heldout)
 
 
-def register() -> None:
+def register_families(
+    make_task: Callable[[families.Family], data.Task],
+    make_heldout_templates_task: Callable[[data.Task, families.Family], data.Task],
+    *,
+    prefix: str,
+    what: str,
+) -> None:
+    """Registers one task per family and the four mixtures `<prefix>_train`, `<prefix>_eval_seen`,
+    `<prefix>_eval_seen_heldout_templates` and `<prefix>_eval_heldout_cluster` (also used by the pairs)."""
     seen, heldout_templates, heldout_cluster = [], [], []
     for family in families.FAMILIES:
-        task = data.register_task(_task(family))
+        task = data.register_task(make_task(family))
         if family.cluster == families.HELDOUT_CLUSTER:
             heldout_cluster.append(task.name)
             continue
         seen.append(task.name)
-        heldout_templates.append(data.register_task(_heldout_templates_task(task, family)).name)
+        heldout_templates.append(data.register_task(make_heldout_templates_task(task, family)).name)
     data.register_mixture(data.Mixture.proportional(
-        "synthetic_train", seen, description="synthetic seen clusters, training templates"))
+        f"{prefix}_train", seen, description=f"{what} of the seen clusters, training templates"))
     data.register_mixture(data.Mixture.proportional(
-        "synthetic_eval_seen", seen, split="validation",
-        description="seen synthetic tasks with their training templates (validation split)"))
+        f"{prefix}_eval_seen", seen, split="validation",
+        description=f"{what} of the seen tasks with their training templates (validation split)"))
     data.register_mixture(data.Mixture.proportional(
-        "synthetic_eval_seen_heldout_templates", heldout_templates, split="validation",
-        description="seen synthetic tasks rendered with held-out templates (validation split)"))
+        f"{prefix}_eval_seen_heldout_templates", heldout_templates, split="validation",
+        description=f"{what} of the seen tasks rendered with held-out templates (validation split)"))
     data.register_mixture(data.Mixture.proportional(
-        "synthetic_eval_heldout_cluster", heldout_cluster, split="validation",
-        description=f"the held-out {families.HELDOUT_CLUSTER!r} cluster, never in synthetic_train"))
+        f"{prefix}_eval_heldout_cluster", heldout_cluster, split="validation",
+        description=f"{what} of the held-out {families.HELDOUT_CLUSTER!r} cluster, never in {prefix}_train"))
 
+
+def register() -> None:
+    register_families(_task, _heldout_templates_task, prefix="synthetic", what="synthetic tasks")
 
 register()

@@ -17,6 +17,18 @@ def test_fields_fall_in_the_documented_kinds():
         "lora.rank": "incompatible", "lora.targets": "incompatible", "trainable.paths": "incompatible",
         "trainable.frozen_dtype": "incompatible", "lora.alpha": "meaning", "lora.dropout": "meaning",
         "lora.init_from": "free",
+        # Preference tuning: the objective and its reference source shape the state and batch;
+        # its coefficients change what the run computes (allowed on request).
+        "objective.name": "incompatible", "objective.reference": "incompatible", "objective.beta": "meaning",
+        "objective.label_smoothing": "meaning", "objective.sft_weight": "meaning", "objective.simpo_gamma": "meaning",
+        "objective.margin": "meaning",
+        # Online RL: the prompt stream's shape, updates per step and the PPO-ptx stream are the
+        # checkpoint's; rewards, sampling and loss coefficients change what it computes.
+        "rl.group_size": "incompatible", "rl.max_new_tokens": "incompatible", "rl.on_long_prompt": "incompatible",
+        "rl.epochs": "incompatible", "rl.minibatches": "incompatible", "rl.ptx_coef": "incompatible",
+        "rl.ptx_mixture": "incompatible", "rl.ptx_batch_size": "incompatible", "rl.reward_model_batch_size": "free",
+        "rl.rewards": "meaning", "rl.reward_model": "meaning", "rl.temperature": "meaning", "rl.kl_coef": "meaning",
+        "rl.epsilon": "meaning", "rl.loss_type": "meaning", "rl.scale_rewards": "meaning", "rl.vf_coef": "meaning",
     }
     assert {field: config_change.kind(field) for field in expected} == expected
     every = config_change.flatten(checkpointing.config_to_dict(default_config.get_config()))

@@ -44,7 +44,8 @@ def test_the_wheel_ships_the_demo_and_the_builtin_tasks_under_our_names(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top_level = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
     assert top_level == {"flan_jax", "flan_jax_tasks"}  # never a top-level `tasks` beside the user's own
-    assert {"flan_jax/cli/demo.py", "flan_jax/cli/demo_config.py", "flan_jax_tasks/__init__.py", "flan_jax_tasks/synthetic.py"} <= set(names)
+    assert {"flan_jax/cli/demo.py", "flan_jax/cli/demo_config.py", "flan_jax_tasks/__init__.py", "flan_jax_tasks/synthetic.py",
+            "flan_jax/cli/dpo_demo_config.py", "flan_jax/cli/demo_preference.py", "flan_jax_tasks/synthetic_pairs.py"} <= set(names)
 
 
 def test_the_demo_runs_from_an_installed_wheel(wheel, tmp_path, tokenizer_path, cache_dir):
@@ -64,10 +65,15 @@ def test_the_demo_runs_from_an_installed_wheel(wheel, tmp_path, tokenizer_path, 
         eval__max_new_tokens=2, eval__mixtures=("synthetic_eval_heldout_cluster",),
     )
     result = subprocess.run(
-        [sys.executable, "-m", "flan_jax.demo", f"--workdir={tmp_path / 'run'}", *train_fakes.cli_args(overrides)],
+        [sys.executable, "-m", "flan_jax.demo", f"--workdir={tmp_path / 'run'}", "--preference_steps=2",
+         "--rl_steps=2", *train_fakes.cli_args(overrides)],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "The untrained model (step 0) vs the tuned model (step 2)" in result.stdout
     assert "| (b) held-out cluster |" in result.stdout and "Sample generations of the tuned model:" in result.stdout
     assert (tmp_path / "run" / "eval" / "step_2.json").is_file()
+    # The preference stage (DPO from the SFT run) runs from the wheel too and prints its rows.
+    assert "| SFT + DPO |" in result.stdout and (tmp_path / "run" / "preference" / "eval" / "step_2.json").is_file()
+    # So does the RL stage (GRPO from the SFT run), one row per stage.
+    assert "| SFT + GRPO |" in result.stdout and (tmp_path / "run" / "rl" / "eval" / "step_2.json").is_file()

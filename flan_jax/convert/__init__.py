@@ -5,13 +5,16 @@
     python -m flan_jax.convert --to_hf=OUT_HF_DIR --workdir=DIR [--step=N]
     python -m flan_jax.convert --to_hf=OUT_HF_DIR --checkpoint=CONVERTED_DIR
 
-`load_converted(OUT_DIR) -> (ModelConfig, params)` is what `checkpoint.init_from` uses.
+`load_converted(OUT_DIR) -> (ModelConfig, params)` is what `checkpoint.init_from` uses. Reward models
+(`score` head) export as `*ForSequenceClassification` and load back with `load_hf_reward_model`;
+`checkpoint.init_from` also takes such a Hugging Face folder directly.
 """
 
 from flan_jax.convert.checkpoint import config_model_overrides, load_converted, save_converted
 from flan_jax.convert.hf_export import convert_checkpoint_to_hf, convert_workdir_to_hf, hf_tensors, write_hf
 from flan_jax.convert.gguf_import import GGUFError, convert_from_gguf, load_gguf_params
 from flan_jax.convert.hf_import import RefusedCheckpointError, convert_from_hf, load_hf_params
+from flan_jax.convert.reward import load_hf_reward_model, write_hf_reward_model
 
 __all__ = [
     "config_model_overrides",
@@ -25,6 +28,8 @@ __all__ = [
     "load_converted",
     "load_gguf_params",
     "load_hf_params",
+    "load_hf_reward_model",
     "save_converted",
     "write_hf",
+    "write_hf_reward_model",
 ]

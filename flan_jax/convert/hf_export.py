@@ -4,8 +4,9 @@ Large models are written in 5 GiB shards with the usual index file, one shard in
 
 Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
 read through `flan_jax.train.checkpointing.load_model`; a LoRA run's adapters are merged into the
-weights). Tied models write no `lm_head.weight`, as transformers 5 does itself. A LoRA run's
-adapters alone go to a PEFT folder instead (`--to_peft`, convert/peft.py).
+weights); a reward-model run is written as a `*ForSequenceClassification` (flan_jax.convert.reward).
+Tied models write no `lm_head.weight`, as transformers 5 does itself. A LoRA run's adapters alone
+go to a PEFT folder instead (`--to_peft`, convert/peft.py).
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike
     model, config, used_step = checkpointing.load_model(workdir, step)
     cfg: ModelConfig = model.cfg
     params = plain_params(model, cfg)
+    if getattr(model, "scalar_heads", None) is not None and "score" in model.scalar_heads:  # a reward model
+        from flan_jax.convert import reward
+
+        reward.write_hf_reward_model(out_dir, cfg, params, tokenizer_dir=workdir)
+        return used_step
     token_ids = {}
     init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
     if init_from and (pathlib.Path(init_from) / checkpoint.MODEL_CONFIG).is_file():

@@ -6,6 +6,7 @@
     data.register_task(task)
     ds = data.get("my_qa").get_dataset("train", seed=0)   # grain.MapDataset of rendered examples
 
+Preference pairs (prompt, chosen, rejected): `data.PreferenceTask` (flan_jax.data.preference).
 See docs/tasks.md for templates, few-shot, chain-of-thought, answer options, answer extraction,
 metrics, carved validation splits and mixtures.
 Tokenizer, packing and loader live in their own modules (`flan_jax.data.tokenizer`, ...), imported
@@ -38,6 +39,7 @@ from flan_jax.data.formats import (
 )
 from flan_jax.data.metric_registry import Metric, get_metric, metric_names, register_metric, unregister_metric
 from flan_jax.data.mixing import proportional_rates
+from flan_jax.data.preference import HHRLHFFormat, PairFields, PreferenceTask, TRLFormat
 from flan_jax.data.registry import (
     BUILTIN_TASK_MODULE,
     Mixture,
@@ -82,7 +84,8 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "COT_TARGETS", "COT_TRIGGERS", "DEFAULT_OPTION_STYLES",
     "OPTION_STYLES", "PROMPT_RESPONSE", "AlpacaFormat", "AnswerAfter", "AnswerChoice", "AnswerExtractor",
     "AnswerFunction", "BUILTIN_TASK_MODULE", "AnswerRegex", "CarvedSplits", "ChatFormat", "CsvSource", "DataError",
-    "DataUnavailableError", "FewShot", "FunctionSource", "InMemorySource", "JsonSource", "JsonlSource", "Metric",
+    "DataUnavailableError", "FewShot", "FunctionSource", "HHRLHFFormat", "InMemorySource", "JsonSource", "JsonlSource",
+    "Metric", "PairFields", "PreferenceTask", "TRLFormat",
     "Mixture", "PromptCompletionFormat", "Records", "Source", "StripSuffix", "Task", "Template", "TfdsSource",
     "TsvSource", "UnescapeNewlines", "UnknownNameError", "alpaca_task", "answer_only_templates", "chat_task",
     "check_examples", "cot_templates", "data_dir", "get", "get_metric", "get_mixture", "get_task",

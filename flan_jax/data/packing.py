@@ -19,7 +19,7 @@ keeps one set of buffers. `pad` is the one-example-per-row baseline.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -71,14 +71,16 @@ class OpenRows:
     """Streaming best-fit packing into at most `num_open_rows` open rows of `seq_len` positions.
 
     Each open row is a list of (key, features); the caller chooses keys (the loader uses stream positions,
-    so a checkpoint can store `keys()` and rebuild the open rows with `restore`).
+    so a checkpoint can store `keys()` and rebuild the open rows with `restore`). `build(examples, seq_len)`
+    lays a row out (`build_row`, or a feature converter's, e.g. preference pairs as two segments each).
     """
 
-    def __init__(self, seq_len: int, num_open_rows: int):
+    def __init__(self, seq_len: int, num_open_rows: int, build: Callable[..., dict[str, np.ndarray]] | None = None):
         if num_open_rows < 1:
             raise ValueError(f"num_packing_bins={num_open_rows} must be at least 1")
         self.seq_len = seq_len
         self.num_open_rows = num_open_rows
+        self.build = build or build_row
         self._rows: list[list[tuple[Any, Mapping[str, np.ndarray]]]] = []
         self._free: list[int] = []
 
@@ -88,7 +90,7 @@ class OpenRows:
         if length > self.seq_len:
             raise ValueError(f"example of {length} features does not fit in seq_len={self.seq_len}: truncate it first")
         if length == self.seq_len:  # fills a row alone (a truncated document): straight out
-            return build_row([features], self.seq_len)
+            return self.build([features], self.seq_len)
         best, best_free = -1, self.seq_len + 1
         for row, free in enumerate(self._free):  # a plain loop beats numpy for <= ~100 rows
             if length <= free < best_free:
@@ -107,11 +109,11 @@ class OpenRows:
     def _emit(self, row: int) -> dict[str, np.ndarray]:
         examples = self._rows.pop(row)
         del self._free[row]
-        return build_row([features for _, features in examples], self.seq_len)
+        return self.build([features for _, features in examples], self.seq_len)
 
     def flush(self) -> list[dict[str, np.ndarray]]:
         """Emits every open row (at the end of a finite stream)."""
-        rows = [build_row([f for _, f in examples], self.seq_len) for examples in self._rows]
+        rows = [self.build([f for _, f in examples], self.seq_len) for examples in self._rows]
         self._rows, self._free = [], []
         return rows
 

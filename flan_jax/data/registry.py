@@ -134,6 +134,8 @@ class Task(PicklableLock):
         self._records_cache: dict[str, Records] = {}
         self._lock = threading.Lock()
 
+    renderer_class: type[_Renderer]  # how a record becomes an example (set below _Renderer)
+
     _FIELDS = (
         "name", "source", "templates", "eval_templates", "preprocessors", "metrics", "cluster",
         "references_field", "options_field", "option_styles", "few_shot", "description", "answer",
@@ -149,7 +151,7 @@ class Task(PicklableLock):
         if "templates" in changes and "eval_templates" not in changes and self.eval_templates is self.templates:
             kwargs["eval_templates"] = None  # eval templates keep following the templates
         kwargs.update(changes)
-        return Task(kwargs.pop("name"), kwargs.pop("source"), kwargs.pop("templates"), **kwargs)
+        return type(self)(kwargs.pop("name"), kwargs.pop("source"), kwargs.pop("templates"), **kwargs)
 
     # ------------------------------------------------------------------ data
     @property
@@ -261,7 +263,7 @@ class Task(PicklableLock):
         exemplars = self.exemplar_records() if num_shots else None
         order_seed = mixing.stable_seed(seed, self.name) if shuffle else None
         exclude_self = self.few_shot.from_task and split == self.few_shot.split
-        renderer = _Renderer(
+        renderer = self.renderer_class(
             self, records, templates, seed, order_seed, num_shots, exemplars, exclude_self, template_set == "eval"
         )
         renderer.check()
@@ -299,7 +301,7 @@ class Task(PicklableLock):
         """
         records = self.records(split) if split is not None else self.exemplar_records()
         for_eval = template_set == "eval" and split is not None
-        renderer = _Renderer(self, records, (template,), 0, None, 0, None, False, for_eval)
+        renderer = self.renderer_class(self, records, (template,), 0, None, 0, None, False, for_eval)
         return renderer.render(index, template, self.option_styles[0])
 
     def __repr__(self) -> str:
@@ -456,6 +458,9 @@ class _Renderer:
             except DataError as error:
                 raise _locate(error, self.task_name, self.exemplars, i) from None
         return self.few_shot.join(shots, inputs)
+
+
+Task.renderer_class = _Renderer
 
 
 # ---------------------------------------------------------------------------- mixtures

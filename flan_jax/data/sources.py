@@ -11,6 +11,9 @@ raises `DataError` naming file, line/record and field, unless the source is buil
 `logging.warning`. Empty files raise (`on_empty="error"`, the default) or are reported with a
 warning and listed in `source.empty_files` (`on_empty="warn"`).
 
+Gzipped files (`*.jsonl.gz`, `*.tsv.gz`, ...) are read directly (flan_jax.data.compressed); a
+truncated or corrupt one raises with the file and the first unreadable line.
+
 Line numbers in messages start at 1 (as in an editor); record numbers are 0-based indices into the
 file's records (as in Python).
 """
@@ -18,6 +21,7 @@ file's records (as in Python).
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import glob
 import hashlib
@@ -30,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from flan_jax.data import compressed
 from flan_jax.data.errors import DataError, DataUnavailableError
 
 DATA_DIR_ENV = "FLAN_JAX_DATA_DIR"
@@ -58,6 +63,17 @@ def set_default_on_bad_record(mode: str) -> None:
     global _default_on_bad_record
     _check_choice("on_bad_record", mode, BAD_RECORD_MODES)
     _default_on_bad_record = mode
+
+
+@contextlib.contextmanager
+def default_on_bad_record(mode: str) -> Iterator[None]:
+    """`set_default_on_bad_record(mode)` inside the block, the previous default restored after it (the trainer's run)."""
+    previous = _default_on_bad_record
+    set_default_on_bad_record(mode)
+    try:
+        yield
+    finally:
+        set_default_on_bad_record(previous)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -292,7 +308,7 @@ class FileSource(Source):
 
     def _decoded_lines(self, path: pathlib.Path, log: _BadRecordLog) -> Iterator[tuple[int, str]]:
         """(line number, text) for every line; undecodable lines raise or are skipped, with their line."""
-        data = path.read_bytes()
+        data = compressed.read_bytes(path, log.bad)
         try:
             text = data.decode(self.encoding)
         except UnicodeDecodeError as error:

@@ -10,6 +10,9 @@ from the task's own definition, then compute the metrics the task lists (`task.m
       which the metric scores
   rank_classification     every option scored by log-likelihood, no generation
   loss (and perplexity)   mean NLL per target token
+  pair_accuracy, pair_margin, logprob_accuracy   preference tasks (data.PreferenceTask): both responses
+      of each held-out pair scored by the reward model, the DPO implicit reward or the log-prob
+      (flan_jax.eval.preference)
 
 Before anything is generated, every example is checked (flan_jax.data.checks): a reference a metric
 cannot score or an answer that is none of the options fails with the record's file and line. An
@@ -38,7 +41,7 @@ import jax
 
 from flan_jax.data import chat_features, checks
 from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
-from flan_jax.eval import report, scoring
+from flan_jax.eval import preference, report, scoring
 
 GenerateFn = Callable[..., list[list[int]]]
 
@@ -57,6 +60,7 @@ class _TaskData:
     answers: list[str] | None = None  # what the generation metrics score (the extracted answers)
     rank_results: list[scoring.RankResult] | None = None
     loss: dict[str, float] | None = None
+    preference: dict[str, float] | None = None  # a preference task's pair metrics
     scores: dict[str, list[float]] = dataclasses.field(default_factory=dict)  # metric -> per-example scores
     truncation: dict[str, float] = dataclasses.field(default_factory=dict)
     prompt_cuts: list[int] | None = None  # tokens cut from each generation prompt
@@ -147,6 +151,8 @@ def _collect(config) -> list[_TaskData]:
             # A task without metrics has no references (e.g. MT-bench): its answers are generated
             # and written to the predictions for a judge, and no metric (not even loss) is made up.
             names = list(dict.fromkeys([*task.metrics, *ev.extra_metrics])) if task.metrics else []
+            if preference.is_preference_task(task):  # its pair metrics only (flan_jax.eval.preference)
+                names = list(task.metrics)
             check_metric_names(names, task=task.name)
             split, examples = _load_examples(
                 task, ev.split, limit=ev.max_examples_per_task, num_shots=ev.num_shots, seed=config.seed
@@ -305,6 +311,8 @@ def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate
 
 
 def _task_metrics(item: _TaskData) -> dict[str, float]:
+    if item.preference is not None:
+        return dict(item.preference)
     values: dict[str, float] = {}
     for name in item.metric_names:
         metric = get_metric(name)
@@ -382,6 +390,21 @@ def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
         item.truncation["loss_targets_cut"] = sum(s.truncated for s in task_scores)
 
 
+def _preference_all(model, tokenizer, config, items: Sequence[_TaskData], reference) -> None:
+    """Pair metrics of every preference task (flan_jax.eval.preference), all pairs in one packed pass."""
+    if not items:
+        return
+    objective = config.get("objective", {})
+    results = preference.evaluate_preference_tasks(
+        model, tokenizer, [it.examples for it in items], seq_len=int(config.data.seq_len),
+        batch_rows=config.eval.batch_size, reference=reference,
+        length_normalized=config.eval.length_normalized_options, beta=float(objective.get("beta", 1.0)),
+    )
+    for item, metrics in zip(items, results):
+        item.preference = metrics
+        item.truncation["pairs_dropped"] = metrics["pairs_dropped"]
+
+
 def evaluate(
     model,
     tokenizer,
@@ -390,19 +413,25 @@ def evaluate(
     workdir: str | None,
     step: int,
     generate_fn: GenerateFn | None = None,
+    reference=None,
 ) -> dict[str, Any]:
     """Evaluates `model` on config.eval.mixtures; writes DIR/eval/ files (unless workdir is None).
 
     Returns the results dict written to step_<N>.json: `tasks`, `clusters`, `mixtures`,
     `overall` and a flat `summary` ("overall/exact_match", "cluster/<c>/<m>", ...).
     `generate_fn` replaces flan_jax.model.generate.generate (same signature) for other models.
+    `reference` (a model, or a no-argument function returning one) scores preference pairs by the
+    DPO implicit reward of `model` against it; without it, by reward scores or log-probs.
     """
     ev = config.eval
     start_time = time.perf_counter()
     items = _collect(config)
     _generate_all(model, tokenizer, config, items, generate_fn)
     _rank_all(model, tokenizer, config, [it for it in items if it.metrics_of("ranked_option")])
-    _loss_all(model, tokenizer, config, [it for it in items if it.metrics_of("likelihood")])
+    pairs = [it for it in items if preference.is_preference_task(it.task)]
+    losses = [it for it in items if it.metrics_of("likelihood") and not preference.is_preference_task(it.task)]
+    _loss_all(model, tokenizer, config, losses)
+    _preference_all(model, tokenizer, config, pairs, reference)
 
     tasks = {}
     for it in items:

@@ -22,6 +22,9 @@ adapters stacked the same way, so the scan slices them together with the kernel.
 
 Dropout on the adapter input (as PEFT) draws from the training step's key: `train_mode(model, rng)`
 gives every adapter its own key; without it (evaluation, generation, export) there is no dropout.
+
+`adapters_off(model)` is the same model computing its base alone (PEFT's `disable_adapter()`):
+DPO's reference in a LoRA run, the initial policy (B = 0) without a second copy of the weights.
 """
 
 from __future__ import annotations
@@ -122,6 +125,7 @@ class LoRADense(Dense):
         self.rank, self.scale = int(config.rank), config.scale
         self.dropout_rate = float(config.dropout)
         self.deterministic = True  # train_mode() switches dropout on for one training step's model
+        self.enabled = True  # adapters_off() gives a view that computes the wrapped projection alone
         param_dtype = jnp.dtype(dense.kernel.dtype if jnp.issubdtype(dense.kernel.dtype, jnp.floating) else jnp.float32)
         # PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
         bound = 1.0 / math.sqrt(in_size)
@@ -136,6 +140,8 @@ class LoRADense(Dense):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = super().__call__(x)
+        if not self.enabled:
+            return y
         h = x
         if self.dropout_rate and not self.deterministic:
             keep = 1.0 - self.dropout_rate
@@ -283,6 +289,23 @@ def train_mode(model: nnx.Module, rng: jax.Array) -> nnx.Module:
         # Variables, which belong to an outer trace.
         module.dropout_key = DropoutKey(jax.random.key_data(keys))
     return model
+
+
+def adapters_off(model: nnx.Module) -> nnx.Module:
+    """A view of `model` that computes its base alone: every adapter switched off.
+
+    The view holds the same parameter arrays (nothing is copied) and `model` is left as it is, so
+    a LoRA run's policy and its reference (the base: the initial policy while B = 0) share one
+    copy of the weights. Raises when `model` has no adapters.
+    """
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    found = adapters(view)
+    if not found:
+        raise LoRAError("adapters_off: the model has no LoRA adapters (config.lora.rank is 0)")
+    for _, module in found:
+        module.enabled = False
+    return view
 
 
 def _is_typed_key(x: jax.Array) -> bool:

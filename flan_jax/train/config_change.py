@@ -13,7 +13,9 @@ saved with it. Every field that differs is logged, and each falls in one of thre
                 refused unless `--config.train.allow_config_change=True`, then logged and recorded
                 in metrics.jsonl (`config_changes` of the first record after the resume);
   incompatible  fields the checkpoint cannot continue under at all: the model's architecture,
-                LoRA's rank and targets, the trainable-parameter filter, batch size, row length,
+                LoRA's rank and targets, the trainable-parameter filter, the objective and where its
+                reference log-probs come from, batch size, row length, an RL run's group size,
+                completion length, updates per rollout and PPO-ptx stream,
                 packing, data workers, mixture, tokenizer and seed (the data iterator's position
                 and the parameters' shapes belong to them). Refused
                 always: start a new workdir (`checkpoint.init_from` takes converted weights).
@@ -40,12 +42,24 @@ FREE = (
     # are checked by their fingerprints, train/state.py).
     "model.init_std",
     "lora.init_from",  # the adapters' starting point: the checkpoint holds where they are now
+    "rl.reward_model_batch_size",  # how many completions one reward-model pass scores
 )
 INCOMPATIBLE = (
     "seed", "data.batch_size", "data.seq_len", "data.pack", "data.worker_count", "data.num_packing_bins",
     "data.train_mixture", "data.train_split", "data.tokenizer.",
     # Which parameters exist and are trained, and the frozen base's dtype (docs/lora.md).
     "lora.rank", "lora.targets", "trainable.",
+    # The objective: its heads (a reward model's score), batch layout (pairs) and frozen slots;
+    # where DPO's reference log-probs come from (a cache feature, a frozen slot, or the policy
+    # with its adapters switched off) decides the state's slots and the batch's features.
+    "objective.name", "objective.reference",
+    # Online RL (flan_jax/rl): the prompt stream's shape and position (prompts per step, the prompt
+    # budget, what happens to long prompts), how many updates a checkpointed step holds (the
+    # optimizer step counter is RL step x epochs x minibatches), and PPO-ptx's second data stream.
+    # Every other rl.* field (rewards, sampling temperature, clipping, KL coefficient) is "meaning";
+    # a change of reward model is also checked by its parameters' fingerprint.
+    "rl.group_size", "rl.max_new_tokens", "rl.on_long_prompt", "rl.epochs", "rl.minibatches",
+    "rl.ptx_coef", "rl.ptx_mixture", "rl.ptx_batch_size",
 )
 # Model fields that describe how to run it, not the architecture (config.RUNTIME_FIELDS minus
 # the dtypes, which change the numbers the run computes).

@@ -27,6 +27,7 @@ from etils import epath
 from flax import nnx
 
 from flan_jax import atomic_write
+from flan_jax.model import layout
 from flan_jax.train import (
     checkpointing,
     config_change,
@@ -55,7 +56,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         if maybe_initialize_distributed(config.distributed):
             preemption.reinstall()  # jax.distributed installs a SIGTERM handler of its own: take it back
         workdir = epath.Path(workdir)
-        with lock_workdir(workdir):
+        from flan_jax.data import sources
+
+        # What sources and pair checks do with bad records (config.data.on_bad_record).
+        with sources.default_on_bad_record(config.data.on_bad_record), lock_workdir(workdir):
+            if getattr(objectives.get_objective(config), "loop", "") == "rl":  # GRPO / PPO sample their own batches
+                from flan_jax.rl import loop as rl_loop
+
+                return rl_loop.train(config, workdir, preemption)
             return _train(config, workdir, preemption)
     finally:
         preemption.close()
@@ -95,51 +103,21 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     objective = objectives.get_objective(config)
-    tokenizer, data_iter = build_data(config, workdir)
+    tokenizer = build_tokenizer(config, workdir)
     check_evaluation(config)
     model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
-    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
-        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
-            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
-        )
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
-        )
+    check_model_fits(config, model_cfg, tokenizer)
+    converter = build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules, workdir)
+    data_iter = build_train_iterator(config, tokenizer, converter)
     num_steps = int(config.train.num_steps)
     tx, schedule = optimizer.make_optimizer(config.optimizer, num_steps)
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
 
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    config_changes: dict[str, list] = {}
-
-    def check_resume(saved_config: dict, name: str) -> None:
-        config_changes.update(config_change.check_resume(
-            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
-            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
-        ))
-
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
-    resumed = state is not None
-    initial = None
-    if state is None:
-        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from or config.lora.get("init_from"):
-            initial = initial_params(config, parts, mesh, model_cfg)
-            state = state.replace(params=parts.trained_part(initial))
-    state, frozen_fingerprints = attach_frozen_slots(
-        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    state, frozen_fingerprints, config_changes = start_state(
+        config, workdir, checkpoints, data_iter, parts, tx, shardings, mesh, model_cfg, objective
     )
-    del initial
-    if resumed:
-        check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
-    if parts.has_base:
-        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
     start_step = int(state.step)
-    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
-        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
     flops_per_token = training_flops_per_token(parts, model_cfg, config.data.seq_len)
@@ -147,8 +125,22 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
+    def eval_reference():
+        """The initial policy, for the implicit rewards of DPO-family runs: the policy with its
+        adapters switched off (LoRA), the held reference slot, or rebuilt from its source."""
+        from flan_jax.train.objectives.pairwise import ADAPTERS_OFF
+
+        if getattr(objective, "reference", None) == ADAPTERS_OFF:
+            from flan_jax.model import lora
+
+            return lora.adapters_off(parts.merge(state.params, state.frozen.get("base")))
+        if "reference" in state.frozen:
+            return parts.merge(state.frozen["reference"], state.frozen.get("base"))
+        return parts.merge(initial_params(config, parts, mesh, model_cfg))
+
     def evaluate(step: int) -> dict | None:
-        return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step)
+        reference = eval_reference if getattr(objective, "compares_with_reference", False) else None
+        return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step, reference)
 
     logged: dict[str, Any] = {}
     eval_results = None
@@ -177,24 +169,11 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
                         extra["config_changes"] = config_changes
                     logged = reporter.log(step, values, extra=extra)
 
-                eval_due = bool(config.eval.mixtures) and (
-                    (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+                eval_results, stop = end_of_step(
+                    step, last, state, data_iter, config, checkpoints=checkpoints, guard=guard, reporter=reporter,
+                    preemption=preemption, evaluate=evaluate, eval_results=eval_results, fingerprints=frozen_fingerprints,
                 )
-                if eval_due:
-                    eval_results = evaluate(step)
-                ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
-                if ckpt_due:
-                    guard.check(checkpoints)
-                    checkpoints.save(
-                        step, state, data_iter, config,
-                        metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=frozen_fingerprints,
-                    )
-                if eval_due or ckpt_due:  # tokens/s measures training only
-                    reporter.restart_timer(step, state.step)
-                if preemption.requested(step, config.train.log_every):
-                    logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-                    guard.check(checkpoints)
-                    checkpoints.save(step, state, data_iter, config, frozen_fingerprints=frozen_fingerprints)
+                if stop:
                     break
     finally:
         try:
@@ -202,6 +181,88 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
         finally:
             reporter.close()
     return logged
+
+
+def check_model_fits(config, model_cfg, tokenizer) -> None:
+    """The rows and the vocabulary must fit the model (else NaNs or out-of-range lookups later)."""
+    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
+        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
+        raise ValueError(
+            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
+            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
+        )
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
+        )
+
+
+def start_state(
+    config, workdir: epath.Path, checkpoints: checkpointing.Checkpointer, data_iter, parts, tx, shardings, mesh, model_cfg,
+    objective, *, extra_fingerprints: dict[str, str] | None = None, updates_per_step: int = 1,
+) -> tuple[state_lib.TrainState, dict[str, str], dict[str, list]]:
+    """The run's state: the newest usable checkpoint (its config checked, `data_iter` restored with
+    it), else step 0 (from `checkpoint.init_from` / LoRA's init or the seed), with the frozen slots
+    attached and, on a resume, their fingerprints (and `extra_fingerprints`: e.g. an RL run's reward
+    model) checked; then DIR/config.json is written. Returns (state, fingerprints, the allowed config
+    changes). `updates_per_step`: optimizer steps per checkpointed step (an RL run's updates per rollout).
+    """
+    config_changes: dict[str, list] = {}
+
+    def check_resume(saved_config: dict, name: str) -> None:
+        config_changes.update(config_change.check_resume(
+            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
+            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
+        ))
+
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
+    resumed = state is not None
+    initial = None
+    if state is None:
+        state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
+        if config.checkpoint.init_from or config.lora.get("init_from"):
+            initial = initial_params(config, parts, mesh, model_cfg)
+            state = state.replace(params=parts.trained_part(initial))
+    state, fingerprints = attach_frozen_slots(
+        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    )
+    del initial
+    fingerprints.update(extra_fingerprints or {})
+    if resumed:
+        check_frozen_fingerprints(checkpoints, int(state.step) // updates_per_step, fingerprints)
+    if parts.has_base:
+        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
+    if jax.process_index() == 0:  # only now: a restart refused above leaves the run's config.json as it was
+        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+    return state, fingerprints, config_changes
+
+
+def end_of_step(
+    step: int, last: bool, state, data_iter, config, *, checkpoints, guard, reporter, preemption, evaluate,
+    eval_results: dict | None, fingerprints: dict[str, str],
+) -> tuple[dict | None, bool]:
+    """The hooks after a step's log, in order: evaluate, checkpoint, preemption (SIGTERM: save and
+    stop). Returns (the newest evaluation results, whether the run stops now)."""
+    eval_due = bool(config.eval.mixtures) and (
+        (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
+    )
+    if eval_due:
+        eval_results = evaluate(step)
+    ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
+    if ckpt_due:
+        guard.check(checkpoints)
+        checkpoints.save(
+            step, state, data_iter, config,
+            metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=fingerprints,
+        )
+    if eval_due or ckpt_due:  # tokens/s measures training only
+        reporter.restart_timer(step, state.step)
+    if preemption.requested(step, config.train.log_every):
+        logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
+        guard.check(checkpoints)
+        checkpoints.save(step, state, data_iter, config, frozen_fingerprints=fingerprints)
+        return eval_results, True
+    return eval_results, False
 
 
 def _default_config_dict() -> dict:
@@ -228,26 +289,89 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.checkpoint.best_mode={config.checkpoint.best_mode!r}: expected 'max' or 'min'")
 
 
-def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
-    """(tokenizer, this process's checkpointable batch iterator)."""
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """The run's tokenizer (trained into the workdir when config.data.tokenizer.path is empty)."""
     from flan_jax import data
-    from flan_jax.data import loader, tokenizer as tokenizer_lib
+    from flan_jax.data import tokenizer as tokenizer_lib
 
     data.import_task_modules(config.data.task_modules)
-    tokenizer = tokenizer_lib.load_tokenizer(
+    init_from = config.checkpoint.init_from
+    source = epath.Path(init_from) / "tokenizer.model" if init_from else None
+    if not config.data.tokenizer.path and source is not None and source.is_file():
+        # A run that starts from another run's workdir (SFT -> reward model / DPO) must read its
+        # vocabulary, not train a new one on its own data: it is copied into this workdir, where
+        # everything that later reads the run (evaluate, convert, a resume) finds it.
+        own = workdir / "tokenizer.model"
+        if not own.exists():
+            logging.info("Using the tokenizer of checkpoint.init_from=%s (copied to %s)", init_from, own)
+            if jax.process_index() == 0:
+                _copy_file(source, own)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_processes("flan_jax_tokenizer_copied")
+        elif own.read_bytes() != source.read_bytes():
+            raise ValueError(
+                f"{own} differs from the tokenizer of checkpoint.init_from={init_from}: this workdir was made with "
+                "another vocabulary; use another --workdir"
+            )
+    return tokenizer_lib.load_tokenizer(
         config.data.tokenizer,
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
     )
-    data_iter = loader.make_train_iterator(
+
+
+def _copy_file(source: epath.Path, target: epath.Path) -> None:
+    """Copies via a temporary file renamed into place, so a crash never leaves half a file."""
+    tmp = target.parent / f".{target.name}.tmp"
+    tmp.write_bytes(source.read_bytes())
+    tmp.rename(target)
+
+
+def build_train_iterator(config: ml_collections.ConfigDict, tokenizer, converter=None):
+    """This process's checkpointable batch iterator, in `converter`'s layout (decoder rows by default)."""
+    from flan_jax.data import converters, loader
+
+    return loader.make_train_iterator(
         config.data,
         tokenizer,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        converter=converter or converters.DECODER,
     )
-    return tokenizer, data_iter
+
+
+def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
+    """(tokenizer, this process's checkpointable batch iterator) of an SFT run."""
+    tokenizer = build_tokenizer(config, workdir)
+    return tokenizer, build_train_iterator(config, tokenizer)
+
+
+def build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules, workdir):
+    """The batch layout the objective trains on (its own, e.g. preference pairs, else the family's).
+
+    An objective that reads cached reference log-probs (DPO / IPO with objective.reference="cache")
+    gets a converter that attaches them; the cache is computed here, before training, by one pass
+    of the initial policy over the run's pairs (flan_jax.train.reference_cache), or reused.
+    """
+    from flan_jax.data import converters
+    from flan_jax.model import registry
+
+    name = getattr(objective, "feature_converter", "") or registry.get_family(model_cfg.family).feature_converter
+    if converters.REFERENCE_FEATURE not in objective.features:
+        return converters.get_converter(name)
+    from flan_jax.train import reference_cache
+
+    reference = initial_params(config, parts, mesh, model_cfg)
+    cache = reference_cache.prepare(
+        config, workdir, tokenizer, objective, parts=parts, reference_params=reference, mesh=mesh, rules=rules,
+        make_iterator=lambda: build_train_iterator(config, tokenizer, converters.PAIRS),
+    )
+    del reference
+    return converters.PairConverter(reference=cache)
 
 
 def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str, ...] = ()):
@@ -345,31 +469,50 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
 
 
 def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=None) -> dict:
-    """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
+    """The parameters of `checkpoint.init_from` placed into this run's shardings.
 
-    Params only: the optimizer state, step and data position start fresh. Converted in either
-    layer layout, they are converted to this run's (`config.model.scan_layers`). LoRA adapters,
-    which a converted base lacks, start from the seed's initialisation (needs `mesh`); frozen
-    parameters are placed directly in the dtype they are held in (config.trainable.frozen_dtype).
+    `path` is converted weights (`flan_jax.convert.load_converted`), another run's workdir (its
+    newest checkpoint, e.g. an SFT run a reward model or DPO starts from; a LoRA run's adapters
+    merged into its weights), or a Hugging Face `*ForSequenceClassification` reward model folder
+    (flan_jax.convert.reward). Params only: the optimizer state, step and data position start
+    fresh. In either layer layout, the parameters are converted to this run's
+    (`config.model.scan_layers`). Scalar heads (`score`, `value`) this run needs but the source lacks start from the
+    seed's initialisation; heads the source has and this run does not use are left out; both are
+    logged. LoRA adapters of this run, which the source lacks, start from the seed's
+    initialisation (needs `mesh`); frozen parameters are placed directly in the dtype they are
+    held in (config.trainable.frozen_dtype). Any other difference is an error.
     """
-    from flan_jax import convert
     from flan_jax.model.config import RUNTIME_FIELDS
 
-    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype, stacked=model_cfg.scanned)
+    source_cfg, loaded = _init_from_source(path, model_cfg)
+    loaded = layout.to_layout(loaded, stacked=model_cfg.scanned)  # this run's layer layout
     differing = {
         k: (v, model_cfg.to_dict().get(k))
-        for k, v in converted_cfg.to_dict().items()
+        for k, v in source_cfg.to_dict().items()
         if k not in RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
     }
     if differing:
         raise ValueError(
             f"checkpoint.init_from={path}: its architecture differs from config.model "
-            f"(field: (converted, config)): {differing}"
+            f"(field: (checkpoint, config)): {differing}"
         )
-    loaded = nnx.to_pure_dict(params)  # in this run's layer layout (stacked=)
+    heads = "scalar_heads"
+    wanted, have = parts.abstract_params.get(heads) or {}, loaded.pop(heads, None) or {}
+    if set(have) - set(wanted):
+        logging.info("checkpoint.init_from=%s: leaving out its head(s) %s, unused by this run", path, sorted(set(have) - set(wanted)))
+    missing = sorted(set(wanted) - set(have))
+    if wanted:
+        loaded[heads] = {name: have[name] for name in wanted if name in have}
+    if missing:
+        logging.info("checkpoint.init_from=%s: head(s) %s start from the seed's initialisation", path, missing)
+        if mesh is None:
+            raise ValueError(f"checkpoint.init_from={path} lacks the head(s) {missing} and no mesh was given to initialise them")
+        with jax.set_mesh(mesh):
+            fresh_heads = jax.device_get(jax.jit(lambda: parts.init_params()[heads])())
+        loaded[heads].update({name: fresh_heads[name] for name in missing})
     from flan_jax.train import trainable
 
-    adapters = trainable.adapter_paths(parts.abstract_params)  # a converted base has none
+    adapters = trainable.adapter_paths(parts.abstract_params)  # converted weights and merged runs have none
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
@@ -381,9 +524,14 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=Non
 
     logging.info("Initialising parameters from %s", path)
     held = parts.selection.held(parts.abstract_params) if parts.has_base else parts.abstract_params
-    placed = jax.tree_util.tree_map_with_path(
-        place, loaded, trainable.without(held, adapters), trainable.without(parts.param_shardings, adapters)
-    )
+    try:
+        placed = jax.tree_util.tree_map_with_path(
+            place, loaded, trainable.without(held, adapters), trainable.without(parts.param_shardings, adapters)
+        )
+    except ValueError as error:
+        if "shape" in str(error):
+            raise
+        raise ValueError(f"checkpoint.init_from={path}: its parameters do not match config.model's ({error})") from None
     if adapters:
         if mesh is None:
             raise ValueError("load_init_params: LoRA adapters start from the seed and need the mesh")
@@ -392,6 +540,30 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=Non
                             out_shardings=trainable.only(parts.param_shardings, adapters))()
         placed = trainable.join(placed, fresh)
     return placed
+
+
+def _init_from_source(path: str, model_cfg) -> tuple[Any, dict]:
+    """(model config, params as a pure dict of host arrays) of converted weights, a run's workdir
+    (a LoRA run's adapters merged into its kernels) or a Hugging Face reward model."""
+    if (epath.Path(path) / "checkpoints").is_dir():
+        source, source_config, step = checkpointing.load_model(path)
+        logging.info("checkpoint.init_from=%s: the run's checkpoint of step %d", path, step)
+        from flan_jax.convert.hf_export import plain_params
+        from flan_jax.model import registry
+
+        source_cfg = registry.config_from(source_config.model)
+        params = jax.device_get(plain_params(source, source_cfg))
+        params = jax.tree.map(lambda x: np.asarray(x, model_cfg.param_dtype), params)
+        return source_cfg, params
+    from flan_jax import convert
+
+    hf_config = epath.Path(path) / "config.json"
+    if hf_config.is_file() and any(a.endswith("ForSequenceClassification") for a in json.loads(hf_config.read_text()).get("architectures", [])):
+        cfg, flat = convert.load_hf_reward_model(path)  # a Hugging Face reward model, read directly
+        params = convert.checkpoint.nest({p: np.asarray(v, model_cfg.param_dtype) for p, v in flat.items()})
+        return cfg, params
+    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype, stacked=model_cfg.scanned)
+    return converted_cfg, nnx.to_pure_dict(params)
 
 
 def data_counts(data_iter) -> dict[str, int]:
@@ -420,14 +592,19 @@ def check_evaluation(config) -> None:
         evaluator.check(config)
 
 
-def run_evaluation(config, model, tokenizer, workdir, step: int) -> dict | None:
-    """Evaluates `config.eval.mixtures` and writes DIR/eval/step_<N>.json (no-op without mixtures)."""
+def run_evaluation(config, model, tokenizer, workdir, step: int, reference=None) -> dict | None:
+    """Evaluates `config.eval.mixtures` and writes DIR/eval/step_<N>.json (no-op without mixtures).
+
+    `reference` (a function returning the reference model) makes preference tasks score the DPO
+    implicit reward.
+    """
     if not config.eval.mixtures:
         return None
     from flan_jax.eval import evaluator
 
     started = time.perf_counter()
-    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step)
+    extra = {"reference": reference} if reference is not None else {}
+    results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step, **extra)
     logging.info("Evaluation at step %d took %.1fs: %s", step, time.perf_counter() - started, results.get("summary"))
     return results
 

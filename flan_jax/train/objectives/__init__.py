@@ -9,6 +9,9 @@
         def loss_sum(self, ctx, batch): ...
 
 base.py says what an objective computes and why in two stages; sft.py is the reference example.
+Built in: "sft"; "reward_model" (reward.py); "dpo", "ipo", "simpo" (dpo.py), on preference pairs
+(pairwise.py); "grpo", "ppo" (flan_jax/rl: an objective with `loop = "rl"` is trained by the RL
+loop, which samples its batches).
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def get_objective(config: Any) -> Objective:
 
 
 def _import_builtin() -> None:
-    from flan_jax.train.objectives import sft  # noqa: F401  (registers itself)
+    from flan_jax.rl import grpo, ppo  # noqa: F401  (online RL: trained by flan_jax.rl.loop)
+    from flan_jax.train.objectives import dpo, reward, sft  # noqa: F401  (register themselves)
 
 
 __all__ = ["Objective", "ObjectiveContext", "Prepared", "get_objective", "objective_names", "register_objective"]

@@ -46,8 +46,9 @@ class ObjectiveContext:
 
     `model` is differentiated (the trained parameters merged with a frozen base, if any), with
     LoRA dropout on; `frozen(name)` builds the module of a frozen slot of the train state under
-    `stop_gradient` (deterministic); `rng` is this step's (and micro-batch's) key for dropout or
-    sampling.
+    `stop_gradient` (deterministic); `without_adapters()` is the model with its LoRA adapters
+    switched off (the frozen base alone, no gradient: DPO's reference in a LoRA run, no second copy
+    of the weights); `rng` is this step's (and micro-batch's) key for dropout or sampling.
     """
 
     parts: ModelParts
@@ -69,6 +70,12 @@ class ObjectiveContext:
         params = jax.lax.stop_gradient(self.frozen_params[name])
         base = self.frozen_params.get("base")
         return self.parts.merge(params, None if base is None else jax.lax.stop_gradient(base))
+
+
+    def without_adapters(self) -> nnx.Module:
+        params = jax.lax.stop_gradient(self.params)
+        base = self.frozen_params.get("base")
+        return lora.adapters_off(self.parts.merge(params, None if base is None else jax.lax.stop_gradient(base)))
 
 
 class Objective:

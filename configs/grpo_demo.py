@@ -1,0 +1,13 @@
+"""The demo's RL stage: GRPO of the tuned demo model on the synthetic tasks, rewarded by their own exact match.
+
+Starts from the SFT demo run (`make demo` or `python -m flan_jax.train --config=configs/demo.py
+--workdir=workdirs/demo`); the argument after the colon is that workdir (its newest checkpoint and
+its tokenizer are used):
+
+    python -m flan_jax.train --config=configs/grpo_demo.py:workdirs/demo --workdir=workdirs/demo_grpo
+
+Its fields are in `flan_jax/cli/grpo_demo_config.py`, inside the package (the demo runs from an
+installed flan_jax too); this file re-exports it like configs/demo.py.
+"""
+
+from flan_jax.cli.grpo_demo_config import get_config  # noqa: F401
