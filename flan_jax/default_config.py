@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.train_mixture = ""  # a registered task or mixture name (see tasks/)
     data.task_modules = ()  # extra modules to import that register tasks outside tasks/ (e.g. "my_lab.tasks")
     data.train_split = "train"
-    data.seq_len = 512  # tokens per packed row
+    data.seq_len = 512  # tokens per packed row (encoder-decoder families: per encoder row, the inputs)
+    data.targets_len = 0  # encoder-decoder families (T5): tokens per decoder row, the targets; 0: seq_len
     data.batch_size = 8  # global rows per step, across all processes
     data.pack = True  # False: one example per row (for comparisons)
     data.loss_on_inputs = False  # True: also train on the instruction tokens
@@ -41,10 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
-    model.family = "llama"  # llama | mistral | qwen2 | gemma | gpt2: sets the architecture defaults
+    # Decoder-only: llama | mistral | qwen2 | gemma | gpt2; encoder-decoder: t5 (T5 v1.1 / FLAN-T5 /
+    # mT5) | t5_original (ReLU, tied rescaled head). Sets the architecture defaults (model/registry.py).
+    model.family = "llama"
     model.vocab_size = 8000
     model.d_model = 256
-    model.n_layers = 4
+    model.n_layers = 4  # T5: encoder layers
     model.n_heads = 4
     model.n_kv_heads = 4
     model.head_dim = 64
@@ -73,6 +76,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.embed_scale = ml_collections.config_dict.placeholder(bool)  # Gemma's sqrt(d_model)
     model.sliding_window = ml_collections.config_dict.placeholder(int)  # 0: off
     model.init_std = ml_collections.config_dict.placeholder(float)  # None: 0.02
+    # Encoder-decoder (T5) fields; decoder families leave them at None (model/t5_config.py).
+    model.n_decoder_layers = ml_collections.config_dict.placeholder(int)  # None: n_layers
+    model.relative_buckets = ml_collections.config_dict.placeholder(int)  # None: 32 relative position buckets
+    model.relative_max_distance = ml_collections.config_dict.placeholder(int)  # None: 128
+    model.scale_decoder_outputs = ml_collections.config_dict.placeholder(bool)  # original T5's d_model**-0.5
+    model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.0
+    model.init_scale = ml_collections.config_dict.placeholder(float)  # None: 1.0 (HF's initializer_factor)
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)

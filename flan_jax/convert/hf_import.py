@@ -17,11 +17,14 @@ import logging
 import os
 import pathlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from flan_jax.convert import checkpoint, mapping
-from flan_jax.model.config import ModelConfig
+from flan_jax.convert import checkpoint
+from flan_jax.model import registry
+
+ModelConfig = Any  # any family's model config (model.registry)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -67,13 +70,34 @@ def read_hf_config(hf_dir: pathlib.Path) -> dict:
     return json.loads(file.read_text())
 
 
+def tensor_names(hf_dir: str | os.PathLike) -> set[str]:
+    """The tensor names stored in the folder's safetensors files (headers only, no data read)."""
+    from safetensors import safe_open
+
+    names: set[str] = set()
+    for file in safetensors_files(pathlib.Path(hf_dir)):
+        with safe_open(os.fspath(file), framework="numpy") as f:
+            names.update(f.keys())
+    return names
+
+
+def config_from_hf_dir(hf_dir: str | os.PathLike) -> ModelConfig:
+    """The model config of a Hugging Face folder: its family by config.json's model_type, refusing
+    what that family cannot reproduce by name (before anything is written)."""
+    hf_dir = pathlib.Path(hf_dir)
+    hf_config = read_hf_config(hf_dir)
+    family = registry.hf_family(hf_config.get("model_type"))
+    return family.hf.config_from_hf(hf_config, tensor_names(hf_dir))
+
+
 def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yields (our param path, array) as soon as each is converted; raises at the end if any
     HF tensor was unexpected or missing (nothing is dropped silently)."""
     from safetensors import safe_open
 
     hf_dir = pathlib.Path(hf_dir)
-    rules = mapping.rules(cfg)
+    interop = registry.get_family(cfg.family).hf
+    rules = interop.tensor_rules(cfg)
     rule_of = {key: rule for rule in rules for key in rule.hf_keys}
     expected = checkpoint.abstract_params(cfg)
     pending: dict[int, dict[str, np.ndarray]] = {}
@@ -83,10 +107,10 @@ def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig) -> Iterator[tupl
     for file in safetensors_files(hf_dir):
         with safe_open(os.fspath(file), framework="numpy") as f:
             for raw_key in f.keys():
-                key = _canonical_key(cfg, raw_key)
+                key = interop.canonical_key(cfg, raw_key)
                 rule = rule_of.get(key)
                 if rule is None:
-                    if key.endswith(mapping.IGNORED_SUFFIXES) or (cfg.tie_embeddings and key == "lm_head.weight"):
+                    if interop.skip_tensor(cfg, key):
                         skipped.append(raw_key)
                     else:
                         unexpected.append(f"{raw_key} (in {file.name})")
@@ -118,15 +142,8 @@ def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig) -> Iterator[tupl
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
     """(ModelConfig, flat {path: array}) read from an HF folder, all in memory (tests, small models)."""
-    cfg = cfg or ModelConfig.from_hf_config(read_hf_config(pathlib.Path(hf_dir)))
+    cfg = cfg or config_from_hf_dir(hf_dir)
     return cfg, dict(iter_hf_params(hf_dir, cfg))
-
-
-def _canonical_key(cfg: ModelConfig, key: str) -> str:
-    """GPT-2 checkpoints saved from `GPT2Model` (e.g. the original release) lack "transformer."."""
-    if cfg.family == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
-        return "transformer." + key
-    return key
 
 
 def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> ModelConfig:
@@ -134,7 +151,7 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Mo
     hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
     hf_config = read_hf_config(hf_dir)
     safetensors_files(hf_dir)  # refuse pickle-only folders first, before creating anything
-    cfg = ModelConfig.from_hf_config(hf_config)
+    cfg = config_from_hf_dir(hf_dir)
     writer = checkpoint.StreamingWriter(out_dir, cfg)
     count = 0
     for path, array in iter_hf_params(hf_dir, cfg):

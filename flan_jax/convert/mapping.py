@@ -63,6 +63,18 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     return list(_gpt2_rules(cfg) if cfg.family == "gpt2" else _llama_rules(cfg))
 
 
+def skip_tensor(cfg: ModelConfig, key: str) -> bool:
+    """Stored tensors with no parameter: buffers and the duplicate head of a tied model."""
+    return key.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and key == "lm_head.weight")
+
+
+def canonical_key(cfg: ModelConfig, key: str) -> str:
+    """GPT-2 checkpoints saved from `GPT2Model` (e.g. the original release) lack "transformer."."""
+    if cfg.family == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
+        return "transformer." + key
+    return key
+
+
 def _llama_rules(cfg: ModelConfig) -> Iterator[Rule]:
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     yield same("model.embed_tokens.weight", ("embed",))

@@ -56,6 +56,7 @@ class FeatureConfig:
     seq_len: int
     loss_on_inputs: bool = False
     overlong: str = "truncate"
+    targets_len: int = 0  # encoder-decoder rows only: the decoder length (0: seq_len); see converters/encdec.py
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -69,10 +70,11 @@ class FeatureConfig:
             seq_len=int(data_config.seq_len),
             loss_on_inputs=bool(data_config.loss_on_inputs),
             overlong=str(data_config.overlong),
+            targets_len=int(data_config.get("targets_len", 0) or 0),
         )
 
 
-def _cut_middle(ids: Sequence[int], keep: int) -> Sequence[int]:
+def cut_middle(ids: Sequence[int], keep: int) -> Sequence[int]:
     """The first `keep // 2` and the last `keep - keep // 2` ids."""
     if keep >= len(ids):
         return ids
@@ -105,7 +107,7 @@ def build_features(
             keep_inputs = min_inputs
             target_ids = target_ids[: config.seq_len - min_inputs]
             add_eos = False
-        input_ids = _cut_middle(input_ids, keep_inputs)
+        input_ids = cut_middle(input_ids, keep_inputs)
 
     num_inputs = len(input_ids)
     tokens = np.empty(2 + num_inputs + len(target_ids), dtype=np.int32)

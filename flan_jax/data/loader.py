@@ -24,6 +24,7 @@ process's slots, so resuming needs the same process count (a different device co
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,8 @@ import numpy as np
 
 from flan_jax.data import packing
 from flan_jax.data.errors import DataError
-from flan_jax.data.features import FeatureConfig, FeatureStats, Outcome, featurize
+from flan_jax.data.converters import DECODER
+from flan_jax.data.features import FeatureConfig, FeatureStats, Outcome
 from flan_jax.data.tokenizer import Tokenizer
 
 _log = logging.getLogger(__name__)
@@ -74,21 +76,29 @@ def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
 
 
 class Featurizer:
-    """Rendered example -> features (None when dropped), counting every outcome in `stats`."""
+    """Rendered example -> features (None when dropped), counting every outcome in `stats`.
 
-    def __init__(self, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats):
+    `converter` (flan_jax.data.converters) says how: decoder rows by default, encoder-decoder rows, ...
+    """
+
+    def __init__(self, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats, converter: Any = DECODER):
         self.tokenizer = tokenizer
         self.config = config
         self.stats = stats
+        self.converter = converter
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
         features, outcome = self.uncounted(example)
-        self.stats.add(example.get("task", "?"), outcome, 0 if features is None else len(features["input_tokens"]))
+        self.stats.add(example.get("task", "?"), outcome, 0 if features is None else self.num_tokens(features))
         return features
+
+    def num_tokens(self, features: Mapping[str, np.ndarray]) -> int:
+        lengths = self.converter.lengths(features)
+        return lengths if isinstance(lengths, int) else sum(lengths)
 
     def uncounted(self, example: Mapping[str, Any]) -> tuple[dict[str, np.ndarray] | None, Outcome]:
         try:
-            return featurize(example, self.tokenizer, self.config)
+            return self.converter.featurize(example, self.tokenizer, self.config)
         except KeyError as error:
             raise DataError(
                 f"rendered example has no {error.args[0]!r} (expected keys inputs, targets, task)",
@@ -163,7 +173,10 @@ class _PackedRowsIterator(grain.DatasetIterator):
         super().__init__()
         self._source = source
         self._featurizer = featurizer
-        self._rows = packing.OpenRows(featurizer.config.seq_len, num_open_rows)
+        converter = featurizer.converter
+        self._rows = packing.OpenRows(
+            converter.row_shape(featurizer.config), num_open_rows, lengths=converter.lengths, build=converter.build_row
+        )
         self._next_index = 0
         self._flushed: list[dict[str, np.ndarray]] | None = None
 
@@ -214,11 +227,13 @@ class TrainBatchDataset(grain.IterDataset):
         slots: list[int],
         slot_stats: list[FeatureStats],
         fingerprint: dict[str, Any],
+        batch_keys: tuple[str, ...] = packing.BATCH_KEYS,
     ):
         super().__init__(slot_rows)
         self.slots = slots
         self.slot_stats = slot_stats
         self.fingerprint = fingerprint
+        self.batch_keys = batch_keys
 
     def __iter__(self) -> TrainIterator:
         return TrainIterator(
@@ -226,6 +241,7 @@ class TrainBatchDataset(grain.IterDataset):
             slots=self.slots,
             slot_stats=self.slot_stats,
             fingerprint=self.fingerprint,
+            batch_keys=self.batch_keys,
         )
 
     def __str__(self) -> str:
@@ -235,8 +251,17 @@ class TrainBatchDataset(grain.IterDataset):
 class TrainIterator(grain.DatasetIterator):
     """Yields batch dicts (docs/design.md §4); `get_state`/`set_state` and `stats` (overlong counts)."""
 
-    def __init__(self, parents, *, slots: list[int], slot_stats: list[FeatureStats], fingerprint: dict[str, Any]):
+    def __init__(
+        self,
+        parents,
+        *,
+        slots: list[int],
+        slot_stats: list[FeatureStats],
+        fingerprint: dict[str, Any],
+        batch_keys: tuple[str, ...] = packing.BATCH_KEYS,
+    ):
         super().__init__(parents)
+        self._batch_keys = batch_keys
         self._slots = slots
         self._slot_stats = slot_stats
         self._fingerprint = fingerprint
@@ -252,7 +277,7 @@ class TrainIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [next(parent) for parent in self._parents]
-        batch = {key: np.stack([row[key] for row in rows]) for key in packing.BATCH_KEYS}
+        batch = {key: np.stack([row[key] for row in rows]) for key in self._batch_keys}
         self._report_overlong()
         return batch
 
@@ -351,6 +376,7 @@ def make_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     examples: grain.MapDataset | None = None,
+    converter: Any = DECODER,
 ) -> TrainBatchDataset:
     """The batches of this process as a grain dataset (see `make_train_iterator`)."""
     if examples is None:
@@ -360,18 +386,20 @@ def make_train_dataset(
         examples = endless(examples)
         source_name = "<examples given to the loader>"
     feature_config = FeatureConfig.from_data_config(data_config)
+    converter.check_tokenizer(tokenizer)
+    row_shape = converter.row_shape(feature_config)
     global_rows = int(data_config.batch_size)
     slots = _process_slots(global_rows, process_index, process_count)
     slot_rows, slot_stats = [], []
     for slot in slots:
         stats = FeatureStats()
-        featurizer = Featurizer(tokenizer, feature_config, stats)
+        featurizer = Featurizer(tokenizer, feature_config, stats, converter)
         slot_examples = examples[slot::global_rows]
         if data_config.pack:
             rows = PackedRowsIterDataset(slot_examples, featurizer, num_open_rows=int(data_config.num_packing_bins))
         else:
             features = FeaturizeIterDataset(slot_examples.to_iter_dataset(_READ_OPTIONS), featurizer)
-            rows = packing.pad(features, seq_len=feature_config.seq_len)
+            rows = features.map(functools.partial(converter.pad_one, row_shape=row_shape))
         slot_rows.append(rows)
         slot_stats.append(stats)
     fingerprint = {
@@ -385,7 +413,12 @@ def make_train_dataset(
         "loss_on_inputs": feature_config.loss_on_inputs,
         "vocab_size": int(tokenizer.vocab_size),
     }
-    return TrainBatchDataset(slot_rows, slots=slots, slot_stats=slot_stats, fingerprint=fingerprint)
+    if converter.name != DECODER.name:  # (absent for decoder rows, so checkpoints of earlier versions still resume)
+        fingerprint["converter"] = converter.name
+        fingerprint["row_shape"] = list(row_shape)
+    return TrainBatchDataset(
+        slot_rows, slots=slots, slot_stats=slot_stats, fingerprint=fingerprint, batch_keys=tuple(converter.batch_keys)
+    )
 
 
 def make_train_iterator(
@@ -396,11 +429,13 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     examples: grain.MapDataset | None = None,
+    converter: Any = DECODER,
 ) -> grain.DatasetIterator:
     """An endless iterator of this process's batches: dicts of `[batch_size / process_count, seq_len]` arrays.
 
     The batches depend only on the seed and the data config (not on the process count). `examples`
-    replaces the registered `config.data.train_mixture` (tests, benchmarks). With
+    replaces the registered `config.data.train_mixture` (tests, benchmarks); `converter`
+    (flan_jax.data.converters) chooses the batch layout (decoder rows by default). With
     `config.data.worker_count > 0`, batches are built in that many grain worker processes; the stream
     is then a different (equally deterministic) interleaving, and `stats` lives in the workers.
     """
@@ -411,6 +446,7 @@ def make_train_iterator(
         process_index=process_index,
         process_count=process_count,
         examples=examples,
+        converter=converter,
     )
     if data_config.worker_count > 0:
         return iter(dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))))

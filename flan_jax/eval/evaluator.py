@@ -14,7 +14,7 @@ from the task's own definition, then compute the metrics the task lists (`task.m
 Before anything is generated, every example is checked (flan_jax.data.checks): a reference a metric
 cannot score or an answer that is none of the options fails with the record's file and line. An
 extra metric that cannot apply to a task (loss without targets) is left out of it, logged and
-listed under the task's `skipped_metrics`. Prompts cut to fit `data.seq_len - eval.max_new_tokens`,
+listed under the task's `skipped_metrics`. Prompts cut to fit `data.seq_len - eval.max_new_tokens` (T5: `data.seq_len`),
 references longer than `eval.max_new_tokens` and scored sequences cut to `data.seq_len` are counted
 per task (`truncation` in the results, a table in the report) and warned about before generating.
 
@@ -36,7 +36,8 @@ from typing import Any
 
 import jax
 
-from flan_jax.data import checks
+from flan_jax.data import checks, converters
+from flan_jax.data.converters import DECODER
 from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
 from flan_jax.eval import report, scoring
 
@@ -178,17 +179,21 @@ def _default_generate() -> GenerateFn:
     return generate
 
 
-def prompt_budget(max_len: int, max_new_tokens: int) -> int:
-    """Prompt tokens (BOS included) that fit before `max_new_tokens` generated ones in `max_len` positions."""
-    return max(max_len - max_new_tokens, 1)
+def prompt_budget(max_len: int | tuple[int, ...], max_new_tokens: int, converter: Any = DECODER) -> int:
+    """Prompt tokens that fit in the model family's rows (`max_len`: its converter's row shape): a
+    decoder's prompt (BOS included) before `max_new_tokens` generated ones; T5's encoder row."""
+    return converter.prompt_budget(max_len, max_new_tokens)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """BOS + tokens of each prompt, cut in the middle to `max_tokens`; and how many tokens each lost."""
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], max_tokens: int, converter: Any = DECODER
+) -> tuple[list[list[int]], list[int]]:
+    """Each prompt in the family's layout (a decoder's BOS + tokens; T5's tokens + EOS), cut in the
+    middle to `max_tokens`; and how many tokens each lost."""
     encoded, cut = [], []
     for ids in tokenizer.encode_batch(list(prompts)):
-        full = [tokenizer.bos_id, *ids]
-        kept = scoring.cut_prompt(full, max_tokens)
+        full = converter.prompt_from_ids(tokenizer, ids)
+        kept = converter.cut_prompt(full, max_tokens)
         encoded.append(kept)
         cut.append(len(full) - len(kept))
     return encoded, cut
@@ -220,7 +225,7 @@ def generate_texts(
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-    max_len: int,
+    max_len: int | tuple[int, ...],
     batch_size: int,
     generate_fn: GenerateFn | None = None,
 ) -> list[str]:
@@ -228,9 +233,12 @@ def generate_texts(
 
     Prompts are sorted by token length so each batch pads little, and the last batch is filled
     up with copies of its last prompt so every call has the same batch shape (no recompiles).
-    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction.
+    The prompt layout is the model family's (its feature converter); `max_len` is that converter's
+    row shape (a decoder's seq_len). Prompts longer than the budget (a decoder: `max_len -
+    max_new_tokens`; T5: its encoder row) lose the middle of their instruction.
     """
-    encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens))
+    converter = converters.for_model(model)
+    encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens, converter), converter)
     return _generate_encoded(
         model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, generate_fn=generate_fn
     )
@@ -279,8 +287,9 @@ def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate
     if not items:
         return
     max_new_tokens = int(config.eval.max_new_tokens)
-    budget = prompt_budget(int(config.data.seq_len), max_new_tokens)
-    encoded, cuts = encode_prompts(tokenizer, [ex["inputs"] for it in items for ex in it.examples], budget)
+    converter = converters.for_model(model)
+    budget = prompt_budget(_row_shape(model, config), max_new_tokens, converter)
+    encoded, cuts = encode_prompts(tokenizer, [ex["inputs"] for it in items for ex in it.examples], budget, converter)
     for item, item_cuts in _split_back(cuts, items):
         _count_generation_truncation(item, tokenizer, item_cuts, budget, max_new_tokens)
     texts = _generate_encoded(
@@ -334,6 +343,12 @@ def _prediction_records(item: _TaskData) -> list[dict]:
     return records
 
 
+def _row_shape(model, config):
+    """The rows the model family trains on (its converter's shape of config.data): the longest
+    prompts and targets the evaluation scores and generates from."""
+    return scoring.row_shape(config.data, converters.for_model(model))
+
+
 def _split_back(flat: Sequence, items: Sequence[_TaskData]):
     """Cuts a list built from all items' examples (in order) back into one slice per item."""
     offset = 0
@@ -347,7 +362,7 @@ def _rank_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     if not items:
         return
     results = scoring.rank_classify(
-        model, tokenizer, [ex for it in items for ex in it.examples], max_len=int(config.data.seq_len),
+        model, tokenizer, [ex for it in items for ex in it.examples], max_len=_row_shape(model, config),
         batch_rows=config.eval.batch_size, prefix_lm=bool(config.data.prefix_lm),
         length_normalized=config.eval.length_normalized_options,
     )
@@ -360,9 +375,9 @@ def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     """Per-task loss on the reference targets, all tasks in one packed pass."""
     if not items:
         return
-    sequences = scoring.target_sequences(tokenizer, [ex for it in items for ex in it.examples])
+    sequences = scoring.target_sequences(tokenizer, [ex for it in items for ex in it.examples], converters.for_model(model))
     scores = scoring.score_targets(
-        model, sequences, max_len=int(config.data.seq_len), batch_rows=config.eval.batch_size,
+        model, sequences, max_len=_row_shape(model, config), batch_rows=config.eval.batch_size,
         prefix_lm=bool(config.data.prefix_lm),
     )
     for item, task_scores in _split_back(scores, items):

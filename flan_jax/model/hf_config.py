@@ -13,7 +13,7 @@ from typing import Any
 
 from flan_jax.model.config import RUNTIME_FIELDS, ModelConfig
 
-_ARCHITECTURES = {
+ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
@@ -34,9 +34,9 @@ class UnsupportedConfigError(ValueError):
 
 def from_hf(cls: type[ModelConfig], hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     family = hf.get("model_type")
-    if family not in _ARCHITECTURES:
+    if family not in ARCHITECTURES:
         raise UnsupportedConfigError(
-            f"config.json model_type={family!r} is not supported; supported: {sorted(_ARCHITECTURES)}"
+            f"config.json model_type={family!r} is not supported; supported: {sorted(ARCHITECTURES)}"
         )
     fields = _gpt2_fields(hf) if family == "gpt2" else _llama_like_fields(family, hf)
     return cls.for_family(family, **{**fields, **overrides})
@@ -165,7 +165,7 @@ def to_hf(cfg: ModelConfig, *, dtype: str | None = None, token_ids: Mapping[str,
             hf["sliding_window"] = cfg.sliding_window or None
         if cfg.family == "qwen2":
             hf.update(use_sliding_window=False, sliding_window=None)
-    hf.update(architectures=[_ARCHITECTURES[cfg.family]], dtype=dtype, **token_ids)
+    hf.update(architectures=[ARCHITECTURES[cfg.family]], dtype=dtype, **token_ids)
     _check_round_trip(cfg, hf)
     return hf
 

@@ -51,15 +51,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
 
     objective = objectives.get_objective(config)
+    model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
+    model_cfg.check_data(config.data)  # e.g. rows past a learned position table, decoder settings for T5
     tokenizer, data_iter = build_data(config, workdir)
     check_evaluation(config)
-    model_cfg, parts = build_model(config, mesh, rules, heads=objective.model_heads)
-    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
-        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
-            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
-        )
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
@@ -82,7 +77,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
     n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
-    flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
+    if hasattr(model_cfg, "flops_per_token"):  # a family's own count (T5: encoder and decoder positions)
+        flops_per_token = model_cfg.flops_per_token(n_matmul, config.data)
+    else:
+        flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
     preemption = PreemptionWatcher()
     batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -155,16 +153,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
-    """(tokenizer, this process's checkpointable batch iterator)."""
+    """(tokenizer, this process's checkpointable batch iterator), in the layout of the model family
+    (its feature converter) and, when the run trains its tokenizer, the family's special-id convention."""
     from flan_jax import data
-    from flan_jax.data import loader, tokenizer as tokenizer_lib
+    from flan_jax.data import converters, loader, tokenizer as tokenizer_lib
+    from flan_jax.model import registry
 
     data.import_task_modules(config.data.task_modules)
+    family = registry.get_family(config.model.family)
     tokenizer = tokenizer_lib.load_tokenizer(
         config.data.tokenizer,
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
+        convention=family.tokenizer_convention,
     )
     data_iter = loader.make_train_iterator(
         config.data,
@@ -172,6 +174,7 @@ def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        converter=converters.get_converter(family.feature_converter),
     )
     return tokenizer, data_iter
 
@@ -229,13 +232,12 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
     Params only: the optimizer state, step and data position start fresh.
     """
     from flan_jax import convert
-    from flan_jax.model.config import RUNTIME_FIELDS
 
     converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
     differing = {
         k: (v, model_cfg.to_dict().get(k))
         for k, v in converted_cfg.to_dict().items()
-        if k not in RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
+        if k not in model_cfg.RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
     }
     if differing:
         raise ValueError(

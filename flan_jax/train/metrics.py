@@ -69,6 +69,8 @@ def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddin
 
 
 def flops_per_token(model_config: Any, n_matmul: int, seq_len: int) -> float:
+    """The decoder's formula above; a family's config may define its own
+    `flops_per_token(n_matmul, config.data)` (T5's counts encoder and decoder positions)."""
     attention = 12 * model_config.n_layers * model_config.n_heads * model_config.head_dim * seq_len
     return float(6 * n_matmul + attention)
 
