@@ -122,3 +122,83 @@ def packed_rows(examples, enc_len: int, dec_len: int):
         })
     row = ENCDEC.build_row(features, (enc_len, dec_len))
     return {k: v[None] for k, v in row.items()}
+
+
+# ---------------------------------------------------------------------- trainer runs
+# configs/flan_t5_demo.py shrunk to a model and batch that train in milliseconds per step on CPU.
+TINY_T5_DEMO = {
+    "data.seq_len": 48,
+    "data.targets_len": 16,
+    "data.batch_size": 8,
+    "data.tokenizer.vocab_size": 500,  # 400 pieces + 100 sentinels
+    "data.tokenizer.train_examples": 300,
+    "model.vocab_size": 512,
+    "model.d_model": 32,
+    "model.n_layers": 1,
+    "model.n_decoder_layers": 1,
+    "model.n_heads": 2,
+    "model.head_dim": 16,
+    "model.d_ff": 64,
+    "model.relative_buckets": 8,
+    "model.relative_max_distance": 32,
+    "optimizer.warmup_steps": 2,
+    "train.num_steps": 4,
+    "train.log_every": 1,
+    "train.progress_bar": False,
+    "train.peak_flops_per_device": -1.0,
+    "checkpoint.every_steps": 2,
+    "eval.mixtures": (),
+    "eval.max_examples_per_task": 2,
+    "eval.max_new_tokens": 4,
+    "eval.batch_size": 8,
+}
+
+
+def t5_demo_overrides(tokenizer_path, **overrides) -> dict:
+    """TINY_T5_DEMO plus `overrides` (keys with "__" for dots)."""
+    values = dict(TINY_T5_DEMO)
+    values["data.tokenizer.path"] = str(tokenizer_path)
+    values.update({k.replace("__", "."): v for k, v in overrides.items()})
+    return values
+
+
+def t5_demo_config(overrides: dict):
+    from tests import train_fakes
+
+    return train_fakes.demo_config(overrides, config_file="flan_t5_demo.py")
+
+
+def train_t5_tokenizer(directory):
+    """A small T5-convention sentencepiece model of the demo mixture (pad 0, EOS 1, unk 2, sentinels)."""
+    from flan_jax.data import tokenizer as tokenizer_lib
+
+    path = directory / "tokenizer.model"
+    if not path.exists():
+        config = t5_demo_config(t5_demo_overrides(""))
+        tokenizer_lib.load_tokenizer(config.data.tokenizer, workdir=directory, train_mixture=config.data.train_mixture,
+                                     convention="t5")
+    return path
+
+
+def random_packed_batch(seed: int, rows: int = 8, enc_len: int = 16, dec_len: int = 8, vocab: int = 64) -> dict:
+    """An "encdec" batch of 1-3 random examples per row (some padding in both streams)."""
+    from flan_jax.data.converters import ENCDEC
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
+        examples, enc_free, dec_free = [], enc_len, dec_len
+        for _ in range(rng.integers(1, 4)):
+            n, m = int(rng.integers(2, enc_len // 2)), int(rng.integers(2, dec_len // 2 + 1))
+            if n > enc_free or m > dec_free:
+                break
+            targets = rng.integers(2, vocab, m).astype(np.int32)
+            examples.append({
+                "encoder_input_tokens": rng.integers(2, vocab, n).astype(np.int32),
+                "decoder_target_tokens": targets,
+                "decoder_input_tokens": np.concatenate([[0], targets[:-1]]).astype(np.int32),
+                "decoder_loss_weights": (rng.random(m) < 0.8).astype(np.float32),
+            })
+            enc_free, dec_free = enc_free - n, dec_free - m
+        out.append(ENCDEC.build_row(examples, (enc_len, dec_len)))
+    return {key: np.stack([row[key] for row in out]) for key in ENCDEC.batch_keys}

@@ -63,10 +63,8 @@ def test_logits_match_transformers_unpacked_and_padded(pairs, name):
 
 
 @pytest.mark.parametrize("name", ["flan_t5", "t5_original"])
-@pytest.mark.parametrize("attention", ["xla", "reference"])
-def test_packed_examples_each_equal_transformers_alone(pairs, name, attention):
-    hf, cfg, trained = pairs[name]
-    ours = t5_fakes.with_config(trained, cfg.replace(attention=attention))
+def test_packed_examples_each_equal_transformers_alone(pairs, name):
+    hf, cfg, ours = pairs[name]
     examples = [(t5_fakes.random_ids((n,), 10 + i), t5_fakes.random_ids((m,), 20 + i)) for i, (n, m) in enumerate([(5, 3), (9, 6), (4, 2)])]
     row = t5_fakes.packed_rows(examples, enc_len=21, dec_len=13)  # room left over: padding in both rows
     features = {k: row[k] for k in ("encoder_input_tokens", "encoder_positions", "encoder_segment_ids",
@@ -112,8 +110,9 @@ def test_dropout_needs_a_key_and_differs_per_key(pairs):
     _, cfg, trained = pairs["flan_t5"]
     model = t5_fakes.with_config(trained, cfg.replace(dropout_rate=0.3))
     enc, dec = t5_fakes.random_ids((1, 9), 3), t5_fakes.random_ids((1, 5), 4)
-    plain = t5_fakes.logits(trained, encoder_input_tokens=enc, decoder_input_tokens=dec)
-    np.testing.assert_allclose(t5_fakes.logits(model, encoder_input_tokens=enc, decoder_input_tokens=dec), plain, atol=1e-6)
+    plain = t5_fakes.logits(model, encoder_input_tokens=enc, decoder_input_tokens=dec)  # no key: no dropout
+    reference = t5_fakes.hf_logits(pairs["flan_t5"][0], enc, dec)
+    np.testing.assert_allclose(plain, reference, atol=1e-4, rtol=1e-4)
     a, b, again = (
         t5_fakes.logits(model, encoder_input_tokens=enc, decoder_input_tokens=dec, dropout_rng=jax.random.key(s)) for s in (1, 2, 1)
     )

@@ -113,8 +113,9 @@ def demo_overrides(tokenizer_path: str | pathlib.Path, **overrides) -> dict:
     return values
 
 
-def demo_config(overrides: dict) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+def demo_config(overrides: dict, config_file: str = "demo.py") -> ml_collections.ConfigDict:
+    """configs/<config_file> with `overrides` ({"a.b": value})."""
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()

@@ -112,7 +112,7 @@ class SentencePieceTokenizer(Tokenizer):
                 f"sentencepiece model {self.name} has no EOS piece (eos_id={self.eos_id}); train it with "
                 "eos_id set, e.g. with train_sentencepiece()"
             )
-        t5_style = (self._sp.pad_id(), self.eos_id, self._sp.unk_id(), bos) == _SPECIAL_IDS["t5"]
+        t5_style = (self._sp.pad_id(), self._sp.unk_id(), bos, self.eos_id) == _SPECIAL_IDS["t5"]
         self.extra_ids = (T5_EXTRA_IDS if t5_style else 0) if extra_ids is None else int(extra_ids)
         self.vocab_size = self.num_pieces + self.extra_ids
         self._special = self._special_ids()

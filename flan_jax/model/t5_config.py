@@ -35,7 +35,7 @@ ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 @dataclasses.dataclass(frozen=True)
 class T5Config(FamilyConfig):
-    family: str = "t5"  # t5 (v1.1 / FLAN-T5 / mT5 switches) | t5_original (sets the switch defaults)
+    family: str = "t5"  # always "t5"; config.model.family "t5_original" presets the original's switches
     vocab_size: int = 32128
     d_model: int = 512
     n_layers: int = 8  # encoder layers
@@ -56,7 +56,7 @@ class T5Config(FamilyConfig):
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # none | full | dots
-    attention: str = "xla"  # xla (einsum with float32 scores) | cudnn (jax.nn.dot_product_attention) | reference
+    attention: str = "xla"  # xla = reference (einsum, float32 scores) | cudnn (jax.nn.dot_product_attention)
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = T5_RUNTIME_FIELDS
     # RMS norm without mean or bias: what the decoder's `Norm` needs to read from a config.
@@ -65,7 +65,7 @@ class T5Config(FamilyConfig):
     norm_scale_plus_one: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        self.check_choices(family=tuple(_FAMILY_DEFAULTS), activation=ACTIVATIONS)
+        self.check_choices(family=("t5",), activation=ACTIVATIONS)
         self.check_runtime_choices()
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"T5Config.dropout_rate={self.dropout_rate} must be in [0, 1)")
@@ -80,10 +80,14 @@ class T5Config(FamilyConfig):
     # ------------------------------------------------------------------ constructors
     @classmethod
     def for_family(cls, family: str, **overrides: Any) -> T5Config:
-        """The switches of `family` ("t5" = v1.1 / FLAN-T5, "t5_original"), then `overrides`."""
+        """The switches of `family` ("t5" = v1.1 / FLAN-T5, "t5_original"), then `overrides`.
+
+        The result's `family` is "t5" either way: "t5_original" only presets switches, the model
+        is the same (so a converted original T5 and a config asking for one agree).
+        """
         if family not in _FAMILY_DEFAULTS:
             raise ValueError(f"Unknown T5 family {family!r}; expected one of {sorted(_FAMILY_DEFAULTS)}")
-        return cls.from_dict({**dataclasses.asdict(cls()), "family": family, **_FAMILY_DEFAULTS[family], **overrides})
+        return cls.from_dict({**dataclasses.asdict(cls()), **_FAMILY_DEFAULTS[family], **overrides, "family": "t5"})
 
     @classmethod
     def from_config(cls, model_section: Any) -> T5Config:
