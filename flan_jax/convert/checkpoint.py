@@ -40,7 +40,7 @@ MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 HF_CONFIG = "hf_config.json"
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "vocab.json", "merges.txt",
 )
 
