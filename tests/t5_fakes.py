@@ -156,10 +156,9 @@ TINY_T5_DEMO = {
 
 def t5_demo_overrides(tokenizer_path, **overrides) -> dict:
     """TINY_T5_DEMO plus `overrides` (keys with "__" for dots)."""
-    values = dict(TINY_T5_DEMO)
-    values["data.tokenizer.path"] = str(tokenizer_path)
-    values.update({k.replace("__", "."): v for k, v in overrides.items()})
-    return values
+    from tests import train_fakes
+
+    return train_fakes.demo_overrides(tokenizer_path, base=TINY_T5_DEMO, **overrides)
 
 
 def t5_demo_config(overrides: dict):

@@ -181,3 +181,22 @@ def test_sampling_is_seeded_and_respects_top_k(pairs):
     for row in range(3):
         for step in range(int(top.lengths[row])):
             assert top.tokens[row, step] in np.argsort(top.logits[row, step])[-2:]
+
+
+def test_packed_scoring_gives_transformers_log_likelihoods_of_each_target(pairs):
+    """The evaluator's scoring (rank classification, per-task loss) of T5: several (prompt, target)
+    pairs packed into encoder / decoder rows score what transformers gives each pair alone."""
+    from flan_jax.eval import scoring
+
+    hf, cfg, ours = pairs["flan_t5"]
+    sequences = [(list(t5_fakes.random_ids((n,), 40 + n)) + [1], list(t5_fakes.random_ids((m,), 50 + m)) + [1])
+                 for n, m in [(6, 2), (11, 4), (3, 1), (8, 3), (5, 5)]]
+    scores = scoring.score_targets(ours, sequences, max_len=(24, 8), batch_rows=2)
+    for (prompt, target), score in zip(sequences, scores):
+        logits = t5_fakes.hf_logits(hf, np.asarray([prompt]), np.asarray([[0, *target[:-1]]]))[0]
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+        expected = float(log_probs[np.arange(len(target)), target].sum())
+        assert score.num_tokens == len(target) and not score.truncated
+        assert score.log_likelihood == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    (cut,) = scoring.score_targets(ours, [(list(range(2, 40)) + [1], [5, 6, 1])], max_len=(16, 8))
+    assert cut.truncated and cut.num_tokens == 3  # the prompt lost its middle, the target stayed whole

@@ -114,6 +114,31 @@ def test_t5_demo_trains_evaluates_and_resumes(tmp_path, t5_tokenizer, cache_dir)
     assert isinstance(model, t5.T5) and step == 6 and saved_config.model.family == "t5"
 
 
+def test_init_from_a_converted_hf_t5_trains_from_its_weights(tmp_path, t5_tokenizer):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from flan_jax import convert
+
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=512, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.1))
+    with torch.no_grad():
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight) * 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = convert.convert_from_hf(tmp_path / "hf", tmp_path / "converted")
+    overrides = {f"model.{k}": v for k, v in convert.config_model_overrides(cfg).items()}
+    config = t5_fakes.t5_demo_config({
+        **t5_fakes.t5_demo_overrides(t5_tokenizer, train__num_steps=1, optimizer__learning_rate=0.0),
+        **overrides, "checkpoint.init_from": str(tmp_path / "converted"), "model.dropout_rate": 0.0,
+    })
+    loop.train(config, tmp_path / "run")
+    model, _, _ = checkpointing.load_model(tmp_path / "run")
+    _, converted = convert.load_converted(tmp_path / "converted")
+    trained, source = (jax.tree.leaves(tree) for tree in (nnx.state(model, nnx.Param), converted))
+    assert len(trained) == len(source) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(trained, source))
+
+
 NUM_STEPS = 12
 
 

@@ -105,9 +105,9 @@ TINY_DEMO = {
 }
 
 
-def demo_overrides(tokenizer_path: str | pathlib.Path, **overrides) -> dict:
-    """TINY_DEMO plus `overrides` (keys with "__" for dots, e.g. train__num_steps=6)."""
-    values = dict(TINY_DEMO)
+def demo_overrides(tokenizer_path: str | pathlib.Path, base: dict | None = None, **overrides) -> dict:
+    """`base` (TINY_DEMO) plus `overrides` (keys with "__" for dots, e.g. train__num_steps=6)."""
+    values = dict(TINY_DEMO if base is None else base)
     values["data.tokenizer.path"] = str(tokenizer_path)
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return values

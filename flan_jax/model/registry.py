@@ -19,8 +19,9 @@ gpt2) and "t5" (model/t5.py, the encoder-decoder; config.model.family t5 | t5_or
 
 What a family's config object provides (ModelConfig and T5Config do): `family`, `to_dict()`,
 `replace(**changes)`, `with_runtime(config.model)`, `RUNTIME_FIELDS` (fields a run may change on
-converted weights), `num_params`, `check_data(config.data)` (settings it cannot train on, refused
-before any work) and `flops_per_token(n_matmul, config.data)` (for the MFU estimate). Its model's
+converted weights), `num_params` and `check_data(config.data)` (settings it cannot train on, refused
+before any work), optionally `flops_per_token(n_matmul, config.data)` for the MFU estimate (else
+train/metrics.py's decoder formula); model/family_config.py has the shared part. Its model's
 `hidden_states(**features)` / `__call__(**features)` take the model features its converter
 (flan_jax.data.converters) lays out.
 """

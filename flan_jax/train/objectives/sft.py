@@ -35,7 +35,6 @@ class SFT(Objective):
         self.use_prefix = bool(config.data.prefix_lm)
         self.converter = converters.for_model_config(config.model)
         self.features = tuple(self.converter.batch_keys)
-        self.family = config.model.family
 
     def _loss_view(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         """The predicted stream under the decoder's names (what train/losses.py reads)."""
