@@ -65,6 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode_batch", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="timed decoding calls per side")
+    p.add_argument("--parts", default="train,decode", help="what to measure: train, decode or both")
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     p.add_argument("--json", default="", help="also write the results here")
     args = p.parse_args()
@@ -225,7 +226,7 @@ def main() -> None:
     batch = train_batch(args)
     rows = []
     peak = {}
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes.split(",") if "train" in args.parts else ():
         rows.append(run_flan_jax(args, cfg, params, batch, dtype))
         # The same starting weights per run (a copy: transformers 5 would tie a freshly built head).
         rows.append(run_torch(args, copy.deepcopy(hf_model), batch, dtype))
@@ -233,7 +234,7 @@ def main() -> None:
     for row in rows:
         if "flops_per_token" in row:
             row["mfu_of_cpu_matmul_peak"] = row["flops_per_token"] * row["tokens_per_sec"] / peak[row["dtype"]]
-    decode = decoding(args, cfg, params, hf_model)
+    decode = decoding(args, cfg, params, hf_model) if "decode" in args.parts else {}
     result = {
         "model": f"T5 v1.1 d{args.d_model}, {args.n_layers}+{args.n_layers} layers, vocab {args.vocab} "
                  f"({cfg.num_params / 1e6:.1f}M params)",
@@ -244,12 +245,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['name']} | {row['dtype']} | {row['step_sec']:.3f} | {row['tokens_per_sec']:,.0f} | {row['first_loss']:.5f} |")
-    for dtype in args.dtypes.split(","):
+    for dtype in args.dtypes.split(",") if rows else ():
         ours, theirs = (next(r for r in rows if r["dtype"] == dtype and r["name"].startswith(n)) for n in ("flan_jax", "trans"))
         print(f"train {dtype}: flan_jax / transformers = {ours['tokens_per_sec'] / theirs['tokens_per_sec']:.2f}x")
-    print(f"decode: flan_jax {decode['flan_jax_tokens_per_sec']:,.0f} tok/s, transformers "
-          f"{decode['transformers_tokens_per_sec']:,.0f} tok/s = {decode['speedup']:.2f}x; "
-          f"greedy agreement {decode['greedy_token_agreement']:.3f}")
+    if decode:
+        print(f"decode: flan_jax {decode['flan_jax_tokens_per_sec']:,.0f} tok/s, transformers "
+              f"{decode['transformers_tokens_per_sec']:,.0f} tok/s = {decode['speedup']:.2f}x; "
+              f"greedy agreement {decode['greedy_token_agreement']:.3f}")
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -51,7 +51,9 @@ from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
-# One decoder layer's self-attention cache: (keys, values), each [batch, cache_len, heads, head_dim].
+# Keys and values of one attention: (keys, values), each [batch, length, heads, head_dim], or head-major
+# [batch, heads, length, head_dim] when decoding (the self-attention cache and the precomputed
+# cross-attention ones): each step then reads them without a transposed copy.
 LayerCache = tuple[jax.Array, jax.Array]
 
 
@@ -120,20 +122,22 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 # ---------------------------------------------------------------------- attention
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, mask: jax.Array, cfg: T5Config,
-           rng: jax.Array | None = None) -> jax.Array:
-    """Unscaled softmax attention with an additive bias: q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D].
+           rng: jax.Array | None = None, *, head_major: bool = False) -> jax.Array:
+    """Unscaled softmax attention with an additive bias: q [B, T, H, D], k/v [B, S, H, D] (or
+    [B, H, S, D] with `head_major`) -> [B, T, H, D].
 
     Scores and softmax in float32, matmul operands in the compute dtype. `attention="cudnn"` uses
     jax.nn.dot_product_attention's fused kernel when no dropout is applied to the probabilities.
     """
-    if cfg.attention == "cudnn" and (rng is None or cfg.dropout_rate == 0.0):
+    if cfg.attention == "cudnn" and not head_major and (rng is None or cfg.dropout_rate == 0.0):
         return fused_attention(q, k, v, bias, mask, implementation="cudnn")
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+    kv = "bhsd" if head_major else "bshd"
+    scores = jnp.einsum(f"bthd,{kv}->bhts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias
     scores = jnp.where(mask, scores, _MASKED)
     probs = dropout(jax.nn.softmax(scores, axis=-1), cfg.dropout_rate, rng)
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bhts,{kv}->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(v.dtype)
 
 
@@ -162,15 +166,19 @@ class T5Attention(nnx.Module):
         v = sharding.constrain(self.v(x), ("batch", "length", "act_heads", None))
         return k, v
 
-    def __call__(self, x, keys_values: LayerCache, bias, mask, rng=None, cache: LayerCache | None = None, cache_index=None):
+    def __call__(self, x, keys_values: LayerCache, bias, mask, rng=None, cache: LayerCache | None = None, cache_index=None,
+                 *, head_major: bool = False):
+        """`keys_values` of this attention (head-major with `head_major`); with a (head-major)
+        `cache`, they are this step's keys/values, written into the cache at `cache_index` first."""
         q = sharding.constrain(self.q(x), ("batch", "length", "act_heads", None))
         k, v = keys_values
-        if cache is not None:  # decoding: this step's keys/values go into the cache first
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-            cache = (k, v)
-        out = sharding.constrain(attend(q, k, v, bias, mask, self.cfg, rng), ("batch", "length", "act_heads", None))
+        if cache is not None:
+            start = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 1, 3).astype(cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), start)
+            cache, head_major = (k, v), True
+        out = attend(q, k, v, bias, mask, self.cfg, rng, head_major=head_major)
+        out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out), cache
 
 
@@ -239,7 +247,8 @@ class DecoderBlock(nnx.Module):
         h = self.attn_norm(x)
         h, cache = self.attn(h, self.attn.keys_values(h), bias, mask, _key(rng, 0), cache, cache_index)
         x = _residual(x, h, rate, _key(rng, 1))
-        h, _ = self.cross_attn(self.cross_norm(x), encoded_kv, None, cross_mask, _key(rng, 2))
+        # Decoding (a cache) reads the cross-attention keys/values precomputed head-major.
+        h, _ = self.cross_attn(self.cross_norm(x), encoded_kv, None, cross_mask, _key(rng, 2), head_major=cache is not None)
         x = _residual(x, h, rate, _key(rng, 3))
         return _residual(x, self.mlp(self.mlp_norm(x), _key(rng, 4)), rate, _key(rng, 5)), cache
 
@@ -356,13 +365,16 @@ class T5(nnx.Module):
 
     # ------------------------------------------------------------------ generation
     def cross_keys_values(self, encoded: jax.Array) -> list[LayerCache]:
-        """Every decoder layer's cross-attention keys/values of the encoder output, computed once."""
-        return [block.cross_attn.keys_values(encoded) for block in self.decoder.layers]
+        """Every decoder layer's cross-attention keys/values of the encoder output, computed once,
+        head-major ([B, heads, Le, head_dim]) for the decoding steps."""
+        return [
+            tuple(x.transpose(0, 2, 1, 3) for x in block.cross_attn.keys_values(encoded)) for block in self.decoder.layers
+        ]
 
     def init_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """Zeroed decoder self-attention cache for `batch` rows of `length` steps, compute dtype."""
+        """Zeroed decoder self-attention cache, head-major [batch, heads, length, head_dim], compute dtype."""
         cfg = self.cfg
-        shape = (batch, length, cfg.n_heads, cfg.head_dim)
+        shape = (batch, cfg.n_heads, length, cfg.head_dim)
         zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))  # noqa: E731
         return [(zeros(), zeros()) for _ in range(cfg.n_decoder_layers)]
 
@@ -372,7 +384,7 @@ class T5(nnx.Module):
         cross_mask [B, 1, 1, Le] marks the encoder positions each row may read. Returns the logits
         [B, vocab] (float32) of the next token and the updated cache.
         """
-        slots = jnp.arange(cache[0][0].shape[1])
+        slots = jnp.arange(cache[0][0].shape[2])
         bias = self.decoder.bias(jnp.reshape(step, (1, 1)), slots[None, :])  # [1, H, 1, S]: all rows alike
         mask = (slots <= step)[None, None, None, :]
         x = self._embed(tokens, None)
