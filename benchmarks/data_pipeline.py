@@ -71,9 +71,9 @@ def measure_demo_trainer() -> float:
     """Tokens/s of the trainer's jitted step on configs/demo.py's model, batch and compute dtype (1 device)."""
     import train_throughput  # benchmarks/ is on sys.path when this file runs as a script
 
-    from flan_jax import demo
+    from flan_jax.cli import demo_config
 
-    config = demo.load_config(demo.DEMO_CONFIG)
+    config = demo_config.get_config()
     shape = dict(train_throughput.PRESETS["demo"])
     assert all(shape[k] == config.model[k] for k in ("vocab_size", "d_model", "n_layers", "d_ff")), "demo preset is stale"
     variant = "bf16" if config.model.dtype == "bfloat16" else "fp32"
@@ -92,6 +92,7 @@ def _loader_run(config, tokenizer, examples: grain.MapDataset, num_examples: int
 
 def main(argv: Sequence[str]) -> None:
     del argv
+    data.import_task_modules([data.BUILTIN_TASK_MODULE])
     mixture = data.get_mixture(FLAGS.mixture)
     stream = mixture.get_dataset(FLAGS.split, seed=FLAGS.seed, shuffle=True)
     if FLAGS.tokenizer:
@@ -170,5 +171,5 @@ if __name__ == "__main__":
     # The train-step baseline runs as the trainer does (flan_jax/host_memory.py).
     from flan_jax import host_memory
 
-    host_memory.reexec_with_tuned_malloc()
+    host_memory.reexec_with_tuned_malloc(default=True)
     app.run(main)

@@ -29,7 +29,7 @@ def main() -> None:
 
     from flax import nnx
 
-    from flan_jax import model as fm
+    from flan_jax import data, model as fm
     from flan_jax.data.tokenizer import load_tokenizer
     from flan_jax.eval import evaluate
 
@@ -37,6 +37,7 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
+    data.import_task_modules(config.data.task_modules)
     config.eval.max_examples_per_task = args.examples_per_task
     config.eval.max_new_tokens = args.max_new_tokens
     if args.batch_size:

@@ -22,10 +22,11 @@ With --grad_accum=N both sides run each step as N micro-batches with summed grad
 `optimizer.grad_accum_steps`; torch: N forward/backward passes before the update). On this CPU one
 pass is the fastest for both since the malloc reuse tunables below (benchmarks/RESULTS.md, run 22).
 
-Environment: the script re-runs itself with the glibc malloc tunables of the flan_jax launchers
-(flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; `FLAN_JAX_TUNED_MALLOC=0`
-turns them off), and measures the torch rows in a child process with the reuse tunables but
-without huge pages, torch's fastest setting on this CPU.
+Environment: the script re-runs itself with the glibc malloc tunables the flan_jax launchers use
+when opted in (flan_jax/host_memory.py: freed memory reused, large blocks on huge pages; the
+benchmark opts in for both sides, `FLAN_JAX_TUNED_MALLOC=0` turns them off), and measures the
+torch rows in a child process with the reuse tunables but without huge pages, torch's fastest
+setting on this CPU.
 
 Steps are timed after `--warmup` steps (compilation) in `--windows` windows of `--steps` steps, each
 with one host sync at its end as the trainer does between log steps; every row reports its fastest
@@ -68,6 +69,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
                         help="auto: cuDNN's fused kernel on NVIDIA GPUs, the causal block path elsewhere")
     parser.add_argument("--remat", choices=("none", "dots", "full"), default="none")
+    parser.add_argument("--kernels", default="auto",
+                        help="comma list of config.model.kernels (auto, cpu, xla): one flan_jax row per choice")
     parser.add_argument("--grad_accum", type=int, default=1,
                         help="split every step's batch into this many micro-batches, for flan_jax "
                              "(optimizer.grad_accum_steps) and torch alike")
@@ -91,7 +94,7 @@ def main() -> None:
     # The flan_jax rows run as `python -m flan_jax.train` would: with its glibc malloc tunables
     # (flan_jax/host_memory.py). The torch rows run in a child process with the reuse tunables
     # but without huge pages, torch's fastest setting on this CPU: each side gets its best.
-    host_memory.reexec_with_tuned_malloc()
+    host_memory.reexec_with_tuned_malloc(default=True)
     on_cpu = not os.environ.get("JAX_PLATFORMS", "").startswith(("cuda", "gpu", "tpu"))
     if on_cpu and args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
@@ -115,8 +118,9 @@ def main() -> None:
     for variant in args.variants.split(","):
         device_counts = [1] + ([args.devices] if args.devices > 1 and len(jax.devices()) >= args.devices else [])
         for n in device_counts:
-            rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat,
-                                     grad_accum=args.grad_accum))
+            for kernel_choice in args.kernels.split(","):
+                rows.append(run_flan_jax(shape, variant, n, **_timing(args), attention=args.attention, remat=args.remat,
+                                         grad_accum=args.grad_accum, kernels=kernel_choice))
     rows.sort(key=lambda r: r["name"].startswith("transformers"))  # flan_jax rows first
     report(rows, ceiling, shape, args)
 
@@ -206,7 +210,8 @@ def _best_flops(fn, flops: float, repeats: int = 5) -> float:
     return flops / best
 
 
-def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none", grad_accum: int = 1):
+def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "none", grad_accum: int = 1,
+            kernels: str = "auto"):
     """The trainer's config for this shape; by default the attention kernel a user would pick here."""
     import jax
 
@@ -222,6 +227,7 @@ def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "no
         attention = "cudnn" if jax.default_backend() == "gpu" else "xla"
     config.model.attention = attention
     config.model.remat = remat
+    config.model.kernels = kernels
     config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
     config.optimizer.warmup_steps = 0
     config.optimizer.grad_accum_steps = grad_accum
@@ -250,16 +256,17 @@ def _timing(args: argparse.Namespace) -> dict:
 
 def run_flan_jax(
     shape: dict, variant: str, n_devices: int, *, steps: int = 10, warmup: int = 2, windows: int = 3,
-    attention: str = "auto", remat: str = "none", grad_accum: int = 1,
+    attention: str = "auto", remat: str = "none", grad_accum: int = 1, kernels: str = "auto",
 ) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
     from flax import nnx
 
     from flan_jax import model as model_lib
+    from flan_jax.model import kernels as kernels_lib
     from flan_jax.train import metrics, optimizer, partitioning, state as state_lib, step as step_lib
 
-    config = _config(shape, variant, attention, remat, grad_accum)
+    config = _config(shape, variant, attention, remat, grad_accum, kernels)
     mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
     rules = partitioning.axis_rules(config.mesh)
     model_cfg = model_lib.ModelConfig.from_config(config.model)
@@ -290,6 +297,7 @@ def run_flan_jax(
         "dtype": {"fp32": "float32", "bf16": "bf16 compute / fp32 params"}[variant],
         "attention": config.model.attention,
         "remat": config.model.remat,
+        "kernels": kernels_lib.resolve(config.model.kernels),
         "grad_accum": grad_accum,
         "devices": n_devices,
         "tokens_per_sec": tokens_per_sec,
@@ -411,7 +419,7 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
 
     if host_memory.tuned():
         print(
-            f"flan_jax rows with GLIBC_TUNABLES={':'.join(host_memory.TUNABLES)} (as the flan_jax launchers run); "
+            f"flan_jax rows with GLIBC_TUNABLES={':'.join(host_memory.TUNABLES)} (as the flan_jax launchers run with FLAN_JAX_TUNED_MALLOC=1); "
             f"torch rows in a child process without {host_memory.HUGE_PAGES} (torch's faster setting on CPU)"
         )
     print(
@@ -437,7 +445,7 @@ def report(rows: list[dict], ceiling: dict, shape: dict, args) -> None:
         if datasheet_peak and r["variant"] == "bf16":
             r["mfu"] = r["flops_per_sec"] / (datasheet_peak / len(jax.devices()) * r["devices"])
             mfu = f"{100 * r['mfu']:.0f}%"
-        name = r["name"] + (f" ({r['attention']} attention{', remat ' + r['remat'] if r['remat'] != 'none' else ''})" if "attention" in r else "")
+        name = r["name"] + (f" ({r['attention']} attention, {r['kernels']} kernels{', remat ' + r['remat'] if r['remat'] != 'none' else ''})" if "attention" in r else "")
         print(
             f"| {name} | {r['dtype']} | {r['devices']} | {r['tokens_per_sec']:,.0f} | "
             f"{r['flops_per_sec'] / 1e9:,.1f} | {100 * r['flops_per_sec'] / dtype_ceiling:.0f}% | "

@@ -9,14 +9,14 @@ structure_to_text, summarization, paraphrase (`tasks/t0_catalog.py`). Training r
 mixture `t0_minus_<cluster>`, which contains no task of that cluster; evaluation reads the
 validation split of `t0_<cluster>`, tasks the model never saw in any template.
 
-Read held-out scores with the subset in mind (`tasks.t0.check_files()` lists it): the files hold
+Read held-out scores with the subset in mind (`flan_jax_tasks.t0.check_files()` lists it): the files hold
 the first records of label-sorted datasets, so every imdb record is negative, every
 rotten_tomatoes record positive and every dbpedia record "Company"; a constant answer scores
 well on those tasks.
 """
 
 from flan_jax import default_config
-from tasks import t0_catalog
+from flan_jax_tasks import t0_catalog
 
 
 def get_config(held_out_cluster: str | None = None):

@@ -20,7 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- data
     config.data = data = ml_collections.ConfigDict()
     data.train_mixture = ""  # a registered task or mixture name (see tasks/)
-    data.task_modules = ()  # extra modules to import that register tasks outside tasks/ (e.g. "my_lab.tasks")
+    # Modules imported at start to register tasks and mixtures: the built-in ones (the repository's
+    # tasks/, installed as `flan_jax_tasks`) plus, e.g., a lab's own package. Replacing the tuple drops
+    # the built-ins: ("flan_jax_tasks", "my_lab.tasks") keeps both.
+    data.task_modules = ("flan_jax_tasks",)
     data.train_split = "train"
     data.seq_len = 512  # tokens per packed row (encoder-decoder families: per encoder row, the inputs)
     data.targets_len = 0  # encoder-decoder families (T5): tokens per decoder row, the targets; 0: seq_len
@@ -39,11 +42,18 @@ def get_config() -> ml_collections.ConfigDict:
     tok.train_examples = 50_000  # only used when training a tokenizer
     tok.bos_token = ""  # hf only: BOS token text ("": from tokenizer_config.json or the usual names)
     tok.eos_token = ""  # hf only: EOS token text (same rule)
+    # Chat formatting (flan_jax/data/chat.py). "": inputs/targets examples stay plain text (a
+    # `messages` task still uses the tokenizer's own template); "tokenizer": every example and
+    # evaluation prompt is rendered with the tokenizer's own chat template (tokenizer_config.json),
+    # as an instruct model was trained; a path: that .jinja template instead.
+    tok.chat_template = ""
+    tok.system_prompt = ""  # with chat_template: a system message before every example
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
-    # Decoder-only: llama | mistral | qwen2 | gemma | gpt2; encoder-decoder: t5 (T5 v1.1 / FLAN-T5 /
-    # mT5) | t5_original (ReLU, tied rescaled head). Sets the architecture defaults (model/registry.py).
+    # Decoder-only: llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | olmo2 | gpt2;
+    # encoder-decoder: t5 (T5 v1.1 / FLAN-T5 / mT5) | t5_original (ReLU, tied rescaled head).
+    # Sets the architecture defaults (model/registry.py).
     model.family = "llama"
     model.vocab_size = 8000
     model.d_model = 256
@@ -75,6 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.mlp_bias = ml_collections.config_dict.placeholder(bool)
     model.embed_scale = ml_collections.config_dict.placeholder(bool)  # Gemma's sqrt(d_model)
     model.sliding_window = ml_collections.config_dict.placeholder(int)  # 0: off
+    model.layer_types = ml_collections.config_dict.placeholder(tuple)  # per layer "full" | "sliding"; (): all alike
+    model.local_rope_theta = ml_collections.config_dict.placeholder(float)  # Gemma 3's sliding-layer rope base
+    model.qk_norm = ml_collections.config_dict.placeholder(str)  # none | head | full
+    model.block_norms = ml_collections.config_dict.placeholder(str)  # pre | sandwich | post
+    model.attn_softcap = ml_collections.config_dict.placeholder(float)  # Gemma 2; 0: off
+    model.final_softcap = ml_collections.config_dict.placeholder(float)  # Gemma 2; 0: off
+    model.query_scale = ml_collections.config_dict.placeholder(float)  # Gemma's query_pre_attn_scalar; 0: head_dim
     model.init_std = ml_collections.config_dict.placeholder(float)  # None: 0.02
     # Encoder-decoder (T5) fields; decoder families leave them at None (model/t5_config.py).
     model.n_decoder_layers = ml_collections.config_dict.placeholder(int)  # None: n_layers
@@ -86,11 +103,15 @@ def get_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)
-    # xla: jax.nn.dot_product_attention's XLA path, and for causal training batches a blocked
-    #      version that skips the masked upper triangle (faster on CPU, see docs/training.md)
+    # xla: jax.nn.dot_product_attention's XLA path (with the "cpu" kernels below, causal training
+    #      batches take a blocked version that skips the masked upper triangle, see docs/training.md)
     # cudnn: jax.nn.dot_product_attention with cuDNN flash attention (use this on NVIDIA GPUs)
     # reference: plain einsum + softmax (tests)
     model.attention = "xla"
+    # auto: the hand-written CPU kernels (custom-VJP matmuls, blocked causal attention, RoPE tables
+    # once per step; flan_jax/model/kernels) on a CPU backend, the plain XLA formulation on GPU/TPU;
+    # cpu | xla: force one (both compute the same model; benchmarks/RESULTS.md measures them).
+    model.kernels = "auto"
 
     # ---------------------------------------------------------------- mesh
     config.mesh = mesh = ml_collections.ConfigDict()
@@ -115,6 +136,29 @@ def get_config() -> ml_collections.ConfigDict:
     opt.clip_norm = 1.0  # global gradient norm; 0 disables
     opt.grad_accum_steps = 1  # micro-batches per step (batch_size must divide)
 
+    # ---------------------------------------------------------------- trained parameters
+    # Which parameters the optimizer trains (flan_jax/train/trainable.py): gradients, optimizer state
+    # and weight decay cover only them; the rest is the frozen base, not saved in the run's
+    # checkpoints but rebuilt from checkpoint.init_from (or the seed) and checked on resume.
+    config.trainable = trainable = ml_collections.ConfigDict()
+    # Regular expressions searched in parameter paths ("layers/0/attn/q/kernel"). Empty: every
+    # parameter, or with LoRA the adapters (+ new scalar heads); with LoRA these add to the adapters.
+    trainable.paths = ()
+    trainable.logical_axes = ()  # also train parameters with a dimension of these names, e.g. ("heads",)
+    trainable.exclude = ()  # regexes of parameters to keep frozen, e.g. (r"^embed", r"^lm_head")
+    trainable.frozen_dtype = ""  # "" (param_dtype) | bfloat16 | float16: the dtype the frozen base is held in
+
+    # ---------------------------------------------------------------- LoRA (flan_jax/model/lora.py)
+    config.lora = lora = ml_collections.ConfigDict()
+    lora.rank = 0  # 0: no LoRA; r > 0 adds adapters to `targets` and trains only them (see config.trainable)
+    lora.alpha = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    lora.dropout = 0.0  # dropout on the adapters' input while training
+    # "all-linear" (every projection; the output head excluded), projection names (q k v o gate up
+    # down; PEFT's q_proj ... too) or regexes over projection paths ("layers/[0-3]/attn/(q|v)$").
+    lora.targets = ("all-linear",)
+    lora.rslora = False  # rank-stabilised scaling (Kalajdzievski 2023)
+    lora.init_from = ""  # a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to start from
+
     # ---------------------------------------------------------------- objective
     config.objective = objective = ml_collections.ConfigDict()
     # What the step minimises (flan_jax/train/objectives): "sft" = next-token cross-entropy on the
@@ -131,7 +175,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 1000
     train.log_every = 10
-    train.on_nonfinite = "stop"  # stop | skip (skip the update, count it)
+    train.on_nonfinite = "stop"  # stop | skip (skip the update, count it; bounded by the two limits below)
+    train.max_consecutive_skips = 10  # "skip": stop after more consecutive skipped updates than this (0: no limit)
+    train.max_skipped_steps = 100  # "skip": stop after more skipped updates in all than this (0: no limit)
+    # A resume whose config changes what the run computes (learning rate, schedule, num_steps,
+    # grad accumulation, loss, dtypes, ...) is refused unless this is True; the changes are then
+    # logged and recorded in metrics.jsonl. Architecture / batch / data-stream changes are always
+    # refused (flan_jax/train/config_change.py).
+    train.allow_config_change = False
     train.progress_bar = True
     # Peak FLOP/s of one device for the MFU estimate; 0: known accelerators from a table, on CPU a
     # dense matmul measured at start; -1: do not report MFU.

@@ -1,4 +1,8 @@
-"""glibc malloc tuned for XLA's CPU runtime: the launchers re-run themselves once to get it.
+"""glibc malloc tuned for XLA's CPU runtime, opt-in: `FLAN_JAX_TUNED_MALLOC=1` makes the launchers re-run once with it.
+
+Off by default: a library does not change its caller's process, and the price below (the peak
+heap stays resident) is paid on GPU and TPU hosts too, where the gain is nil. CPU runs opt in with
+the environment variable (`make demo` and the benchmarks do, the benchmarks for both sides).
 
 Why: XLA's CPU runtime allocates a step's intermediates (the [tokens, vocab] logits, activations,
 gradients) as one large temporary buffer afresh at every step: 758 MB for the 7M-parameter
@@ -20,9 +24,11 @@ Two sets of glibc tunables fix that:
 
 glibc reads tunables once, at process start, so setting the variable from Python is too late:
 `reexec_with_tuned_malloc()` re-executes the same command (same pid, same arguments) with them
-set, before anything else has run. It does nothing off Linux, when they are already set, or when
-`FLAN_JAX_TUNED_MALLOC=0`. It is set for the flan_jax launchers, whose time is XLA's, not for
-every program on the machine: torch's CPU training measured slower with the huge pages (it gains
+set, before anything else has run. The launchers call it; it acts only with
+`FLAN_JAX_TUNED_MALLOC=1` (`default=True`, the benchmarks' setting: unless it is `0`), and never
+off Linux or when the tunables are already set. It is meant for the flan_jax launchers on CPU,
+whose time is XLA's, not for every program on the machine: torch's CPU training measured slower
+with the huge pages (it gains
 from the reuse tunables alone, which is how the benchmark runs it), and the data loader's
 pure-Python packing stage is slower with them in isolation, though the loader end to end is not
 (benchmarks/RESULTS.md). Programs that use jax from their own process (a notebook, a script) get
@@ -37,7 +43,7 @@ import sys
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 REUSE_TUNABLES = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0", "glibc.malloc.trim_threshold=1099511627776")
 TUNABLES = (HUGE_PAGES, *REUSE_TUNABLES)
-_OPT_OUT = "FLAN_JAX_TUNED_MALLOC"
+OPT_IN = "FLAN_JAX_TUNED_MALLOC"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -83,16 +89,25 @@ def transparent_huge_pages_mode() -> str:
         return "never"
 
 
-def reexec_with_tuned_malloc() -> None:
-    """Re-runs the current command with `TUNABLES`, unless it would change nothing (see above).
+def requested(environ: dict[str, str] | None = None, *, default: bool = False) -> bool:
+    """Whether `FLAN_JAX_TUNED_MALLOC` asks for the tunables ("1"/"true"/"yes"; unset: `default`)."""
+    value = (os.environ if environ is None else environ).get(OPT_IN, "").strip().lower()
+    if not value:
+        return default
+    return value in ("1", "true", "yes", "on")
 
-    Values the user already set for these tunables are kept. After the re-run every tunable is
-    set, so the re-run process does not run again.
+
+def reexec_with_tuned_malloc(*, default: bool = False) -> None:
+    """Re-runs the current command with `TUNABLES` when requested (see above) and it changes something.
+
+    Launchers call it with `default=False` (opt-in); the benchmarks with `default=True`. Values the
+    user already set for these tunables are kept. After the re-run every tunable is set, so the
+    re-run process does not run again.
 
     Call it first in a `__main__` block, before jax is imported: `os.execve` replaces the process
     (same pid, so signals and exit codes reach the caller as before) and never returns.
     """
-    if not sys.platform.startswith("linux") or os.environ.get(_OPT_OUT, "1") == "0" or tuned():
+    if not sys.platform.startswith("linux") or not requested(default=default) or tuned():
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -22,7 +22,7 @@ Mixtures: flan_cot (CoT + answer-only of the 6 non-GSM8K TSVs, plus gsm8k), capp
 from __future__ import annotations
 
 from flan_jax import data
-from tasks import preprocessors
+from . import preprocessors
 
 NAMES = ("aqua", "creak", "ecqa", "gsm8k", "qasc", "sensemaking", "strategyqa")
 # Every TSV but gsm8k lists answer options in its question (or answers yes/no).

@@ -12,7 +12,7 @@ Mixture: instruction_eval (the two with references).
 from __future__ import annotations
 
 from flan_jax import data
-from tasks import preprocessors
+from . import preprocessors
 
 PROMPT = data.Template("{instruction}", "{output}", name="instruction")
 PROMPT_WITH_INPUT = data.Template("{prompt}", "{output}", name="instruction_input")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 
 from flan_jax import data
-from tasks import synthetic_families as families
+from . import synthetic_families as families
 
 NUM_TRAIN = 2000
 NUM_VALIDATION = 100
@@ -37,7 +37,7 @@ class _SplitRecords:
 
     def __init__(self, family_name: str, split: str):
         self.family_name, self.split = family_name, split
-        self.__qualname__ = f"{family_name}.{split}"  # repr: tasks.synthetic.<family>.<split>
+        self.__qualname__ = f"{family_name}.{split}"  # repr: flan_jax_tasks.synthetic.<family>.<split>
 
     def __call__(self) -> list[dict]:
         return [dict(record) for record in _splits(self.family_name)[self.split]]

@@ -23,8 +23,8 @@ import logging
 import pathlib
 
 from flan_jax import data
-from tasks import preprocessors
-from tasks import t0_catalog as catalog
+from . import preprocessors
+from . import t0_catalog as catalog
 
 logger = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"

@@ -127,7 +127,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 # Published as zero-byte files: registered (so the catalog matches the folder) but left out of
-# every mixture, and reported by `tasks.t0.check_files`. (All 18 TREC files are unusable in this
+# every mixture, and reported by `flan_jax_tasks.t0.check_files`. (All 18 TREC files are unusable in this
 # subset: these 11 are empty and the other 7 have empty completions, see below.)
 EMPTY_FILES: frozenset[str] = frozenset(
     f"trec_fine_grained_{kind}{suffix}"

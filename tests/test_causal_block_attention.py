@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.model import causal_attention, transformer
+from flan_jax.model import transformer
+from flan_jax.model.kernels import causal_attention
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flan_jax.train import checkpointing, optimizer, partitioning, state as state_lib, step
+from flan_jax.train import checkpointing, exit_codes, optimizer, partitioning, state as state_lib, step
 from tests import train_fakes
 
 
@@ -104,7 +104,7 @@ def test_when_no_checkpoint_fits_the_run_nothing_is_moved_and_the_error_is_clear
     config = train_fakes.tiny_config()
     abstract = _save_steps(tmp_path, config, [2, 4])
     wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct((3, *s.shape), s.dtype, sharding=s.sharding) if s.ndim == 2 else s, abstract)
-    with pytest.raises(RuntimeError, match="Does the config .* differ"):
+    with pytest.raises(exit_codes.NoUsableCheckpointError, match="(?s)step 4: ValueError.*checksums verify.*config .* differs"):
         checkpointing.Checkpointer(tmp_path, config.checkpoint).restore_latest(wrong, _iterator())
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert not (tmp_path / "checkpoints_corrupt").exists()

@@ -24,6 +24,11 @@ LLAMA_SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_h
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
 
+# Per-layer attention kinds (the HF defaults alternate them too): sliding then full for Gemma 2,
+# and for Gemma 3 sliding layers around a full one, each kind with its own rope.
+GEMMA2_LAYERS = ["sliding_attention", "full_attention"]
+GEMMA3_LAYERS = ["sliding_attention", "full_attention"]
+
 HF_MODELS = {
     "llama3_gqa": lambda: transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**LLAMA_SIZES, rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False)),
@@ -34,6 +39,20 @@ HF_MODELS = {
     "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA_SIZES)),
     "gemma": lambda: transformers.GemmaForCausalLM(
         transformers.GemmaConfig(**{**LLAMA_SIZES, "num_key_value_heads": 1}, head_dim=8)),
+    "qwen3_qk_norm": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**LLAMA_SIZES, head_dim=8)),
+    "qwen3_sliding_layers": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **LLAMA_SIZES, head_dim=8, use_sliding_window=True, sliding_window=3, max_window_layers=1)),
+    "gemma2_softcap": lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **LLAMA_SIZES, head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+        sliding_window=4, layer_types=GEMMA2_LAYERS)),
+    "gemma3_local_rope": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **LLAMA_SIZES, head_dim=8, query_pre_attn_scalar=8, sliding_window=3, layer_types=GEMMA3_LAYERS,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}})),
+    "phi3_fused_window": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(
+        **LLAMA_SIZES, sliding_window=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "olmo2_post_norms": lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        **LLAMA_SIZES, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
         attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)),

@@ -3,7 +3,7 @@ covered by tests/test_train_loop.py on the same config, shrunk)."""
 
 import json
 
-from flan_jax import demo
+from flan_jax.cli import demo
 
 
 def _results(em_seen, em_heldout, rank):

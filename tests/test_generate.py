@@ -45,6 +45,9 @@ def full_forward_logits(model, prompts: list[list[int]], new_tokens: np.ndarray,
 
 @pytest.mark.parametrize("family,overrides,prefix_lm", [
     ("llama", {}, False), ("gpt2", {}, False), ("mistral", {"sliding_window": 4}, False), ("gemma", {}, True),
+    # Per-layer kinds: sliding and full layers, and Gemma 3's local rope base on the sliding ones.
+    ("gemma2", {"sliding_window": 3, "layer_types": ("sliding", "full"), "query_scale": 12.0}, False),
+    ("gemma3", {"sliding_window": 3, "layer_types": ("sliding", "full"), "local_rope_theta": 100.0}, False),
 ])
 def test_cached_greedy_equals_full_recompute(family, overrides, prefix_lm):
     model = make(family, **overrides)

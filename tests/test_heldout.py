@@ -56,7 +56,7 @@ def _check_protocol(config, heldout_cluster, num_batches):
 
 
 def test_synthetic_heldout_cluster_never_in_training_batches():
-    from tasks import synthetic_families
+    from flan_jax_tasks import synthetic_families
 
     config = _config("demo")
     config.data.batch_size = 16
@@ -66,7 +66,7 @@ def test_synthetic_heldout_cluster_never_in_training_batches():
 
 
 def test_every_t0_minus_cluster_mixture_leaves_its_cluster_out():
-    from tasks import t0_catalog
+    from flan_jax_tasks import t0_catalog
 
     for cluster in t0_catalog.CLUSTERS:
         tasks = data.get_mixture(f"t0_minus_{cluster}").tasks

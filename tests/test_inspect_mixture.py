@@ -8,7 +8,7 @@ import textwrap
 import pytest
 from data_fakes import register_fake_tasks, tiny_tokenizer, unregister_all
 
-from flan_jax import inspect_mixture
+from flan_jax.data import mixture_report
 from flan_jax.data.features import FeatureConfig, featurize
 from flan_jax import data
 
@@ -21,7 +21,7 @@ def tiny_mixture():
 
 
 def test_report_shares_counts_and_fill(tiny_mixture):
-    report = inspect_mixture.inspect(
+    report = mixture_report.inspect(
         tiny_mixture, seq_len=96, tokenizer=tiny_tokenizer(), num_examples_per_task=20, num_mixed_examples=100,
         num_packing_bins=8,
     )
@@ -44,14 +44,14 @@ def test_report_shares_counts_and_fill(tiny_mixture):
 
 
 def test_render_and_plot(tiny_mixture, tmp_path):
-    text = inspect_mixture.render_examples("inspect_short", 2)
+    text = mixture_report.render_examples("inspect_short", 2)
     assert text.count("[inputs]") == 2
     assert text.startswith("----- inspect_short example 0 -----\n[inputs]\n#")
-    few = inspect_mixture.render_examples("inspect_short", 1, num_shots=3, template_set="eval")
+    few = mixture_report.render_examples("inspect_short", 1, num_shots=3, template_set="eval")
     assert few.count("\n\n#") == 3 and "(3-shot, eval templates)" in few
-    report = inspect_mixture.inspect(tiny_mixture, seq_len=96, tokenizer=tiny_tokenizer(), num_examples_per_task=5,
+    report = mixture_report.inspect(tiny_mixture, seq_len=96, tokenizer=tiny_tokenizer(), num_examples_per_task=5,
                                      num_mixed_examples=20)
-    inspect_mixture.plot_token_shares(report, tmp_path / "shares.png")
+    mixture_report.plot_token_shares(report, tmp_path / "shares.png")
     assert (tmp_path / "shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -84,15 +84,15 @@ def test_command_line(tmp_path):
 
 def test_chart_groups_many_tasks_by_cluster_and_sums_the_smallest():
     tasks = [
-        inspect_mixture.TaskReport(name=f"t{i}", available=10, rate=0.1, token_share=0.01 * i, cluster=f"c{i % 5}")
+        mixture_report.TaskReport(name=f"t{i}", available=10, rate=0.1, token_share=0.01 * i, cluster=f"c{i % 5}")
         for i in range(10)
     ]
-    report = inspect_mixture.MixtureReport("m", "train", 64, "tok", tasks)
-    assert inspect_mixture.chart_rows(report, max_bars=10) == sorted(tasks, key=lambda t: t.token_share)
-    clusters = inspect_mixture.chart_rows(report, max_bars=5)  # 10 tasks > 5 bars: one bar per cluster
+    report = mixture_report.MixtureReport("m", "train", 64, "tok", tasks)
+    assert mixture_report.chart_rows(report, max_bars=10) == sorted(tasks, key=lambda t: t.token_share)
+    clusters = mixture_report.chart_rows(report, max_bars=5)  # 10 tasks > 5 bars: one bar per cluster
     assert [(c.name, c.tasks) for c in clusters] == [("c0", 2), ("c1", 2), ("c2", 2), ("c3", 2), ("c4", 2)]
     assert clusters[-1].token_share == pytest.approx(0.04 + 0.09)
-    rows = inspect_mixture.chart_rows(report, max_bars=3)  # 5 clusters > 3 bars: the 3 smallest summed
+    rows = mixture_report.chart_rows(report, max_bars=3)  # 5 clusters > 3 bars: the 3 smallest summed
     assert [r.name for r in rows] == ["(3 others)", "c3", "c4"]
     assert rows[0].tasks == 6 and rows[0].available == 60
     assert "| c4 | 2 | 20 | 20.00% | 13.00% | 0/0 |" in report.table()

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from data_fakes import data_config, example_source, fake_examples, register_fake_tasks, tiny_tokenizer, unregister_all
 
+from flan_jax import data
 from flan_jax.data import loader, packing
 
 
@@ -249,6 +250,7 @@ def test_real_t0_mixture_packs_densely(real_data_dir):
     """The real T0 mixture end to end: long documents truncated and counted, rows nearly full."""
     from flan_jax.data import tokenizer as tokenizer_lib
 
+    data.import_task_modules([data.BUILTIN_TASK_MODULE])
     texts = tokenizer_lib.mixture_texts("t0", num_examples=300)
     tok = tokenizer_lib.SentencePieceTokenizer(tokenizer_lib.train_sentencepiece(texts, 2000))
     config = data_config(train_mixture="t0", seq_len=1024, batch_size=2, num_packing_bins=16)

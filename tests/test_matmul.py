@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flan_jax.model.matmul import dense_dot
+from flan_jax.model.kernels.matmul import dense_dot
 
 
 def _inputs(in_shape, out_shape):

@@ -267,8 +267,9 @@ def test_bf16_norm_scale_gradient_is_a_float32_reduction():
 
 @pytest.mark.parametrize("rope_scaling", ["none", "llama3"])
 def test_rope_backward_is_the_inverse_rotation(rope_scaling):
-    """apply_rope's hand-written gradient equals autodiff of the rotation, on packed positions."""
+    """The CPU kernel's hand-written RoPE gradient equals autodiff of the rotation, on packed positions."""
     from flan_jax.model import transformer
+    from flan_jax.model.kernels import rope
 
     cfg = fm.ModelConfig.for_family("llama", vocab_size=64, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16,
                                     max_positions=64, rope_scaling=rope_scaling)
@@ -276,18 +277,18 @@ def test_rope_backward_is_the_inverse_rotation(rope_scaling):
     cos, sin = transformer.rope_angles(positions, cfg)
     x = jax.random.normal(jax.random.key(0), (2, 32, 2, 16))
     weights = jax.random.normal(jax.random.key(1), x.shape)
-    got = jax.grad(lambda x: jnp.sum(transformer.apply_rope(x, cos, sin) * weights))(x)
-    expected = jax.grad(lambda x: jnp.sum(transformer._rotate(x, cos, sin) * weights))(x)
+    got = jax.grad(lambda x: jnp.sum(rope.apply(x, cos, sin, "cpu") * weights))(x)
+    expected = jax.grad(lambda x: jnp.sum(rope.apply(x, cos, sin, "xla") * weights))(x)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_rope_tables_are_evaluated_once_per_step():
-    """cos/sin are computed into one buffer each, not re-evaluated inside every consumer.
+    """With the CPU kernels, cos/sin are computed into one buffer each, not re-evaluated inside every consumer.
 
     XLA's CPU fusion used to copy the float32 cos/sin into each RoPE application (q and k, forward
     and backward, every layer); the training step then spent ~10% of its time in trigonometry.
     """
-    cfg = tiny(attention="xla", n_layers=3)
+    cfg = tiny(attention="xla", n_layers=3, kernels="cpu")
     model = make(cfg)
     graphdef, params = nnx.split(model)
     tokens, positions, segments = packed_row([20, 30], 64)
@@ -318,7 +319,7 @@ def test_rope_tables_keep_the_batch_sharding():
     mesh = jax.make_mesh((len(jax.devices()),), ("data",), axis_types=(AxisType.Explicit,))
     positions = jax.device_put(jnp.broadcast_to(jnp.arange(64, dtype=jnp.int32), (2 * mesh.size, 64)),
                                NamedSharding(mesh, PartitionSpec("data")))
-    tables = jax.jit(lambda p: transformer.rope_angles(p, tiny()))
+    tables = jax.jit(lambda p: transformer.rope_angles(p, tiny(kernels="cpu")))
     hlo = tables.lower(positions).compile().as_text()
     assert not [op for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce") if op in hlo]
     cos, _ = tables(positions)

@@ -116,14 +116,16 @@ def test_two_processes_match_one_process(tmp_path, tokenizer_path, cache_dir):
     assert iterator_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
     # The one-process run resumes on 8 devices and a (2, 2, 2) mesh: same workdir, other device count.
-    resumed = _run_one_process(single, tokenizer_path, cache_dir, 8, train__num_steps=NUM_STEPS + 2, mesh__fsdp=2, mesh__tensor=2)
+    resumed = _run_one_process(single, tokenizer_path, cache_dir, 8, train__num_steps=NUM_STEPS + 2, mesh__fsdp=2, mesh__tensor=2,
+                               train__allow_config_change=True)  # a longer run: another schedule length
     assert "Resumed from checkpoint" in resumed.stderr and "'fsdp': 2" in resumed.stderr
     steps = [json.loads(line)["step"] for line in (single / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, NUM_STEPS + 3))
 
     # The two-process run resumes in ONE process: its two iterator files are merged by row slot, so
     # steps 4-5 see the same global batches as the one-process run that resumed above.
-    multi_resumed = _run_one_process(multi, tokenizer_path, cache_dir, 4, train__num_steps=NUM_STEPS + 2)
+    multi_resumed = _run_one_process(multi, tokenizer_path, cache_dir, 4, train__num_steps=NUM_STEPS + 2,
+                                     train__allow_config_change=True)
     assert "merging row slots" in multi_resumed.stderr
     after = {}
     for workdir in (multi, single):
@@ -164,7 +166,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpointed_log_step(tmp_path
 
     # The same two-process command resumes from that step and finishes.
     logs = [tmp_path / f"resumed_{i}.log" for i in range(2)]
-    procs = _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **dict(extra, train__num_steps=last + 2))
+    procs = _start_two_processes(workdir, tokenizer_path, cache_dir, logs, **dict(extra, train__num_steps=last + 2, train__allow_config_change=True))
     _wait_all(procs)
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log.read_text()[-3000:]

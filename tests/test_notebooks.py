@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,7 @@ def test_explore_checkpoint_notebook(small_workdir, user_tasks_dir, monkeypatch)
     assert "checkpoints: [2, 4]" in text
     assert "| step 2 | step 4 |" in text  # the side-by-side comparison
     assert "training PartitionSpec" in text and "Per task" in text
+    assert re.search(r"the run trains ([\d,]+) of \1 parameters \(100\.00%\)", text)  # full fine-tuning: all trained
 
 
 def test_register_a_task_notebook(tmp_path, monkeypatch):
@@ -157,3 +159,8 @@ def test_evaluate_cli_on_the_workdir(small_workdir, user_tasks_dir):
     misspelt = subprocess.run([*command[:4], "--config.eval.max_new_tokenz=2"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
     assert misspelt.returncode != 0 and "max_new_tokenz" in misspelt.stderr
+
+    # A step that is not (or no longer) in the workdir: one clear line, exit 4, no traceback.
+    removed = subprocess.run([*command[:5], "--step=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert removed.returncode == 4 and "Traceback" not in removed.stderr
+    assert "no checkpoint of step 1" in removed.stderr and "retention removed it" in removed.stderr

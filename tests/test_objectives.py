@@ -210,7 +210,7 @@ def test_resume_refuses_other_frozen_parameters(tmp_path, tokenizer_path, cache_
     assert len(records) == 2 and "mean_score" in records[0]
     # The reference is the initial policy, rebuilt on resume from its source (here the seeded
     # initialisation): a resume whose initialisation differs is refused.
-    overrides.update({"train.num_steps": 3, "model.init_std": 0.05})
+    overrides.update({"train.num_steps": 3, "model.init_std": 0.05, "train.allow_config_change": True})
     with pytest.raises(ValueError, match=r"other frozen parameters \(slots \['reference'\]"):
         loop.train(train_fakes.demo_config(overrides), tmp_path)
     del overrides["model.init_std"]

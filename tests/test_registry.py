@@ -2,11 +2,11 @@
 
 import logging
 import pickle
-import types
+import sys
 
 import pytest
 
-from flan_jax import data
+from flan_jax import data, default_config
 from flan_jax.data import registry
 
 
@@ -169,19 +169,21 @@ def test_unknown_name_lists_close_matches(clean_registry):
         data.get("reg_nothing_like_it_at_all")
 
 
-def test_tasks_package_is_imported_lazily_once(clean_registry, monkeypatch):
+def test_the_registry_imports_no_task_package_itself(clean_registry, monkeypatch):
+    """Built-in tasks come from config.data.task_modules (default: flan_jax_tasks), not a hidden import."""
     calls = []
-
-    def fake_import(name):
-        calls.append(name)
-        data.register_task(_task(name="reg_lazy"))
-        return types.ModuleType(name)
-
-    monkeypatch.setattr(registry, "_tasks_imported", False)
-    monkeypatch.setattr(registry.importlib, "import_module", fake_import)
-    assert data.get("reg_lazy").name == "reg_lazy"
-    assert "reg_lazy" in data.list_names()
-    assert calls == ["tasks"]
+    monkeypatch.setattr(registry.importlib, "import_module", lambda name: calls.append(name))
+    monkeypatch.delitem(sys.modules, registry.BUILTIN_TASK_MODULE, raising=False)
+    saved = dict(registry._REGISTRY)
+    registry._REGISTRY.clear()
+    with pytest.raises(data.UnknownNameError, match=r"data.import_task_modules\(\['flan_jax_tasks'\]\)"):
+        data.get("synthetic_train")
+    assert data.list_names() == [] and calls == []
+    monkeypatch.undo()
+    registry._REGISTRY.update(saved)  # (the package may already be imported: importing it again is a no-op)
+    assert default_config.get_config().data.task_modules == (registry.BUILTIN_TASK_MODULE,)
+    data.import_task_modules(default_config.get_config().data.task_modules)
+    assert isinstance(data.get("synthetic_train"), data.Mixture)
 
 
 def test_docs_tasks_md_examples_run(clean_registry, tmp_path, monkeypatch):

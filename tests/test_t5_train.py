@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import flan_jax_tasks  # noqa: F401  (registers the built-in mixture the tokenizer and runs use)
 from flan_jax.data import converters, features as features_lib, loader, tokenizer as tokenizer_lib
 from flan_jax.model import registry, t5
 from flan_jax.model.t5_config import T5Config
@@ -107,7 +108,7 @@ def test_t5_demo_trains_evaluates_and_resumes(tmp_path, t5_tokenizer, cache_dir)
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions_4.jsonl").read_text().splitlines()]
     assert predictions and all(isinstance(p["prediction"], str) for p in predictions)
 
-    config = t5_fakes.t5_demo_config({**overrides, "train.num_steps": 6, "eval.mixtures": ()})
+    config = t5_fakes.t5_demo_config({**overrides, "train.num_steps": 6, "train.allow_config_change": True, "eval.mixtures": ()})
     loop.train(config, tmp_path)  # resumes at step 4
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
     model, saved_config, step = checkpointing.load_model(tmp_path)

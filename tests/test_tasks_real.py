@@ -14,7 +14,7 @@ import pathlib
 import pytest
 
 from flan_jax import data
-from tasks import flan_cot, preprocessors, t0, t0_catalog
+from flan_jax_tasks import flan_cot, preprocessors, t0, t0_catalog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tasks import synthetic_families as families
+from flan_jax_tasks import synthetic_families as families
 
 
 def _placeholders(template: str) -> set[str]:
@@ -77,7 +77,7 @@ def test_classification_families_have_options():
 
 # ----------------------------------------------------------------------------- registered tasks and mixtures
 from flan_jax import data  # noqa: E402
-from tasks import synthetic  # noqa: E402
+from flan_jax_tasks import synthetic  # noqa: E402
 
 
 def _clusters(mixture_name: str) -> set[str]:

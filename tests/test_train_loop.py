@@ -48,10 +48,12 @@ def test_demo_run_writes_metrics_checkpoints_eval_and_resumes(tmp_path, tokenize
     assert logits.shape == (1, 4, config.model.vocab_size)
 
     # Same workdir, more steps: resumes at 3, logs 4 and 5 only, no evaluation at start again.
-    overrides.update({"train.num_steps": 5, "eval.mixtures": ()})
+    # num_steps sets the schedule's length, so extending the run is a config change to allow.
+    overrides.update({"train.num_steps": 5, "eval.mixtures": (), "train.allow_config_change": True})
     loop.train(train_fakes.demo_config(overrides), tmp_path)
     assert [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3, 4, 5]
     assert _metrics(tmp_path)[:3] == records
+    assert _metrics(tmp_path)[3]["config_changes"] == {"train.num_steps": [3, 5]}
 
 
 def _poison(monkeypatch, at_call: int, *, sigterm: bool = False):
@@ -88,7 +90,9 @@ def test_nonfinite_skip_skips_the_update_and_counts_it(tmp_path, tokenizer_path,
     loop.train(train_fakes.demo_config(overrides), tmp_path)
     records = _metrics(tmp_path)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
-    assert np.isnan(records[2]["loss"]) and np.isfinite(records[3]["loss"])
+    # The non-finite values are JSON null (strict parsers reject a bare NaN); the step is counted.
+    assert records[2]["loss"] is None and np.isfinite(records[3]["loss"])
+    assert "NaN" not in (tmp_path / "metrics.jsonl").read_text()
     # The skipped update did not advance the optimizer: step 4 used the rate step 3 would have.
     assert records[3]["learning_rate"] == records[2]["learning_rate"] != records[1]["learning_rate"]
     _, _, step = checkpointing.load_model(tmp_path)

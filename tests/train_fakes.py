@@ -135,11 +135,13 @@ def cli_args(overrides: dict) -> list[str]:
 
 def train_tokenizer(directory: pathlib.Path) -> pathlib.Path:
     """A small sentencepiece model of the demo mixture, trained once and shared by the tests."""
+    from flan_jax import data
     from flan_jax.data import tokenizer as tokenizer_lib
 
     path = directory / "tokenizer.model"
     if not path.exists():
         config = demo_config(demo_overrides(""))
+        data.import_task_modules(config.data.task_modules)
         tokenizer_lib.load_tokenizer(config.data.tokenizer, workdir=directory, train_mixture=config.data.train_mixture)
     return path
 

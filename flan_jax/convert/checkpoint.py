@@ -17,15 +17,21 @@ are converted keeps the converter's memory near one layer plus the runtime
 
 Arrays are stored in the source checkpoint's dtype (a bf16 checkpoint stays bf16: half the disk);
 `load_converted(dtype=...)` casts when asked.
+
+A conversion writes into a hidden sibling folder (`.OUT_DIR.partial-*`) and renames it to OUT_DIR
+only once everything is written (`staged_folder`), so a failed or killed conversion never leaves
+a folder that looks like a checkpoint, and the retry does not find "an existing checkpoint".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -39,6 +45,7 @@ ModelConfig = Any  # any family's model config (model.registry)
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 HF_CONFIG = "hf_config.json"
+OVERRIDES = "config_overrides.py.txt"
 TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "vocab.json", "merges.txt",
@@ -81,6 +88,13 @@ def abstract_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def abstract_axes(cfg: ModelConfig) -> dict[tuple, tuple[str, ...]]:
+    """Flat {path: logical axis names} of the model `cfg` describes (for error messages)."""
+    model = nnx.eval_shape(lambda: _model(cfg))
+    return {tuple(path): tuple(variable.get_metadata().get("logical_axes") or ())
+            for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def group_of(path: tuple) -> str:
     """The checkpoint group of a parameter path: one per layer ("layers.3"; T5's "encoder.layers.3"),
     one per other top-level entry ("embed", "final_norm", T5's "encoder" for its table and norm)."""
@@ -112,6 +126,13 @@ class StreamingWriter:
         self.pending: dict[str, dict[tuple, np.ndarray]] = {g: {} for g in self.groups}
         self.checkpointer = ocp.StandardCheckpointer()
 
+    def __enter__(self) -> StreamingWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:  # a failed conversion: stop Orbax's threads, write no model_config.json
+            self.checkpointer.close()
+
     def add(self, path: tuple, array: np.ndarray) -> None:
         if path not in self.expected:
             raise KeyError(f"{'/'.join(map(str, path))} is not a parameter of this {self.cfg.family} model")
@@ -135,12 +156,37 @@ class StreamingWriter:
         (self.out / MODEL_CONFIG).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
 
 
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, *, flag: str = "--out") -> Iterator[pathlib.Path]:
+    """Yields an empty temporary sibling of `out_dir`, renamed to `out_dir` when the block succeeds.
+
+    Refuses (before anything is written) an `out_dir` that exists and is not an empty folder. On any
+    error, including KeyboardInterrupt, the temporary folder is deleted; a SIGKILL leaves only the
+    hidden `.NAME.partial-*` folder, which nothing mistakes for a checkpoint.
+    """
+    out = pathlib.Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a converted checkpoint" if (out / MODEL_CONFIG).exists() or (out / PARAMS).exists() else "files"
+        raise FileExistsError(f"{out} already holds {what}; choose a new or empty {flag} folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+    staging.mkdir()  # not tempfile.mkdtemp: its mode 0700 would become the checkpoint's
+    try:
+        yield staging
+        if out.exists():
+            out.rmdir()  # empty (checked above); rename cannot replace a folder on every platform
+        os.rename(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping | nnx.State) -> None:
     """Writes a converted checkpoint of `params` (flat {path: array}, pure dict or nnx.State)."""
-    writer = StreamingWriter(out_dir, cfg)
-    for path, value in flatten(params).items():
-        writer.add(path, np.asarray(value))
-    writer.close()
+    with staged_folder(out_dir) as staging, StreamingWriter(staging, cfg) as writer:
+        for path, value in flatten(params).items():
+            writer.add(path, np.asarray(value))
+        writer.close()
 
 
 def config_model_overrides(cfg: ModelConfig) -> dict[str, Any]:
@@ -157,6 +203,19 @@ def config_model_overrides(cfg: ModelConfig) -> dict[str, Any]:
     return {"family": cfg.family, **{
         k: v for k, v in cfg.to_dict().items() if k not in cfg.RUNTIME_FIELDS and getattr(base, k) != v
     }}
+
+
+def write_config_overrides(out_dir: pathlib.Path, cfg: ModelConfig) -> list[str]:
+    """Writes (and returns) the experiment-config lines that train from the checkpoint in `out_dir`.
+
+    The lines name the folder's final path: `out_dir` may be the staging folder of a conversion
+    (`staged_folder`), whose final name is `out_dir`'s without the `.NAME.partial-*` disguise.
+    """
+    final = out_dir.parent / out_dir.name[1:].split(".partial-")[0] if ".partial-" in out_dir.name else out_dir
+    lines = [f"config.checkpoint.init_from = {str(final)!r}"]
+    lines += [f"config.model.{k} = {v!r}" for k, v in config_model_overrides(cfg).items()]
+    (out_dir / OVERRIDES).write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:

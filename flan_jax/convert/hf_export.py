@@ -3,8 +3,9 @@
 Large models are written in 5 GiB shards with the usual index file, one shard in memory at a time.
 
 Sources: a converted checkpoint (`--checkpoint=PATH`) or a training run (`--workdir=DIR [--step=N]`,
-read through `flan_jax.train.checkpointing.load_model`). Tied models write no `lm_head.weight`,
-as transformers 5 does itself.
+read through `flan_jax.train.checkpointing.load_model`; a LoRA run's adapters are merged into the
+weights). Tied models write no `lm_head.weight`, as transformers 5 does itself. A LoRA run's
+adapters alone go to a PEFT folder instead (`--to_peft`, convert/peft.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,19 +77,20 @@ def write_hf(
     *,
     dtype: str | None = None,
     token_ids: Mapping[str, int | None] | None = None,
-    tokenizer_dir: str | os.PathLike | None = None,
+    tokenizer_dir: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> pathlib.Path:
-    """Writes config.json, the weights and (from `tokenizer_dir`) the tokenizer files.
+    """Writes config.json, the weights and (from `tokenizer_dir`, or each of several) the tokenizer files.
 
     The weights go to `model.safetensors`, or, above `max_shard_bytes`, to shards
     `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json` (as transformers
-    writes them); only one shard's HF tensors are in memory at a time.
+    writes them); only one shard's HF tensors are in memory at a time. `out_dir` must be new or
+    empty; everything is written into a temporary folder renamed to it at the end, so a failed
+    export leaves no half-written model behind.
     """
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     flat = _flat_params(cfg, params)
     stored_dtype = dtype or str(next(iter(flat.values())).dtype)
     interop = _interop(cfg)
@@ -96,21 +98,35 @@ def write_hf(
     shards = _shard_plan(interop.tensor_rules(cfg), flat, dtype, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, shard in enumerate(shards):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: v for rule in shard for k, v in _convert_rule(rule, flat, dtype).items()}
-        save_file(tensors, os.fspath(out / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.nbytes for t in tensors.values())
-        del tensors
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer_dir is not None:
-        checkpoint.copy_tokenizer_files(tokenizer_dir, out)
+    with checkpoint.staged_folder(out, flag="--to_hf") as staging:
+        for i, shard in enumerate(shards):
+            name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {k: v for rule in shard for k, v in _convert_rule(rule, flat, dtype).items()}
+            save_file(tensors, os.fspath(staging / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            total += sum(t.nbytes for t in tensors.values())
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        sources = [tokenizer_dir] if isinstance(tokenizer_dir, (str, os.PathLike)) else list(tokenizer_dir or [])
+        for source in sources:
+            checkpoint.copy_tokenizer_files(source, staging)
     logging.info("Wrote %d tensors (%s, %d file(s)) to %s", len(weight_map), stored_dtype, len(shards), out)
     return out
+
+
+def plain_params(model, cfg: ModelConfig) -> dict:
+    """The parameters of a plain model: LoRA adapters merged into their kernels (W + scale A B),
+    and a frozen base held in another dtype cast back to `cfg.param_dtype`, so the export is one
+    dtype throughout."""
+    from flax import nnx
+
+    from flan_jax.model import lora
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return lora.merged_params(params, lora.scales_of(model), dtype=cfg.param_dtype)
 
 
 def _token_ids_from(hf_config_file: pathlib.Path) -> dict[str, int | None]:
@@ -131,13 +147,11 @@ def convert_checkpoint_to_hf(checkpoint_dir: str | os.PathLike, out_dir: str | o
 def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike, *, step: int | None = None,
                           dtype: str | None = None) -> int:
     """`--to_hf=OUT --workdir=DIR [--step=N]`: a training run's checkpoint; returns the step used."""
-    from flax import nnx
-
     from flan_jax.train import checkpointing
 
     model, config, used_step = checkpointing.load_model(workdir, step)
-    params = nnx.state(model, nnx.Param)
     cfg: ModelConfig = model.cfg
+    params = plain_params(model, cfg)
     token_ids = {}
     init_from = config.checkpoint.get("init_from", "") if hasattr(config, "checkpoint") else ""
     if init_from and (pathlib.Path(init_from) / checkpoint.MODEL_CONFIG).is_file():
@@ -148,9 +162,10 @@ def convert_workdir_to_hf(workdir: str | os.PathLike, out_dir: str | os.PathLike
             logging.info("Using the architecture of %s (init_from) for the exported config", init_from)
         cfg = converted
         token_ids = _token_ids_from(pathlib.Path(init_from) / checkpoint.HF_CONFIG)
-    write_hf(out_dir, cfg, params, dtype=dtype, token_ids=token_ids, tokenizer_dir=workdir)
+    tokenizer_dirs = [pathlib.Path(workdir)]
     tokenizer_path = config.data.tokenizer.path if hasattr(config, "data") else ""
     if tokenizer_path:  # a tokenizer the run read from elsewhere (e.g. a converted checkpoint)
         source = pathlib.Path(tokenizer_path)
-        checkpoint.copy_tokenizer_files(source if source.is_dir() else source.parent, out_dir)
+        tokenizer_dirs.append(source if source.is_dir() else source.parent)
+    write_hf(out_dir, cfg, params, dtype=dtype, token_ids=token_ids, tokenizer_dir=tokenizer_dirs)
     return used_step

@@ -6,7 +6,8 @@ and back is bitwise. Layout facts:
 
 - torch `nn.Linear` weights are [out, in]; ours are [in, out] with the head structure kept
   (q: [embed, heads, head_dim], o: [heads, head_dim, embed]).
-- GPT-2's `Conv1D` weights are already [in, out], and its q, k, v live in one `c_attn` tensor.
+- GPT-2's `Conv1D` weights are already [in, out], and its q, k, v live in one `c_attn` tensor;
+  Phi-3's q, k, v live in one `qkv_proj` and its gate and up projections in one `gate_up_proj`.
 - Tied models have no `lm_head.weight` (transformers 5 saves tied weights once).
 """
 
@@ -75,22 +76,59 @@ def canonical_key(cfg: ModelConfig, key: str) -> str:
     return key
 
 
+# Our block norms -> the HF name of each, by `block_norms` (Llama's "post_attention_layernorm" is the
+# norm *before* the MLP; Gemma 2/3's and OLMo 2's is the one after attention).
+_NORM_NAMES = {
+    "pre": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "sandwich": {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+    "post": {"post_attn_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+}
+
+
+def fused(hf_key: str, paths: Sequence[Path], shapes: Sequence[Sequence[int]]) -> Rule:
+    """One torch Linear [sum of outs, in] <-> several of our kernels [in, *out_i] (Phi-3's qkv_proj
+    and gate_up_proj: the outputs concatenated in `paths` order)."""
+    sizes = [math.prod(shape[1:]) for shape in shapes]
+    splits = list(np.cumsum(sizes)[:-1])
+    return Rule(
+        (hf_key,), tuple(paths),
+        lambda a: [np.ascontiguousarray(w.T.reshape(shape)) for w, shape in zip(np.split(a[0], splits, axis=0), shapes)],
+        lambda a: [np.concatenate([k.reshape(k.shape[0], -1).T for k in a], axis=0)],
+    )
+
+
 def _llama_rules(cfg: ModelConfig) -> Iterator[Rule]:
     d, h, kv, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     yield same("model.embed_tokens.weight", ("embed",))
     for i in range(cfg.n_layers):
         hf, ours = f"model.layers.{i}.", ("layers", i)
-        yield same(hf + "input_layernorm.weight", (*ours, "attn_norm", "scale"))
-        yield same(hf + "post_attention_layernorm.weight", (*ours, "mlp_norm", "scale"))
-        for name, heads in (("q", h), ("k", kv), ("v", kv)):
-            yield linear(hf + f"self_attn.{name}_proj.weight", (*ours, "attn", name, "kernel"), (d, heads, hd), 1)
+        for norm, hf_norm in _NORM_NAMES[cfg.block_norms].items():
+            yield same(hf + f"{hf_norm}.weight", (*ours, norm, "scale"))
+        qkv = {"q": h, "k": kv, "v": kv}
+        if cfg.family == "phi3":
+            yield fused(hf + "self_attn.qkv_proj.weight", [(*ours, "attn", n, "kernel") for n in qkv],
+                        [(d, heads, hd) for heads in qkv.values()])
+        for name, heads in qkv.items():
+            if cfg.family != "phi3":
+                yield linear(hf + f"self_attn.{name}_proj.weight", (*ours, "attn", name, "kernel"), (d, heads, hd), 1)
             if cfg.qkv_bias:
                 yield reshaped(hf + f"self_attn.{name}_proj.bias", (*ours, "attn", name, "bias"), (heads * hd,), (heads, hd))
+        if cfg.qk_norm == "head":  # one scale over head_dim, shared by the heads
+            for name in ("q", "k"):
+                yield same(hf + f"self_attn.{name}_norm.weight", (*ours, "attn", f"{name}_norm", "scale"))
+        elif cfg.qk_norm == "full":  # OLMo 2: over all heads' features at once
+            for name, heads in (("q", h), ("k", kv)):
+                yield reshaped(hf + f"self_attn.{name}_norm.weight", (*ours, "attn", f"{name}_norm", "scale"),
+                               (heads * hd,), (heads, hd))
         yield linear(hf + "self_attn.o_proj.weight", (*ours, "attn", "o", "kernel"), (h, hd, d), 2)
         if cfg.out_bias:
             yield same(hf + "self_attn.o_proj.bias", (*ours, "attn", "o", "bias"))
+        if cfg.family == "phi3":  # gate_up_proj: [gate | up] along the output
+            yield fused(hf + "mlp.gate_up_proj.weight", [(*ours, "mlp", n, "kernel") for n in ("gate", "up")], [(d, f), (d, f)])
         for name, shape in (("gate", (d, f)), ("up", (d, f)), ("down", (f, d))):
-            yield linear(hf + f"mlp.{name}_proj.weight", (*ours, "mlp", name, "kernel"), shape, 1)
+            if cfg.family != "phi3" or name == "down":
+                yield linear(hf + f"mlp.{name}_proj.weight", (*ours, "mlp", name, "kernel"), shape, 1)
             if cfg.mlp_bias:
                 yield same(hf + f"mlp.{name}_proj.bias", (*ours, "mlp", name, "bias"))
     yield same("model.norm.weight", ("final_norm", "scale"))

@@ -39,6 +39,7 @@ from flan_jax.data.formats import (
 from flan_jax.data.metric_registry import Metric, get_metric, metric_names, register_metric, unregister_metric
 from flan_jax.data.mixing import proportional_rates
 from flan_jax.data.registry import (
+    BUILTIN_TASK_MODULE,
     Mixture,
     Task,
     UnknownNameError,
@@ -80,7 +81,7 @@ from flan_jax.data.templates import (
 __all__ = [
     "ALPACA_PROMPT_NO_INPUT", "ALPACA_PROMPT_WITH_INPUT", "COT_TARGETS", "COT_TRIGGERS", "DEFAULT_OPTION_STYLES",
     "OPTION_STYLES", "PROMPT_RESPONSE", "AlpacaFormat", "AnswerAfter", "AnswerChoice", "AnswerExtractor",
-    "AnswerFunction", "AnswerRegex", "CarvedSplits", "ChatFormat", "CsvSource", "DataError",
+    "AnswerFunction", "BUILTIN_TASK_MODULE", "AnswerRegex", "CarvedSplits", "ChatFormat", "CsvSource", "DataError",
     "DataUnavailableError", "FewShot", "FunctionSource", "InMemorySource", "JsonSource", "JsonlSource", "Metric",
     "Mixture", "PromptCompletionFormat", "Records", "Source", "StripSuffix", "Task", "Template", "TfdsSource",
     "TsvSource", "UnescapeNewlines", "UnknownNameError", "alpaca_task", "answer_only_templates", "chat_task",

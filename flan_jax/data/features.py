@@ -18,7 +18,7 @@ Over-long examples (more than `seq_len` features) follow `overlong`:
               at its end and then gets no EOS (the model must not learn to stop mid-answer).
 
 Every truncation and drop is counted per task in `FeatureStats`, which the loader logs and checkpoints
-and `inspect_mixture` reports.
+and `python -m flan_jax.inspect_mixture` reports.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from flan_jax.data import chat_features
 from flan_jax.data.tokenizer import Tokenizer
 
 FEATURE_KEYS = ("input_tokens", "target_tokens", "loss_weights", "prefix_mask")
@@ -87,14 +88,23 @@ def build_features(
     input_ids: Sequence[int],
     target_ids: Sequence[int],
     *,
-    bos_id: int,
-    eos_id: int,
+    bos_id: int | None,
+    eos_id: int | None,
     config: FeatureConfig,
+    target_mask: Sequence[int] | None = None,
 ) -> tuple[dict[str, np.ndarray] | None, Outcome]:
-    """Features of one tokenized example (None when dropped) and what was done to fit it."""
-    budget = config.seq_len - 1  # BOS + inputs + targets + EOS gives len(inputs) + len(targets) + 1 features
+    """Features of one tokenized example (None when dropped) and what was done to fit it.
+
+    `bos_id` / `eos_id` None: no BOS / EOS is added (a chat template writes its own markers).
+    `target_mask` (one 0/1 per target id): which targets the loss is on (chat: assistant turns);
+    default all of them.
+    """
+    start = [] if bos_id is None else [bos_id]
+    end = [] if eos_id is None else [eos_id]
+    if target_mask is not None and len(target_mask) != len(target_ids):
+        raise ValueError(f"target_mask has {len(target_mask)} entries for {len(target_ids)} target ids")
+    budget = config.seq_len + 1 - len(start) - len(end)  # ids that fit beside BOS / EOS
     outcome = Outcome.KEPT
-    add_eos = True
     if len(input_ids) + len(target_ids) > budget:
         if config.overlong == "drop":
             return None, Outcome.DROPPED
@@ -105,26 +115,23 @@ def build_features(
         else:  # without EOS, instruction + response may fill all seq_len features
             outcome = Outcome.RESPONSE_TRUNCATED
             keep_inputs = min_inputs
-            target_ids = target_ids[: config.seq_len - min_inputs]
-            add_eos = False
+            keep_targets = config.seq_len + 1 - len(start) - min_inputs
+            target_ids = target_ids[:keep_targets]
+            target_mask = None if target_mask is None else target_mask[:keep_targets]
+            end = []
         input_ids = cut_middle(input_ids, keep_inputs)
 
     num_inputs = len(input_ids)
-    tokens = np.empty(2 + num_inputs + len(target_ids), dtype=np.int32)
-    tokens[0] = bos_id
-    tokens[1 : 1 + num_inputs] = input_ids
-    tokens[1 + num_inputs : 1 + num_inputs + len(target_ids)] = target_ids
-    if add_eos:
-        tokens[-1] = eos_id
-    else:
-        tokens = tokens[:-1]
+    tokens = np.asarray([*start, *input_ids, *target_ids, *end], dtype=np.int32)
     length = len(tokens) - 1
-
-    loss_weights = np.ones(length, dtype=np.float32)
-    if not config.loss_on_inputs:
-        loss_weights[:num_inputs] = 0.0  # targets 0..num_inputs-1 are instruction tokens
+    first_target = len(start) + num_inputs  # token index of the first target id
+    # Position t predicts token t + 1, so weights[k] (for token k) moves to position k - 1.
+    weights = np.zeros(len(tokens), dtype=np.float32)
+    weights[first_target:first_target + len(target_ids)] = 1.0 if target_mask is None else np.asarray(target_mask, np.float32)
+    weights[first_target + len(target_ids):] = 1.0  # EOS
+    loss_weights = np.ones(length, np.float32) if config.loss_on_inputs else weights[1:]
     prefix_mask = np.zeros(length, dtype=np.int32)
-    prefix_mask[: num_inputs + 1] = 1  # BOS + instruction
+    prefix_mask[:first_target] = 1  # BOS + instruction
     features = {
         "input_tokens": tokens[:-1],
         "target_tokens": tokens[1:],
@@ -137,12 +144,22 @@ def build_features(
 def featurize(
     example: Mapping[str, Any], tokenizer: Tokenizer, config: FeatureConfig
 ) -> tuple[dict[str, np.ndarray] | None, Outcome]:
-    """Tokenizes a rendered example (docs/design.md §1) and builds its features."""
+    """Tokenizes a rendered example (docs/design.md §1) and builds its features.
+
+    A chat example (one with `messages`, or any example when `tokenizer.chat_prompts`) is rendered
+    with the tokenizer's chat template and trained on its assistant turns (chat_features.py).
+    """
+    messages = chat_features.conversation_of(example, tokenizer)
+    if messages is not None:
+        ids, mask = chat_features.assistant_token_mask(messages, tokenizer, task=example.get("task", ""))
+        first = mask.index(1)
+        return build_features(ids[:first], ids[first:], bos_id=None, eos_id=None, config=config,
+                              target_mask=mask[first:])
     input_ids = tokenizer.encode(example["inputs"])
     target_ids = tokenizer.encode(example["targets"])
-    return build_features(
-        input_ids, target_ids, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, config=config
-    )
+    start = chat_features.start_ids(tokenizer)
+    return build_features(input_ids, target_ids, bos_id=start[0] if start else None, eos_id=tokenizer.eos_id,
+                          config=config)
 
 
 @dataclasses.dataclass

@@ -60,7 +60,7 @@ def endless(examples: grain.MapDataset) -> grain.MapDataset:
 
 def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
     """The infinite stream of rendered training examples of `config.data.train_mixture`."""
-    from flan_jax import data  # local import: the registry imports tasks/ on first lookup
+    from flan_jax import data  # local import: keeps importing the loader cheap
 
     if not data_config.train_mixture:
         raise ValueError("config.data.train_mixture is empty: name a registered task or mixture")

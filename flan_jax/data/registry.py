@@ -27,6 +27,7 @@ import numpy as np
 
 from flan_jax.data import checks, mixing
 from flan_jax.data.answers import AnswerExtractor, Extractor, as_extractor
+from flan_jax.data.chat import check_messages
 from flan_jax.data.errors import DataError
 from flan_jax.data.metric_registry import get_metric
 from flan_jax.data.sources import InMemorySource, PicklableLock, Records, Source
@@ -76,6 +77,12 @@ class Task(PicklableLock):
       answer: how the final answer is read from a generation before any metric (flan_jax.data.answers:
         `data.AnswerAfter()` for "So the answer is X.", `data.AnswerChoice()` for options, a marker
         string, a function); a template's own `answer` wins. None: the whole generation.
+      messages_field: record field holding a conversation (a list of {"role", "content"} with roles
+        system / user / assistant) for multi-turn chat SFT: the example carries it as `messages`,
+        is rendered with the tokenizer's chat template and trained on every assistant turn
+        (data/chat_features.py). Such a task has no templates (pass `templates=()`); for
+        evaluation its prompt is the conversation before the last assistant turn, its target
+        that turn.
     """
 
     def __init__(
@@ -94,6 +101,7 @@ class Task(PicklableLock):
         few_shot: FewShot | None = None,
         description: str = "",
         answer: Extractor = None,
+        messages_field: str | None = None,
     ):
         _check_name(name, "task")
         if not isinstance(source, Source):
@@ -104,7 +112,11 @@ class Task(PicklableLock):
         self.name = name
         self.source = source
         self.templates = as_templates(templates, "t")
-        if not self.templates:
+        self.messages_field = messages_field
+        if messages_field is not None and (self.templates or eval_templates):
+            raise DataError(f"task {name!r}: a messages task (messages_field={messages_field!r}) takes no templates; "
+                            "the tokenizer's chat template renders it")
+        if not self.templates and messages_field is None:
             raise DataError(f"task {name!r} has no templates")
         self.eval_templates = as_templates(eval_templates, "eval") if eval_templates is not None else self.templates
         self.preprocessors = tuple(preprocessors)
@@ -125,6 +137,7 @@ class Task(PicklableLock):
     _FIELDS = (
         "name", "source", "templates", "eval_templates", "preprocessors", "metrics", "cluster",
         "references_field", "options_field", "option_styles", "few_shot", "description", "answer",
+        "messages_field",
     )
 
     def replace(self, **changes: Any) -> Task:
@@ -237,6 +250,8 @@ class Task(PicklableLock):
             raise ValueError(f"template_set must be 'train' or 'eval', got {template_set!r}")
         if num_shots < 0:
             raise ValueError(f"num_shots must be >= 0, got {num_shots}")
+        if num_shots and self.messages_field is not None:
+            raise DataError("few-shot exemplars are not defined for a messages task", task=self.name)
         records = self.records(split)
         templates = self.templates if template_set == "train" else self.eval_templates
         if len(records) == 0:
@@ -327,11 +342,15 @@ class _Renderer:
         self.exclude_self = exclude_self
         self.few_shot = task.few_shot
         self.targets_optional = for_eval and task.references_field is not None
+        self.messages_field = task.messages_field
 
     def check(self) -> None:
         """Renders a few records (first, last, evenly between) with every template, so a field typo fails
         before training starts; the error names the record's file and line."""
         for index in checks.sample_indices(len(self.records), self._CHECKED_RECORDS):
+            if self.messages_field is not None:
+                self._chat(self.records[index], index)
+                continue
             for template in self.templates:
                 self.render(index, template, self.option_styles[0])
 
@@ -364,6 +383,8 @@ class _Renderer:
         epoch, index = divmod(position, len(self.records))
         if self.order_seed is not None:
             index = self._order(epoch)[index]
+        if self.messages_field is not None:
+            return self._chat(self.records[index], index)
         template = self.templates[choose(self.seed, position, len(self.templates))]
         style = self.option_styles[choose(self.seed, position, len(self.option_styles), _SALT_OPTIONS)]
         example = self.render(index, template, style)
@@ -390,6 +411,20 @@ class _Renderer:
         if self.targets_optional and not all(name in fields for name in template.targets_fields):
             return None
         return template.render_targets(fields, task=self.task_name)
+
+    def _chat(self, record: dict, index: int) -> dict:
+        """A messages record's example: the conversation, and its last assistant turn as the target."""
+        try:
+            messages = check_messages(record.get(self.messages_field), where=self.messages_field)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+            if last is None or not any(m["content"] for m in messages if m["role"] == "assistant"):
+                raise DataError("the conversation has no assistant turn with content to train on", field=self.messages_field)
+        except DataError as error:
+            raise _locate(DataError(error.bare_message, field=self.messages_field), self.task_name, self.records, index) from None
+        prompt = [m for m in messages[:last] if m["role"] == "user"]
+        targets = messages[last]["content"]
+        return {"inputs": prompt[-1]["content"] if prompt else "", "targets": targets, "task": self.task_name,
+                "references": self._references(record, targets), "options": [], "messages": messages}
 
     def _references(self, record: dict, targets: str | None) -> list[str]:
         if self.references_field is None:
@@ -571,7 +606,9 @@ def _resolve(target: str | Task | Mixture) -> Task | Mixture:
 # ---------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Task | Mixture] = {}
-_tasks_imported = False
+# The built-in task modules: the repository's tasks/, installed (and, in a source checkout,
+# symlinked) as this package. The default of config.data.task_modules.
+BUILTIN_TASK_MODULE = "flan_jax_tasks"
 
 
 class UnknownNameError(DataError, LookupError):
@@ -618,33 +655,18 @@ def unregister(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
-def _import_tasks() -> None:
-    """Imports the `tasks` package once, so that its modules register their tasks and mixtures."""
-    global _tasks_imported
-    if _tasks_imported:
-        return
-    _tasks_imported = True  # set first: tasks modules may call get() while being imported
-    try:
-        importlib.import_module("tasks")
-    except ModuleNotFoundError as error:
-        if error.name != "tasks":
-            _tasks_imported = False
-            raise
-        logging.info("no `tasks` package on the path; only explicitly registered tasks are known")
-    except BaseException:
-        _tasks_imported = False
-        raise
-
-
 def get(name: str) -> Task | Mixture:
     """The task or mixture registered under `name`; unknown names raise with close matches."""
-    if name not in _REGISTRY:
-        _import_tasks()
     try:
         return _REGISTRY[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; {len(_REGISTRY)} names are registered (data.list_names())"
+        if BUILTIN_TASK_MODULE not in sys.modules:
+            hint += (
+                f". The built-in tasks are not imported: data.import_task_modules([{BUILTIN_TASK_MODULE!r}]) "
+                "registers them (the trainer imports config.data.task_modules)"
+            )
         raise UnknownNameError(f"no task or mixture named {name!r}{hint}") from None
 
 
@@ -662,10 +684,11 @@ def get_mixture(name: str) -> Mixture:
 
 
 def import_task_modules(modules: Sequence[str]) -> None:
-    """Imports modules that register tasks/mixtures living outside `tasks/` (a lab's own package).
+    """Imports the modules that register tasks and mixtures (importing one twice is a no-op).
 
-    Configs name them in `config.data.task_modules`, like seqio's `--module_import`, so a run can
-    train on tasks this repository has never heard of.
+    Configs name them in `config.data.task_modules`, like seqio's `--module_import`: the built-in
+    tasks (`BUILTIN_TASK_MODULE`, the repository's tasks/) by default, and a lab's own package, so a
+    run can train on tasks this repository has never heard of. The registry itself imports nothing.
     """
     for module in modules:
         try:
@@ -679,6 +702,5 @@ def import_task_modules(modules: Sequence[str]) -> None:
 
 def list_names(kind: str | None = None) -> list[str]:
     """Sorted registered names; kind="task" or "mixture" to filter."""
-    _import_tasks()
     types = {None: (Task, Mixture), "task": (Task,), "mixture": (Mixture,)}[kind]
     return sorted(name for name, item in _REGISTRY.items() if isinstance(item, types))

@@ -1,7 +1,14 @@
 """Tokenizers with explicit BOS/EOS/PAD ids: sentencepiece `.model` files and HF `tokenizer.json`.
 
-The rest of the pipeline needs only `encode`, `encode_batch`, `decode`, `bos_id`, `eos_id`, `pad_id` and
-`vocab_size` (docs/design.md §3), so both kinds sit behind one small interface.
+The rest of the pipeline needs only `encode`, `encode_batch`, `decode`, `bos_id`, `eos_id`, `pad_id`,
+`add_bos` and `vocab_size` (docs/design.md §3), so both kinds sit behind one small interface. Chat
+formatting adds `encode_with_offsets` (character offsets, to map a chat template's assistant text
+to tokens), `chat_template` (the model's own, or the one the config names) and `chat_prompts`
+(whether plain inputs/targets examples and evaluation prompts go through that template too).
+
+`add_bos`: whether a sequence starts with BOS. Tokenizers trained here and sentencepiece models
+always do; an HF tokenizer follows its tokenizer_config.json (`add_bos_token`; SmolLM2 says false,
+its chat template starts every turn with `<|im_start|>` itself) and defaults to true.
 
 `pad_id` is always 0. Padding positions are masked out by `segment_ids == 0` and zero loss weights, so
 what id 0 means in an external vocabulary (often `<unk>`) never matters. Tokenizers trained here for a
@@ -30,11 +37,13 @@ import json
 import logging
 import os
 import pathlib
-import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import sentencepiece as spm
+
+from flan_jax.data import chat
+from flan_jax.data.chat import ChatTemplate
 
 PAD_ID = 0
 UNK_ID = 1
@@ -62,10 +71,23 @@ class Tokenizer:
     eos_id: int
     pad_id: int = PAD_ID
     vocab_size: int
+    add_bos: bool = True
+    chat_template: ChatTemplate | None = None  # for `messages` examples (and every prompt with chat_prompts)
+    chat_prompts: bool = False  # True: inputs/targets examples and eval prompts are rendered as chats
+    system_prompt: str = ""  # with chat_prompts: a system message before each rendered example
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS (the features stage adds those)."""
         raise NotImplementedError
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character range in `text`."""
+        raise NotImplementedError
+
+    def special_token_texts(self) -> dict[str, str]:
+        """bos_token / eos_token text, for chat templates that write them."""
+        return {}
+
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for several texts in one native call (much faster than a Python loop)."""
@@ -116,6 +138,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.extra_ids = (T5_EXTRA_IDS if t5_style else 0) if extra_ids is None else int(extra_ids)
         self.vocab_size = self.num_pieces + self.extra_ids
         self._special = self._special_ids()
+        self.add_bos = self.bos_id is not None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -132,6 +155,21 @@ class SentencePieceTokenizer(Tokenizer):
         if len(texts) < 64:
             return [self._sp.encode(text) for text in texts]
         return self._sp.encode(list(texts))
+
+    def special_token_texts(self) -> dict[str, str]:
+        texts = {"eos_token": self._sp.id_to_piece(self.eos_id)}
+        if self.bos_id is not None:  # T5's vocabulary has none
+            texts["bos_token"] = self._sp.id_to_piece(self.bos_id)
+        return texts
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # sentencepiece reports byte offsets into the UTF-8 text: mapped back to characters.
+        proto = self._sp.encode(text, out_type="proto")
+        char_of_byte = [i for i, c in enumerate(text) for _ in c.encode("utf-8")] + [len(text)]
+        ids = [piece.id for piece in proto.pieces]
+        offsets = [(char_of_byte[piece.begin], char_of_byte[piece.end] if piece.end > piece.begin else char_of_byte[piece.begin])
+                   for piece in proto.pieces]
+        return ids, offsets
 
     def decode(self, ids: Iterable[int]) -> str:
         known = self._known(ids)
@@ -169,10 +207,16 @@ class HFTokenizer(Tokenizer):
         self.name = str(path)
         self._tok = tokenizers.Tokenizer.from_file(str(path))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        named = _special_tokens_from_config(path.parent / "tokenizer_config.json")
+        config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
+        named = chat.special_tokens_of(config)
         # BOS may be absent (T5); the decoder families refuse such a tokenizer (data.converters).
         self.bos_id = self._find_token(bos_token or named.get("bos_token"), _HF_BOS_CANDIDATES, "BOS", required=bool(bos_token))
         self.eos_id = self._find_token(eos_token or named.get("eos_token"), _HF_EOS_CANDIDATES, "EOS")
+        self.add_bos = bool(config.get("add_bos_token", self.bos_id is not None))
+        self._special_texts = {**named, "eos_token": self._tok.id_to_token(self.eos_id)}
+        if self.bos_id is not None:
+            self._special_texts["bos_token"] = self._tok.id_to_token(self.bos_id)
+        self.chat_template = chat.ChatTemplate.from_tokenizer_dir(path.parent)
         self._special = self._special_ids()
 
     def _find_token(self, wanted: str | None, candidates: Sequence[str], role: str, required: bool = True) -> int | None:
@@ -194,6 +238,13 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
+    def special_token_texts(self) -> dict[str, str]:
+        return dict(self._special_texts)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(self._known(ids), skip_special_tokens=False)
 
@@ -201,22 +252,17 @@ class HFTokenizer(Tokenizer):
         return f"HFTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
-def _special_tokens_from_config(path: pathlib.Path) -> dict[str, str]:
-    """bos_token / eos_token from an HF tokenizer_config.json (strings or AddedToken dicts)."""
+def _read_tokenizer_config(path: pathlib.Path) -> dict[str, Any]:
+    """An HF tokenizer_config.json as a dict ({} when absent); a parse error names the file."""
     if not path.is_file():
         return {}
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
-    found = {}
-    for key in ("bos_token", "eos_token"):
-        value = config.get(key)
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str) and value:
-            found[key] = value
-    return found
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
 
 
 # --------------------------------------------------------------------------- training
@@ -288,12 +334,11 @@ def mixture_texts(mixture: str, *, split: str = "train", num_examples: int, seed
 
 
 def write_atomically(path: pathlib.Path, content: bytes) -> None:
-    """Writes `content` so that a reader never sees a half-written file (rename is atomic)."""
+    """Writes `content` so that neither a reader nor a crash sees a half-written file (flan_jax/atomic_write.py)."""
+    from flan_jax import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", delete=False) as handle:
-        handle.write(content)
-        temporary = handle.name
-    os.replace(temporary, path)
+    atomic_write.write_bytes(path, content)
 
 
 # --------------------------------------------------------------------------- loading
@@ -326,12 +371,14 @@ def load_tokenizer(
         raise ValueError(f"config.data.tokenizer.kind={kind!r}: expected 'sentencepiece' or 'hf'")
     if tok_config.path:
         if kind == "hf":
-            return HFTokenizer(
+            tokenizer: Tokenizer = HFTokenizer(
                 tok_config.path,
                 bos_token=tok_config.get("bos_token", ""),
                 eos_token=tok_config.get("eos_token", ""),
             )
-        return SentencePieceTokenizer(tok_config.path)
+        else:
+            tokenizer = SentencePieceTokenizer(tok_config.path)
+        return with_chat_settings(tokenizer, tok_config)
 
     if kind != "sentencepiece":
         raise ValueError("config.data.tokenizer.path is empty: only a sentencepiece tokenizer can be trained")
@@ -340,14 +387,36 @@ def load_tokenizer(
     path = pathlib.Path(workdir) / "tokenizer.model"
     if path.is_file():
         logging.info("Reusing the tokenizer trained earlier in %s", path)
-        return SentencePieceTokenizer(path)
+        return with_chat_settings(SentencePieceTokenizer(path), tok_config)
     if train_texts is None:
         if not train_mixture:
             raise ValueError("no tokenizer path, no training texts and no mixture to train a tokenizer on")
         train_texts = mixture_texts(train_mixture, split=train_split, num_examples=tok_config.train_examples)
     logging.info("Training a %d-id sentencepiece tokenizer (%s ids) into %s", tok_config.vocab_size, convention, path)
     write_atomically(path, train_sentencepiece(train_texts, tok_config.vocab_size, convention=convention))
-    return SentencePieceTokenizer(path)
+    return with_chat_settings(SentencePieceTokenizer(path), tok_config)
+
+
+def with_chat_settings(tokenizer: Tokenizer, tok_config: Any) -> Tokenizer:
+    """Applies `config.data.tokenizer.chat_template` / `system_prompt` (see default_config.py).
+
+    "" keeps plain inputs/targets examples as they are (a `messages` task still uses the
+    tokenizer's own template); "tokenizer" renders every example and evaluation prompt with the
+    tokenizer's own template; any other value is the path of a .jinja template to use instead.
+    """
+    choice = tok_config.get("chat_template", "") or ""
+    tokenizer.system_prompt = tok_config.get("system_prompt", "") or ""
+    if not choice:
+        if tokenizer.system_prompt:
+            raise ValueError("config.data.tokenizer.system_prompt needs chat_template ('tokenizer' or a .jinja path)")
+        return tokenizer
+    if choice != "tokenizer":
+        tokenizer.chat_template = ChatTemplate.from_file(choice, special_tokens=tokenizer.special_token_texts())
+    elif tokenizer.chat_template is None:
+        raise ValueError(f"config.data.tokenizer.chat_template='tokenizer', but {tokenizer!r} has no chat template "
+                         "(tokenizer_config.json 'chat_template' or chat_template.jinja); give a .jinja path instead")
+    tokenizer.chat_prompts = True
+    return tokenizer
 
 
 def main(argv: Sequence[str]) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 
-from flan_jax.data import checks, converters
+from flan_jax.data import chat_features, checks, converters
 from flan_jax.data.converters import DECODER
 from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
 from flan_jax.eval import report, scoring
@@ -67,7 +67,7 @@ class _TaskData:
 
 
 def _lookup(name: str):
-    from flan_jax import data  # imported lazily: tasks/ is registered on first lookup
+    from flan_jax import data  # imported lazily (the registry holds what config.data.task_modules registered)
 
     return data.get(name)
 
@@ -186,13 +186,22 @@ def prompt_budget(max_len: int | tuple[int, ...], max_new_tokens: int, converter
 
 
 def encode_prompts(
-    tokenizer, prompts: Sequence[str], max_tokens: int, converter: Any = DECODER
+    tokenizer, prompts: Sequence[str | Sequence[dict]], max_tokens: int, converter: Any = DECODER
 ) -> tuple[list[list[int]], list[int]]:
-    """Each prompt in the family's layout (a decoder's BOS + tokens; T5's tokens + EOS), cut in the
-    middle to `max_tokens`; and how many tokens each lost."""
+    """The tokens each prompt conditions on in the family's layout, cut in the middle to
+    `max_tokens`; and how many tokens each lost.
+
+    A decoder's BOS + the prompt's tokens; or, for a conversation (a messages task's) or any prompt
+    when the tokenizer renders chats (`config.data.tokenizer.chat_template`), the chat template's
+    rendering with its generation prompt, as in training (data/chat_features.py). T5: the tokens + EOS.
+    """
+    if all(isinstance(p, str) for p in prompts) and not chat_features.renders_chats(tokenizer):
+        # one native call for all prompts
+        full_prompts = [converter.prompt_from_ids(tokenizer, ids) for ids in tokenizer.encode_batch(list(prompts))]
+    else:
+        full_prompts = [converter.prompt_ids(tokenizer, prompt) for prompt in prompts]
     encoded, cut = [], []
-    for ids in tokenizer.encode_batch(list(prompts)):
-        full = converter.prompt_from_ids(tokenizer, ids)
+    for full in full_prompts:
         kept = converter.cut_prompt(full, max_tokens)
         encoded.append(kept)
         cut.append(len(full) - len(kept))
@@ -222,7 +231,7 @@ def _generate_encoded(model, tokenizer, encoded, *, max_new_tokens, batch_size, 
 def generate_texts(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Sequence[dict]],
     *,
     max_new_tokens: int,
     max_len: int | tuple[int, ...],
@@ -235,7 +244,9 @@ def generate_texts(
     up with copies of its last prompt so every call has the same batch shape (no recompiles).
     The prompt layout is the model family's (its feature converter); `max_len` is that converter's
     row shape (a decoder's seq_len). Prompts longer than the budget (a decoder: `max_len -
-    max_new_tokens`; T5: its encoder row) lose the middle of their instruction.
+    max_new_tokens`; T5: its encoder row) lose the middle of their instruction. A prompt is a
+    string, or a conversation (a list of messages) rendered with the tokenizer's chat template
+    (see `encode_prompts`).
     """
     converter = converters.for_model(model)
     encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens, converter), converter)
@@ -289,7 +300,8 @@ def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate
     max_new_tokens = int(config.eval.max_new_tokens)
     converter = converters.for_model(model)
     budget = prompt_budget(_row_shape(model, config), max_new_tokens, converter)
-    encoded, cuts = encode_prompts(tokenizer, [ex["inputs"] for it in items for ex in it.examples], budget, converter)
+    prompts = [chat_features.eval_prompt(ex) for it in items for ex in it.examples]
+    encoded, cuts = encode_prompts(tokenizer, prompts, budget, converter)
     for item, item_cuts in _split_back(cuts, items):
         _count_generation_truncation(item, tokenizer, item_cuts, budget, max_new_tokens)
     texts = _generate_encoded(

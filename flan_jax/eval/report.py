@@ -19,6 +19,8 @@ import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from flan_jax import atomic_write
+
 # Column order of the Markdown table; other metrics follow alphabetically.
 _PREFERRED_ORDER = ("exact_match", "rouge_l", "rank_classification", "gsm8k_accuracy", "loss", "perplexity")
 _NOT_AVERAGED = ("perplexity",)  # derived from the row's loss instead
@@ -176,7 +178,8 @@ def write(workdir: str | pathlib.Path, step: int, results: Mapping[str, Any], pr
 
     Few-shot results get a `_<k>shot` suffix (step_<N>_<k>shot.json, predictions_<N>_<k>shot.jsonl),
     so a zero-shot and a few-shot evaluation of the same checkpoint do not overwrite each other.
-    Files are written under a temporary name and renamed, so a reader never sees half a file.
+    Files are written atomically (flan_jax/atomic_write.py: temporary file, fsync, rename), so a
+    reader or a crash never leaves half a file.
     """
     folder = pathlib.Path(workdir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,7 +192,5 @@ def write(workdir: str | pathlib.Path, step: int, results: Mapping[str, Any], pr
         ),
     }
     for name, text in outputs.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(folder / name)
+        atomic_write.write_text(folder / name, text)
     return folder

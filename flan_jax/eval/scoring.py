@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flan_jax.data import converters
+from flan_jax.data import chat_features, converters
 from flan_jax.data.converters import DECODER
 from flan_jax.data.features import FeatureConfig
 from flan_jax.eval import report
@@ -46,8 +46,10 @@ class TargetScore:
         return self.log_likelihood / max(self.num_tokens, 1) if length_normalized else self.log_likelihood
 
 
-def encode_prompt(tokenizer, inputs: str) -> list[int]:
-    """BOS + the instruction tokens: a decoder's prompt (training's layout, design.md §4).
+def encode_prompt(tokenizer, inputs) -> list[int]:
+    """What a decoder conditions on, laid out as in training (design.md §4): BOS + the instruction
+    tokens, or the chat template's rendering with its generation prompt (a conversation, or any
+    prompt when the tokenizer renders chats; data/chat_features.py).
 
     Scoring and generation take each family's own layout from its feature converter
     (`converters.for_model(model).prompt_ids`; T5: the instruction + EOS).
@@ -253,7 +255,7 @@ def rank_classify(
                 f"rank classification needs answer options, but example {index} of task "
                 f"{example.get('task', '?')!r} has an empty 'options' field"
             )
-        prompt = converter.prompt_ids(tokenizer, example["inputs"])
+        prompt = converter.prompt_ids(tokenizer, chat_features.eval_prompt(example))
         for option in options:
             sequences.append((prompt, converter.target_ids(tokenizer, option)))
             owners.append(index)
@@ -282,7 +284,8 @@ def target_loss(
 
 def target_sequences(tokenizer, examples: Sequence[dict], converter=DECODER) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, target ids) of each rendered example in `converter`'s layout, as `score_targets` takes them."""
-    return [(converter.prompt_ids(tokenizer, ex["inputs"]), converter.target_ids(tokenizer, ex["targets"])) for ex in examples]
+    return [(converter.prompt_ids(tokenizer, chat_features.eval_prompt(ex)), converter.target_ids(tokenizer, ex["targets"]))
+            for ex in examples]
 
 
 def mean_loss(scores: Sequence[TargetScore]) -> dict[str, float]:

@@ -25,10 +25,11 @@ class FamilyConfig:
                 raise ValueError(f"{type(self).__name__}.{name}={value!r}; expected one of {allowed}")
 
     def check_runtime_choices(self) -> None:
-        """The runtime fields every family has: dtypes, rematerialisation, attention kernel."""
+        """The runtime fields every family has: dtypes, rematerialisation, attention, kernels."""
         dtypes = ("float32", "bfloat16", "float16")
         self.check_choices(
-            remat=("none", "full", "dots"), attention=("xla", "cudnn", "reference"), param_dtype=dtypes, dtype=dtypes
+            remat=("none", "full", "dots"), attention=("xla", "cudnn", "reference"), kernels=("auto", "cpu", "xla"),
+            param_dtype=dtypes, dtype=dtypes,
         )
 
     def replace(self, **changes: Any) -> Any:

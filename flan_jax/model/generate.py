@@ -225,15 +225,19 @@ def _decode(
     steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
 ):
     model = nnx.merge(graphdef, state)
-    cfg = model.cfg
     batch, prompt_len = tokens.shape
     cache_len = prompt_len + steps
     slots = jnp.arange(cache_len)
 
     # Prefill: the whole (left-padded) prompt in one pass, keys/values into slots [0, P).
-    prompt_mask = attention_mask(segments, segments if prefix_lm else None, cfg.sliding_window)
-    prompt_mask = jnp.pad(prompt_mask, ((0, 0), (0, 0), (0, 0), (0, steps)))
-    logits, cache = model.forward(tokens, positions, prompt_mask, model.init_cache(batch, cache_len), 0)
+    # One mask per kind of layer (e.g. sliding-window and full ones).
+    kinds = tuple(dict.fromkeys(model.kinds))
+    prompt_masks = {
+        kind: jnp.pad(attention_mask(segments, segments if prefix_lm else None, kind.sliding_window),
+                      ((0, 0), (0, 0), (0, 0), (0, steps)))
+        for kind in kinds
+    }
+    logits, cache = model.forward(tokens, positions, prompt_masks, model.init_cache(batch, cache_len), 0)
     key_valid = jnp.concatenate([segments > 0, jnp.ones((batch, steps), bool)], axis=1)
 
     vocab = logits.shape[-1]
@@ -262,11 +266,11 @@ def _decode(
         # Feed the token back: it sits in cache slot P + step and sees every valid earlier slot.
         slot = prompt_len + c["step"]
         visible = key_valid & (slots <= slot)
-        if cfg.sliding_window:
-            visible = visible & (slots > slot - cfg.sliding_window)
-        logits, out["cache"] = model.forward(
-            token[:, None], c["position"][:, None], visible[:, None, None, :], c["cache"], slot
-        )
+        masks = {
+            kind: (visible & (slots > slot - kind.sliding_window) if kind.sliding_window else visible)[:, None, None, :]
+            for kind in kinds
+        }
+        logits, out["cache"] = model.forward(token[:, None], c["position"][:, None], masks, c["cache"], slot)
         out["logits"] = logits[:, -1]
         out["position"] = c["position"] + 1
         out["step"] = c["step"] + 1

@@ -125,9 +125,18 @@ def config_from_dict(values: Mapping[str, Any]) -> Any:
     return (family.config_from_dict or family.config_from)(values)
 
 
-def build_model(model_cfg: Any, *, rngs: nnx.Rngs, heads: Sequence[str] = ()) -> nnx.Module:
-    """The module of `model_cfg`'s family, with the extra output `heads` asked for."""
-    return get_family(model_cfg.family).build(model_cfg, rngs=rngs, heads=tuple(heads))
+def build_model(model_cfg: Any, *, rngs: nnx.Rngs, heads: Sequence[str] = (), lora: Any = None) -> nnx.Module:
+    """The module of `model_cfg`'s family, with the extra output `heads` asked for.
+
+    `lora` (a `flan_jax.model.lora.LoRAConfig`) adds LoRA adapters to the projections it targets,
+    after every other parameter is created (so the base initialisation does not change).
+    """
+    model = get_family(model_cfg.family).build(model_cfg, rngs=rngs, heads=tuple(heads))
+    if lora is not None:
+        from flan_jax.model import lora as lora_lib
+
+        lora_lib.apply(model, lora, rngs=rngs)
+    return model
 
 
 def family_of(model: Any) -> Family:
@@ -189,7 +198,7 @@ def _register_builtin() -> None:
             config_from_dict=config_lib.ModelConfig.from_dict,
             generate=generate.decode,
             hf=HFInterop(
-                model_types=tuple(hf_config.ARCHITECTURES),
+                model_types=hf_config.MODEL_TYPES,
                 config_from_hf=lambda hf, tensor_names: config_lib.ModelConfig.from_hf_config(hf),
                 config_to_hf=hf_config.to_hf,
                 tensor_rules=mapping.rules,

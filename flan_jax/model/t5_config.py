@@ -29,7 +29,7 @@ from flan_jax.model.family_config import FamilyConfig
 
 # Fields that say how to run or regularise a model rather than what it is: an experiment config
 # may change them for a converted checkpoint (dropout: FLAN-T5 checkpoints ship 0.1, a run may use 0).
-T5_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "dropout_rate")
+T5_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "kernels", "dropout_rate")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
@@ -57,6 +57,10 @@ class T5Config(FamilyConfig):
     dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     attention: str = "xla"  # xla = reference (einsum, float32 scores) | cudnn (jax.nn.dot_product_attention)
+    # auto | cpu | xla: the projections' matmuls (flan_jax/model/kernels, as the decoder's). T5's
+    # attention adds a relative position bias, which the causal CPU attention kernel has no input
+    # for, so it is always the einsum (or cudnn) formulation.
+    kernels: str = "auto"
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = T5_RUNTIME_FIELDS
     # RMS norm without mean or bias: what the decoder's `Norm` needs to read from a config.
@@ -122,22 +126,24 @@ class T5Config(FamilyConfig):
                 "config.data.loss_on_inputs=True has no meaning for T5: the inputs go to the encoder, which predicts nothing"
             )
 
-    def flops_per_token(self, n_matmul: int, data_config: Any) -> float:
+    def flops_per_token(self, n_matmul: int, data_config: Any, n_frozen_matmul: int = 0) -> float:
         """Training FLOPs per row position (encoder + decoder positions, padding included).
 
         6 x (weights each position multiplies: encoder weights for encoder positions, decoder
         weights and the head for decoder positions) + 12 x heads x head_dim x keys per attention
         (encoder self over Le keys, decoder self over Ld keys, cross over Le keys), averaged over
-        the Le + Ld positions of a row. `n_matmul` is unused: the split needs the sizes.
+        the Le + Ld positions of a row. The split needs the sizes, so the counts only give the
+        frozen share: frozen weights (LoRA's base) cost 4 FLOPs, not 6 (no weight gradient), taken
+        as spread over the encoder and decoder like all weights.
         """
-        del n_matmul
+        frozen_share = n_frozen_matmul / (n_matmul + n_frozen_matmul) if n_matmul + n_frozen_matmul else 0.0
         le, ld = encoder_length(data_config), decoder_length(data_config)
         d, hd, f = self.d_model, self.n_heads * self.head_dim, self.d_ff * (3 if self.gated_mlp else 2)
         attn = 4 * d * hd
         enc = self.n_layers * (attn + d * f)
         dec = self.n_decoder_layers * (2 * attn + d * f) + d * self.vocab_size
         attention = 12 * hd * (self.n_layers * le * le + self.n_decoder_layers * (ld * ld + ld * le))
-        return (6 * (enc * le + dec * ld) + attention) / (le + ld)
+        return ((6 - 2 * frozen_share) * (enc * le + dec * ld) + attention) / (le + ld)
 
     # ------------------------------------------------------------------ derived sizes
     @property

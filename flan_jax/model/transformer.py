@@ -1,8 +1,8 @@
 """The decoder-only transformer: config-driven, packed-sequence aware, in Flax NNX.
 
 Read top to bottom: parameters with logical axes, norms, rotary embeddings, the attention mask,
-attention, MLP, block, model. Llama 2/3, Mistral, Qwen2, Gemma and GPT-2 are all this one model
-with different `ModelConfig` switches (see config.py).
+attention, MLP, block, model. Llama 2/3, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3, OLMo 2 and GPT-2
+are all this one model with different `ModelConfig` switches (see config.py).
 
 Why NNX: parameters are plain `nnx.Param`s with a `logical_axes` metadata tuple, so the trainer can
 `nnx.split` / `nnx.merge`, save `nnx.state(model, nnx.Param)` with Orbax and map the names to mesh
@@ -21,7 +21,9 @@ values into the cache at `cache_index` and attends over the whole cache with the
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,12 +32,39 @@ import numpy as np
 from flax import nnx
 
 from flan_jax import sharding
-from flan_jax.model.causal_attention import causal_block_attention
+from flan_jax.model import kernels
 from flan_jax.model.config import ModelConfig
-from flan_jax.model.matmul import dense_dot
+from flan_jax.model.kernels import rope as rope_kernels
+from flan_jax.model.kernels.causal_attention import causal_block_attention
+from flan_jax.model.kernels.matmul import dense_dot
 
 # One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim].
 LayerCache = tuple[jax.Array, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What may differ between a model's layers, as static (hashable) values.
+
+    Gemma 2/3 (and Qwen with sliding layers) alternate sliding-window and full attention; Gemma 3's
+    sliding layers also rotate with their own rope base. Layers of one kind share one attention
+    mask and one rope table.
+    """
+
+    sliding_window: int = 0  # attend to the last N tokens only; 0: to every earlier token
+    local_rope: bool = False  # Gemma 3's sliding layers: rope base cfg.local_rope_theta, unscaled
+
+
+def layer_kinds(cfg: ModelConfig) -> tuple[LayerKind, ...]:
+    """The kind of each layer of the model `cfg` describes: `cfg.layer_types` ("sliding" layers
+    attend to the last `sliding_window` tokens, with the local rope base when the family has one),
+    or every layer alike (sliding when `sliding_window` is set, as Mistral)."""
+    if not cfg.layer_types:
+        return (LayerKind(sliding_window=cfg.sliding_window),) * cfg.n_layers
+    return tuple(
+        LayerKind(sliding_window=cfg.sliding_window, local_rope=bool(cfg.local_rope_theta)) if kind == "sliding"
+        else LayerKind() for kind in cfg.layer_types
+    )
 
 
 def _param(rngs: nnx.Rngs, init: Any, shape: tuple[int, ...], axes: tuple[str, ...], cfg: ModelConfig) -> nnx.Param:
@@ -56,6 +85,7 @@ class Dense(nnx.Module):
     ):
         self.n_in = len(in_shape)
         self.dtype = jnp.dtype(cfg.dtype)
+        self.kernel_choice = cfg.kernels
         init = nnx.initializers.normal(cfg.init_std if std is None else std)  # T5 sets a std per projection
         self.kernel = _param(rngs, init, (*in_shape, *out_shape), axes, cfg)
         if use_bias:
@@ -65,7 +95,7 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype)
+        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype, kernels.resolve(self.kernel_choice))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -80,19 +110,24 @@ class Norm(nnx.Module):
     every token, ~10x less accurate than this float32 one.)
     """
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, shape: tuple[int, ...] | None = None,
+                 axes: tuple[str, ...] = ("embed",)):
+        # `shape`: the trailing dims normalised together (default (d_model,)); QK-norm normalises
+        # each head's (head_dim,) or, as OLMo 2, all heads' (heads, head_dim) at once.
         self.cfg = cfg
+        shape = shape or (cfg.d_model,)
+        self.reduce = tuple(range(-len(shape), 0))
         scale_init = nnx.initializers.zeros if cfg.norm_scale_plus_one else nnx.initializers.ones
-        self.scale = _param(rngs, scale_init, (cfg.d_model,), ("embed",), cfg)
-        self.bias = _param(rngs, nnx.initializers.zeros, (cfg.d_model,), ("embed",), cfg) if cfg.norm_bias else None
+        self.scale = _param(rngs, scale_init, shape, axes, cfg)
+        self.bias = _param(rngs, nnx.initializers.zeros, shape, axes, cfg) if cfg.norm_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x32 = x.astype(jnp.float32)
         if cfg.norm == "layer":
-            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + cfg.norm_eps)
+            x32 = x32 - jnp.mean(x32, axis=self.reduce, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=self.reduce, keepdims=True) + cfg.norm_eps)
         scale = self.scale[...].astype(jnp.float32)
         y = y * (1.0 + scale if cfg.norm_scale_plus_one else scale)  # Gemma scales by 1 + w
         if self.bias is not None:
@@ -101,9 +136,15 @@ class Norm(nnx.Module):
 
 
 # ---------------------------------------------------------------------- rotary embeddings
-def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies, with Llama 3 / linear context scaling (as in HF)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+def rope_inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies, with Llama 3 / linear context scaling (as in HF).
+
+    `local`: Gemma 3's sliding layers, which rotate with their own base and no scaling.
+    """
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float32) / cfg.head_dim))
+    if local:
+        return inv_freq.astype(np.float32)
     if cfg.rope_scaling == "linear":
         inv_freq = inv_freq / cfg.rope_factor
     elif cfg.rope_scaling == "llama3":
@@ -119,51 +160,11 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def rope_angles(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos, sin of shape [B, L, head_dim] for the given per-token positions.
-
-    cos and sin are the two iterations of a `lax.map`. A loop body is a fusion boundary, so XLA
-    writes each table once into a buffer. Left to XLA's CPU fusion, the float32 cos/sin were
-    re-evaluated inside every consumer: per head, for q and k, forward and backward, in every
-    layer (~10% of a float32 7M-parameter training step; docs/training.md, "CPU performance").
-    `lax.optimization_barrier` does not prevent that: XLA strips it before fusing. The loop runs
-    over a new leading axis, so the batch dimension keeps its sharding.
-    """
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
-    cos, sin = jax.lax.map(lambda i: jax.lax.switch(i, (jnp.cos, jnp.sin), freqs), jnp.arange(2))
-    # Both halves of the rotate-half tables carry the same angles.
-    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
-
-
-@jax.custom_vjp
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, L, heads, head_dim] (the layout of HF Llama checkpoints).
-
-    RoPE is a rotation, so its gradient is the inverse rotation: RoPE with -sin (both halves of
-    the tables carry the same angles, see rope_angles). Written out because autodiff of the
-    rotate-half concatenation pads and adds each half separately, with a bf16 rounding after
-    every step; cos and sin come from integer positions and get no gradient.
-    """
-    return _rotate(x, cos, sin)
-
-
-def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-    return x * cos + rotated * sin
-
-
-def _apply_rope_fwd(x, cos, sin):
-    return _rotate(x, cos, sin), (cos, sin)
-
-
-def _apply_rope_bwd(residuals, d_out):
-    cos, sin = residuals
-    return _rotate(d_out, cos, -sin), None, None
-
-
-apply_rope.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+def rope_angles(positions: jax.Array, cfg: ModelConfig, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, L, head_dim] for the given per-token positions (kernels/rope.py);
+    `local`: Gemma 3's sliding layers' base (rope_inverse_frequencies)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg, local))
+    return rope_kernels.tables(freqs, kernels.resolve(cfg.kernels))
 
 
 # ---------------------------------------------------------------------- attention mask
@@ -188,8 +189,9 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
-def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Plain softmax attention with grouped-query heads, float32 scores; the tests' reference.
+def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, softcap: float = 0.0) -> jax.Array:
+    """Plain softmax attention with grouped-query heads, float32 scores; the tests' reference, and
+    the kernel of soft-capped attention (Gemma 2: scores -> cap * tanh(scores / cap)).
 
     q [B, T, H, D], k/v [B, S, KV, D], mask [B, 1, T, S] -> [B, T, H, D].
     """
@@ -197,6 +199,8 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -211,22 +215,39 @@ class Attention(nnx.Module):
         self.k = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.v = Dense((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, cfg=cfg, rngs=rngs)
         self.o = Dense((h, hd), (d,), ("heads", "head_dim", "embed"), use_bias=cfg.out_bias, cfg=cfg, rngs=rngs)
+        if cfg.qk_norm == "head":  # Qwen3, Gemma 3: each head's q and k, one scale over head_dim
+            self.q_norm = Norm(cfg, rngs, (hd,), ("head_dim",))
+            self.k_norm = Norm(cfg, rngs, (hd,), ("head_dim",))
+        elif cfg.qk_norm == "full":  # OLMo 2: all heads' features together
+            self.q_norm = Norm(cfg, rngs, (h, hd), ("heads", "head_dim"))
+            self.k_norm = Norm(cfg, rngs, (kv, hd), ("kv_heads", "head_dim"))
+        else:
+            self.q_norm = self.k_norm = None
+        # Kernels scale scores by 1/sqrt(head_dim); Gemma's query_pre_attn_scalar asks for another.
+        self.query_factor = math.sqrt(hd / cfg.query_scale) if cfg.query_scale and cfg.query_scale != hd else 1.0
 
     def __call__(self, x, rope, mask, cache: LayerCache | None = None, cache_index=None, causal: bool = False):
         cfg = self.cfg
         q = sharding.constrain(self.q(x), ("batch", "length", "act_heads", None))
         k = sharding.constrain(self.k(x), ("batch", "length", "act_kv_heads", None))
         v = sharding.constrain(self.v(x), ("batch", "length", "act_kv_heads", None))
+        impl = kernels.resolve(cfg.kernels)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = rope_kernels.apply(q, *rope, impl), rope_kernels.apply(k, *rope, impl)
+        if self.query_factor != 1.0:
+            q = q * jnp.asarray(self.query_factor, q.dtype)
         if cache is not None:
             start = (0, cache_index, 0, 0)
             k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
             cache = (k, v)
-        if cfg.attention == "reference":
-            out = reference_attention(q, k, v, mask)
-        elif cfg.attention == "xla" and causal and cache is None:
+        if cfg.attention == "reference" or cfg.attn_softcap:
+            # Soft-capped scores (Gemma 2) always take the einsum path: neither the CPU causal-block
+            # kernel nor jax.nn.dot_product_attention (XLA, cuDNN) can cap them.
+            out = reference_attention(q, k, v, mask, cfg.attn_softcap)
+        elif cfg.attention == "xla" and causal and cache is None and impl == "cpu":
             # Faster than jax.nn.dot_product_attention's XLA path on CPU (see docs/training.md).
             out = causal_block_attention(q, k, v, mask)
         else:
@@ -262,19 +283,31 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Residual block: x + attn(norm(x)), then x + mlp(norm(x)) ("pre", Llama).
+
+    `block_norms="sandwich"` (Gemma 2/3) also normalises each branch's output before the residual
+    sum: x + post_norm(attn(norm(x))); "post" (OLMo 2) normalises only the outputs:
+    x + post_norm(attn(x)).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.attn_norm = Norm(cfg, rngs)
+        pre, post = cfg.block_norms in ("pre", "sandwich"), cfg.block_norms in ("sandwich", "post")
+        self.attn_norm = Norm(cfg, rngs) if pre else None
         self.attn = Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg, rngs)
+        self.post_attn_norm = Norm(cfg, rngs) if post else None
+        self.mlp_norm = Norm(cfg, rngs) if pre else None
         self.mlp = MLP(cfg, rngs)
+        self.post_mlp_norm = Norm(cfg, rngs) if post else None
 
     def __call__(self, x, rope, mask, cache: LayerCache | None = None, cache_index=None, causal: bool = False):
-        h, cache = self.attn(self.attn_norm(x), rope, mask, cache, cache_index, causal)
-        x = sharding.constrain(x + h, ("batch", "length", "act_embed"))
-        x = x + self.mlp(self.mlp_norm(x))
+        h, cache = self.attn(_maybe(self.attn_norm, x), rope, mask, cache, cache_index, causal)
+        x = sharding.constrain(x + _maybe(self.post_attn_norm, h), ("batch", "length", "act_embed"))
+        x = x + _maybe(self.post_mlp_norm, self.mlp(_maybe(self.mlp_norm, x)))
         return sharding.constrain(x, ("batch", "length", "act_embed")), cache
+
+
+def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
+    return x if norm is None else norm(x)
 
 
 def _run_block(block: Block, x, rope, mask, cache, cache_index):
@@ -315,6 +348,7 @@ class Transformer(nnx.Module):
             self.pos_embed = _param(rngs, init, (cfg.max_positions, cfg.d_model), ("positions", "embed"), cfg)
         else:
             self.pos_embed = None
+        self.kinds = layer_kinds(cfg)
         self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = Norm(cfg, rngs)
         if cfg.tie_embeddings:
@@ -339,10 +373,14 @@ class Transformer(nnx.Module):
             segment_ids = jnp.ones(input_tokens.shape, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_tokens.shape[-1], dtype=jnp.int32), input_tokens.shape)
-        mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
+        masks = self.attention_masks(segment_ids, prefix_mask)
         causal = prefix_mask is None  # then no query sees a later key (see attention_mask)
-        logits, _ = self.forward(input_tokens, positions, mask, causal=causal)
+        logits, _ = self.forward(input_tokens, positions, masks, causal=causal)
         return logits
+
+    def attention_masks(self, segment_ids: jax.Array, prefix_mask: jax.Array | None = None) -> dict[LayerKind, jax.Array]:
+        """The attention mask of each kind of layer this model has (see `attention_mask`)."""
+        return {kind: attention_mask(segment_ids, prefix_mask, kind.sliding_window) for kind in dict.fromkeys(self.kinds)}
 
     def hidden_states(
         self,
@@ -354,18 +392,20 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """(final-norm hidden states [B, L, d_model], output head [d_model, vocab]), compute dtype.
 
-        `hidden @ head` are `__call__`'s logits. The trainer takes these two instead of the logits
-        so its loss can own the head matmul's backward pass (losses.head_cross_entropy).
+        `hidden @ head` are `__call__`'s logits, except for a model that soft-caps its logits
+        (`cfg.final_softcap`, Gemma 2), which callers must then take from `__call__`. The trainer
+        takes these two instead of the logits so its loss can own the head matmul's backward pass
+        (losses.head_cross_entropy).
         """
-        mask = attention_mask(segment_ids, prefix_mask, self.cfg.sliding_window)
-        x, _ = self._features(input_tokens, positions, mask, None, None, prefix_mask is None)
+        masks = self.attention_masks(segment_ids, prefix_mask)
+        x, _ = self._features(input_tokens, positions, masks, None, None, prefix_mask is None)
         return x, self._head()
 
     def forward(
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | Mapping[LayerKind, jax.Array],
         cache: list[LayerCache] | None = None,
         cache_index: jax.Array | int | None = None,
         *,
@@ -373,11 +413,15 @@ class Transformer(nnx.Module):
     ) -> tuple[jax.Array, list[LayerCache] | None]:
         """The model with an explicit attention mask [B, 1, L, S] and optional KV cache.
 
+        `mask` is one mask for every layer, or one per `LayerKind` of the model (a mapping).
+
         `causal=True` promises that `mask` lets no query see a later key, so attention may skip
         those blocks (`causal_block_attention`).
         """
         x, new_cache = self._features(tokens, positions, mask, cache, cache_index, causal)
         logits = jnp.dot(x, self._head(), preferred_element_type=jnp.float32)
+        if self.cfg.final_softcap:  # Gemma 2: logits -> cap * tanh(logits / cap), in float32
+            logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
         return sharding.constrain(logits, ("batch", "length", "act_vocab")), new_cache
 
     def scalar_head(self, name: str, hidden: jax.Array) -> jax.Array:
@@ -403,14 +447,18 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
-        rope = rope_angles(positions, cfg) if cfg.position == "rope" else None
+        # One rope table per rope a kind of layer uses (Gemma 3: local and global bases).
+        ropes = ({local: rope_angles(positions, cfg, local) for local in dict.fromkeys(k.local_rope for k in self.kinds)}
+                 if cfg.position == "rope" else {})
+        mask_of = (lambda kind: mask[kind]) if isinstance(mask, Mapping) else (lambda kind: mask)  # noqa: E731
 
         run_block = _run_causal_block if causal else _run_block
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_cache = [] if cache is not None else None
-        for i, block in enumerate(self.layers):
-            x, layer_cache = run_block(block, x, rope, mask, None if cache is None else cache[i], cache_index)
+        for i, (block, kind) in enumerate(zip(self.layers, self.kinds)):
+            x, layer_cache = run_block(block, x, ropes.get(kind.local_rope), mask_of(kind),
+                                       None if cache is None else cache[i], cache_index)
             if new_cache is not None:
                 new_cache.append(layer_cache)
 

@@ -10,12 +10,16 @@ A checkpoint `DIR/checkpoints/<step>/` holds six items:
   frozen      {slot: fingerprint} of the train state's frozen slots (JSON): their arrays are not
               saved but rebuilt at start, and a resume checks they are the same (train/state.py)
 
+and `CHECKSUMS` (integrity.py), written when Orbax has finished the save and verified on every
+restore.
+
 Arrays are restored into `ShapeDtypeStruct`s carrying the *current* shardings, so a run can
 resume on another mesh or device count; the data iterator's per-process files are merged when
 the process count changed (`restore_data_iterator`). Orbax writes into a temporary directory and renames it
 when complete, so a crash mid-save never leaves a half checkpoint that looks finished; a
-finished one that cannot be read (disk corruption, deleted files) is moved aside to
-`DIR/checkpoints_corrupt/` with a warning, and the previous one is used.
+finished one whose checksums fail or that cannot be read (disk corruption, deleted files) is
+moved aside to `DIR/checkpoints_corrupt/` with a warning, and the previous one is used.
+A failed asynchronous save is reported at the next step boundary (`poll`), not at the next save.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -35,6 +39,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from flan_jax.train import integrity
+from flan_jax.train.exit_codes import CheckpointSaveError, NoUsableCheckpointError
 from flan_jax.train.state import TrainState
 
 # Orbax splits each replicated array among its replicas to save in parallel; every slice is a
@@ -114,6 +120,23 @@ def check_worker_count(state: Mapping[str, Any], data_iter: Any, path: Any) -> N
         )
 
 
+def _no_usable_checkpoint_message(directory: epath.Path, failed: list[tuple[int, Exception]]) -> str:
+    """Why each checkpoint failed, and what that points at: corruption, or this run's environment."""
+    corrupt = [step for step, error in failed if isinstance(error, integrity.ChecksumMismatchError)]
+    reasons = "\n".join(f"  step {step}: {type(error).__name__}: {str(error)[:300]}" for step, error in failed)
+    if len(corrupt) == len(failed):
+        cause = ("Every one fails its checksums: the files changed after they were saved (disk or copy errors). "
+                 "Nothing was moved. Restore the checkpoints from a backup, or move the folder aside to start over.")
+    elif corrupt:
+        cause = ("Some fail their checksums (corrupt); the others verify but cannot be restored here. Nothing was moved.")
+    else:
+        cause = ("Their checksums verify (or they predate checksums), so the files are as saved: the cause is this "
+                 "run, whose config (model shape, optimizer) or environment (number of processes, grain workers, a "
+                 "code change that renamed parameters) differs from the run that wrote them. Nothing was moved. "
+                 "Use the config and environment they were written with, or another --workdir.")
+    return f"No checkpoint in {directory} can be used:\n{reasons}\n{cause}"
+
+
 class Checkpointer:
     """A `CheckpointManager` keeping the last `keep` checkpoints (and the best by a metric)."""
 
@@ -139,6 +162,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._unfinished: list[int] = []  # saved steps whose completion (and checksums) is not yet seen
 
     def save(
         self,
@@ -151,6 +175,7 @@ class Checkpointer:
         frozen_fingerprints: Mapping[str, str] | None = None,
     ) -> None:
         """Starts an (async) save of everything needed to continue the run exactly."""
+        self._finish_saves()  # Orbax waits for the previous save anyway; its checksums go first
         if step in self.manager.all_steps():
             return
         args = ocp.args.Composite(
@@ -162,16 +187,69 @@ class Checkpointer:
             frozen=ocp.args.JsonSave(dict(frozen_fingerprints or {})),
         )
         self.manager.save(step, args=args, metrics=dict(metrics) if metrics else None, force=True)
+        self._unfinished.append(step)
+        if not self.manager.is_saving_in_progress():  # a synchronous save: finished already
+            self._finish_saves()
 
-    def restore_latest(self, abstract_state: TrainState, data_iter: Any) -> TrainState | None:
-        """The newest readable checkpoint restored into `abstract_state`'s shardings, or None.
+    def poll(self) -> None:
+        """At a step boundary: completes a finished asynchronous save (checksums), or reports its failure.
 
-        Newer checkpoints that fail while an older one restores are corrupt: they are moved aside.
-        If every checkpoint fails the cause is almost surely this run's config (another model
-        shape, another process count), so nothing is moved and the first error is raised.
+        Cheap when nothing finished (one flag read), so the loop calls it every step.
+        """
+        if self._unfinished and not self.manager.is_saving_in_progress():
+            self._finish_saves()
+
+    def _finish_saves(self) -> None:
+        """Waits for the save in flight, raises CheckpointSaveError if it failed, writes its checksums."""
+        if not self._unfinished:
+            return
+        steps, self._unfinished = self._unfinished, []
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 (reported with its cause)
+            raise CheckpointSaveError(
+                f"Saving checkpoint step {steps[-1]} to {self.directory} failed: {type(error).__name__}: {str(error)[:1000]}"
+            ) from error
+        for step in steps:
+            directory = self.directory / str(step)
+            if not directory.exists():
+                raise CheckpointSaveError(
+                    f"Checkpoint step {step} was not finalized in {self.directory} (Orbax logged the cause above); "
+                    "the previous checkpoint is the latest complete one"
+                )
+            if jax.process_index() == 0:
+                integrity.write_manifest(directory)
+
+    def restore_latest(
+        self,
+        abstract_state: TrainState,
+        data_iter: Any,
+        check_config: Callable[[dict, str], None] | None = None,
+    ) -> TrainState | None:
+        """The newest usable checkpoint restored into `abstract_state`'s shardings, or None if there is none.
+
+        Each candidate, newest first: checksums verified, then its saved config handed to
+        `check_config(saved_config, name)` (which raises to refuse the resume; that stops the
+        search: it is this run's config, not the checkpoint, that is wrong), then restored.
+        Candidates that fail their checksums or cannot be read are moved aside once an older one
+        restores. When none restores nothing is moved and NoUsableCheckpointError says, per
+        checkpoint, why.
         """
         failed: list[tuple[int, Exception]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
+            directory = self.directory / str(step)
+            try:
+                if integrity.verify(directory) == "unverified":
+                    logging.warning("Checkpoint %s has no %s (an older flan_jax, or a crash right after its save): "
+                                    "restoring it unverified", directory, integrity.MANIFEST)
+                saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            except Exception as error:  # noqa: BLE001 (judged below, once an older one is tried)
+                logging.warning("Checkpoint %s cannot be used: %s: %s", directory, type(error).__name__, str(error)[:500])
+                failed.append((step, error))
+                continue
+            if check_config is not None:
+                check_config(saved_config, f"checkpoint {directory}")
             try:
                 restored = self.manager.restore(
                     step,
@@ -181,23 +259,29 @@ class Checkpointer:
                         train_meta=ocp.args.StandardRestore(abstract_state.meta()),
                     ),
                 )
-                restore_data_iterator(self.directory / str(step) / "data_iter", data_iter)
-            except Exception as error:  # noqa: BLE001 (judged below, once an older one is tried)
-                logging.warning("Checkpoint %s cannot be restored: %s: %s", self.directory / str(step), type(error).__name__, str(error)[:500])
+                restore_data_iterator(directory / "data_iter", data_iter)
+            except Exception as error:  # noqa: BLE001
+                logging.warning("Checkpoint %s cannot be restored: %s: %s", directory, type(error).__name__, str(error)[:500])
                 failed.append((step, error))
                 continue
             for bad_step, error in failed:
                 self._set_aside(bad_step, error)
             state = TrainState(params=restored["params"], opt_state=restored["opt_state"], **restored["train_meta"])
-            logging.info("Resumed from checkpoint %s", self.directory / str(step))
+            logging.info("Resumed from checkpoint %s", directory)
             return state
         if failed:
-            step, error = failed[0]
-            raise RuntimeError(
-                f"No checkpoint in {self.directory} can be restored into this run (newest: step {step}). "
-                "Does the config (model shape, optimizer, number of processes) differ from the run that "
-                "wrote them? Use another --workdir for a different run."
-            ) from error
+            raise NoUsableCheckpointError(_no_usable_checkpoint_message(self.directory, failed)) from failed[0][1]
+        return None
+
+    def last_verified_step(self) -> int | None:
+        """The newest checkpoint whose checksums verify (what a stop message may call "good")."""
+        self._finish_saves()
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                if integrity.verify(self.directory / str(step)) == "verified":
+                    return step
+            except integrity.ChecksumMismatchError as error:
+                logging.error("%s", error)
         return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
@@ -223,43 +307,51 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def wait(self) -> None:
+        self._finish_saves()
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._finish_saves()
+        finally:
+            self.manager.close()
 
 
 def load_model(workdir: str | os.PathLike, step: int | None = None):
     """(model, config, step) from a run's checkpoint: params only, on the first local device.
 
     For evaluation, notebooks and conversion. `step=None` takes the newest readable checkpoint.
+    A run that trained only some parameters (LoRA adapters, config.trainable) saved only those:
+    its frozen base is rebuilt from `checkpoint.init_from` (or the seed) and must have the
+    fingerprint the checkpoint recorded. The model keeps its adapters unmerged.
     """
-    from flax import nnx
+    from flan_jax.train import loop, objectives, partitioning
 
-    from flan_jax.model import registry
-    from flan_jax.train import objectives, partitioning, state as state_lib
-
-    manager = ocp.CheckpointManager(
-        epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True, create=False)
-    )
-    steps = [step] if step is not None else sorted(manager.all_steps(), reverse=True)
+    directory = epath.Path(workdir) / "checkpoints"
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    available = sorted(manager.all_steps())
+    if step is not None and step not in available:
+        raise FileNotFoundError(
+            f"There is no checkpoint of step {step} in {directory}: it was never saved, or retention removed it "
+            f"(checkpoint.keep); the checkpoints there are steps {available or 'none'}"
+        )
+    steps = [step] if step is not None else available[::-1]
     if not steps:
-        raise FileNotFoundError(f"No checkpoint in {epath.Path(workdir) / 'checkpoints'}")
+        raise FileNotFoundError(f"No checkpoint in {directory}")
     errors = []
     for candidate in steps:
         try:
+            if integrity.verify(directory / str(candidate)) == "unverified":
+                logging.warning("Checkpoint %s has no checksums: loading it unverified", directory / str(candidate))
             config = config_from_dict(manager.restore(candidate, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
             mesh = jax.make_mesh((1, 1, 1), partitioning.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=jax.local_devices()[:1])
-            cfg = registry.config_from(config.model)
             heads = objectives.get_objective(config).model_heads if "objective" in config else ()
-            parts = state_lib.ModelParts(
-                lambda: registry.build_model(cfg, rngs=nnx.Rngs(0), heads=heads), mesh, partitioning.axis_rules(config.mesh)
-            )
+            cfg, parts = loop.build_model(config, mesh, partitioning.axis_rules(config.mesh), heads=heads)
             abstract = jax.tree.map(
-                lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.abstract_params, parts.param_shardings
+                lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.trained_abstract, parts.trained_shardings
             )
             params = manager.restore(candidate, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+            base = _rebuilt_base(manager, candidate, config, parts, mesh, cfg, workdir) if parts.has_base else None
         except Exception as error:  # noqa: BLE001
             if step is not None:
                 raise
@@ -267,5 +359,24 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
             errors.append(error)
             continue
         manager.close()
-        return parts.merge(params), config, int(candidate)
+        return parts.merge(params, base), config, int(candidate)
     raise RuntimeError(f"No readable checkpoint in {workdir}: {errors}")
+
+
+def _rebuilt_base(manager, step: int, config, parts, mesh, model_cfg, workdir) -> Any:
+    """The frozen base of a run that trained a subset, rebuilt and checked against the checkpoint."""
+    from flan_jax.train import loop, state as state_lib
+
+    base = parts.base_part(loop.initial_params(config, parts, mesh, model_cfg))
+    saved = {}
+    if "frozen" in manager.item_metadata(step):
+        saved = manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore()))["frozen"]
+    now = state_lib.fingerprint(base)
+    if saved.get(state_lib.BASE) != now:
+        source = config.checkpoint.get("init_from") or f"the seed ({config.seed})"
+        raise ValueError(
+            f"{workdir}: checkpoint {step} holds only the trained parameters; its frozen base is rebuilt from "
+            f"{source}, but that is not the base it was trained on (fingerprint {saved.get(state_lib.BASE)}, now {now}). "
+            "Restore the original checkpoint.init_from."
+        )
+    return base

@@ -2,16 +2,21 @@
 
 Read top to bottom; the pieces it wires live beside it (partitioning, optimizer, losses, step,
 checkpointing, metrics). Hooks run at step boundaries in this order: log, evaluate, checkpoint,
-preemption. A restart with the same workdir resumes from the newest readable checkpoint and
+preemption. A restart with the same workdir resumes from the newest usable checkpoint and
 continues bit for bit (same batches, same RNG, same compiled step).
+
+Run safety, in the order it happens: the SIGTERM handler is installed first (a preemption during
+start-up is honoured too), the workdir is locked (workdir_lock.py), the checkpoint's checksums
+and config are checked before it is restored (integrity.py, config_change.py), and only then is
+DIR/config.json written (atomically). Failures raise the RunErrors of exit_codes.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -21,8 +26,10 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
+from flan_jax import atomic_write
 from flan_jax.train import (
     checkpointing,
+    config_change,
     metrics as metrics_lib,
     objectives,
     optimizer,
@@ -30,22 +37,59 @@ from flan_jax.train import (
     state as state_lib,
     step as step_lib,
 )
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or gradients became NaN/inf and `config.train.on_nonfinite` is "stop"."""
+from flan_jax.train.exit_codes import ConfigMismatchError, NonFiniteError, WorkdirLockedError  # noqa: F401  (NonFiniteError: re-exported)
+from flan_jax.train.nonfinite import NonfiniteGuard
+from flan_jax.train.preemption import PreemptionWatcher
+from flan_jax.train.workdir_lock import WorkdirLock
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
-    """Trains (or resumes) the run in `workdir`; returns the last logged metrics."""
-    check_config(config)
-    maybe_initialize_distributed(config.distributed)
-    workdir = epath.Path(workdir)
-    is_main = jax.process_index() == 0
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
+    """Trains (or resumes) the run in `workdir`; returns the last logged metrics.
 
+    Ends with a `RunError` (exit_codes.py) when the run cannot go on: non-finite loss, no usable
+    checkpoint, a refused config change, a locked workdir, a failed save.
+    """
+    preemption = PreemptionWatcher()  # before anything slow: SIGTERM during start-up is honoured
+    try:
+        check_config(config)
+        if maybe_initialize_distributed(config.distributed):
+            preemption.reinstall()  # jax.distributed installs a SIGTERM handler of its own: take it back
+        workdir = epath.Path(workdir)
+        with lock_workdir(workdir):
+            return _train(config, workdir, preemption)
+    finally:
+        preemption.close()
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: epath.Path):
+    """Process 0 holds the workdir lock for the run; every process stops if it is taken."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if not multihost_utils.broadcast_one_to_all(np.int32(error is None)) and error is None:
+            error = WorkdirLockedError(f"Process 0 found the workdir {workdir} locked by another trainer (see its log)")
+    if error is not None:
+        raise error
+    try:
+        if lock is not None:
+            atomic_write.remove_stale_temporaries(workdir)
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: PreemptionWatcher) -> dict[str, Any]:
+    is_main = jax.process_index() == 0
     mesh = partitioning.make_mesh(config.mesh)
     rules = partitioning.axis_rules(config.mesh)
     logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size, jax.process_count())
@@ -64,25 +108,38 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     shardings = state_lib.state_shardings(parts, tx, mesh, objective.frozen_slots)
 
     checkpoints = checkpointing.Checkpointer(workdir, config.checkpoint)
-    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter)
+    config_changes: dict[str, list] = {}
+
+    def check_resume(saved_config: dict, name: str) -> None:
+        config_changes.update(config_change.check_resume(
+            saved_config, checkpointing.config_to_dict(config), _default_config_dict(),
+            allow=bool(config.train.get("allow_config_change", False)), checkpoint=name,
+        ))
+
+    state = checkpoints.restore_latest(state_lib.abstract_state(parts, tx, shardings, config.seed), data_iter, check_resume)
     resumed = state is not None
+    initial = None
     if state is None:
         state = state_lib.init_state(parts, tx, shardings, config.seed, mesh)
-        if config.checkpoint.init_from:
-            state = state.replace(params=load_init_params(config.checkpoint.init_from, parts, model_cfg))
-    state, frozen_fingerprints = attach_frozen_slots(state, objective, parts, mesh, config, model_cfg, resumed=resumed)
+        if config.checkpoint.init_from or config.lora.get("init_from"):
+            initial = initial_params(config, parts, mesh, model_cfg)
+            state = state.replace(params=parts.trained_part(initial))
+    state, frozen_fingerprints = attach_frozen_slots(
+        state, objective, parts, mesh, config, model_cfg, resumed=resumed, initial=initial
+    )
+    del initial
     if resumed:
         check_frozen_fingerprints(checkpoints, int(state.step), frozen_fingerprints)
+    if parts.has_base:
+        logging.info("Trainable-parameter filter: %s", parts.selection.summary(parts.abstract_params))
     start_step = int(state.step)
+    if is_main:  # only now: a restart refused above leaves the run's config.json as it was
+        atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
-    n_matmul = metrics_lib.matmul_param_count(parts.abstract_params, parts.logical_axes, tied_embeddings=model_cfg.tie_embeddings)
-    if hasattr(model_cfg, "flops_per_token"):  # a family's own count (T5: encoder and decoder positions)
-        flops_per_token = model_cfg.flops_per_token(n_matmul, config.data)
-    else:
-        flops_per_token = metrics_lib.flops_per_token(model_cfg, n_matmul, config.data.seq_len)
+    flops_per_token = training_flops_per_token(parts, model_cfg, config.data)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
-    preemption = PreemptionWatcher()
+    guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
     def evaluate(step: int) -> dict | None:
@@ -92,6 +149,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     eval_results = None
     try:
         with jax.set_mesh(mesh):
+            if preemption.requested_before_start(start_step):
+                return logged
             if start_step == 0 and config.eval.at_start:
                 evaluate(0)
             for step in range(start_step + 1, num_steps + 1):
@@ -99,14 +158,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                 if step == start_step + 1:
                     step_lib.check_batch(batch, config, mesh, objective)
                 state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
+                guard.record(step_metrics)
+                checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
                 if step == start_step + 1:  # throughput excludes the compiling first step
                     reporter.restart_timer(step, step_metrics)
 
                 last = step == num_steps
                 if step % config.train.log_every == 0 or last:
                     values = jax.device_get(step_metrics)
-                    stop_if_nonfinite(values, config, checkpoints)
-                    logged = reporter.log(step, values, extra=data_counts(data_iter))
+                    guard.check(checkpoints)
+                    extra = data_counts(data_iter)
+                    if config_changes and not logged:  # the first record after a resume that changed the config
+                        extra["config_changes"] = config_changes
+                    logged = reporter.log(step, values, extra=extra)
 
                 eval_due = bool(config.eval.mixtures) and (
                     (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
@@ -115,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     eval_results = evaluate(step)
                 ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
                 if ckpt_due:
-                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    guard.check(checkpoints)
                     checkpoints.save(
                         step, state, data_iter, config,
                         metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=frozen_fingerprints,
@@ -124,14 +188,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
                     reporter.restart_timer(step, state.step)
                 if preemption.requested(step, config.train.log_every):
                     logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-                    stop_if_nonfinite(jax.device_get(step_metrics), config, checkpoints)
+                    guard.check(checkpoints)
                     checkpoints.save(step, state, data_iter, config, frozen_fingerprints=frozen_fingerprints)
                     break
     finally:
-        preemption.close()
-        checkpoints.close()  # waits for pending async saves
-        reporter.close()
+        try:
+            checkpoints.close()  # waits for pending async saves (and writes their checksums)
+        finally:
+            reporter.close()
     return logged
+
+
+def _default_config_dict() -> dict:
+    from flan_jax import default_config
+
+    return checkpointing.config_to_dict(default_config.get_config())
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -180,38 +251,90 @@ def build_data(config: ml_collections.ConfigDict, workdir: epath.Path):
 
 
 def build_model(config: ml_collections.ConfigDict, mesh, rules, heads: tuple[str, ...] = ()):
-    """(model config, ModelParts) of `config.model`, through the family registry."""
-    from flan_jax.model import registry
+    """(model config, ModelParts) of `config.model`, through the family registry.
+
+    `config.lora` adds adapters; `config.trainable` (train/trainable.py) says which parameters
+    the optimizer trains (default: all, or with LoRA the adapters).
+    """
+    from flan_jax.model import lora, registry
+    from flan_jax.train import trainable
 
     model_cfg = registry.config_from(config.model)
+    lora_cfg = lora.LoRAConfig.from_config(config.get("lora"))
+    spec = trainable.spec_from_config(config)
     parts = state_lib.ModelParts(
-        lambda: registry.build_model(model_cfg, rngs=nnx.Rngs(config.seed), heads=heads), mesh, rules
+        lambda: registry.build_model(model_cfg, rngs=nnx.Rngs(config.seed), heads=heads, lora=lora_cfg),
+        mesh,
+        rules,
+        trainable=None if spec.trains_everything else spec,
     )
     return model_cfg, parts
 
 
 def initial_params(config, parts: state_lib.ModelParts, mesh, model_cfg) -> dict:
-    """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation."""
+    """The parameters step 0 starts from: `checkpoint.init_from`'s, or the seed's initialisation.
+
+    LoRA adapters (absent from a converted base) start from the seed, or from the PEFT adapter of
+    `config.lora.init_from`. Frozen parameters come in the dtype they are held in.
+    """
     if config.checkpoint.init_from:
-        return load_init_params(config.checkpoint.init_from, parts, model_cfg)
-    return state_lib.init_params(parts, mesh)
+        params = load_init_params(config.checkpoint.init_from, parts, model_cfg, mesh=mesh)
+    else:
+        params = state_lib.init_params(parts, mesh)
+    if config.get("lora") is not None and config.lora.get("init_from"):
+        from flan_jax.convert import peft
+
+        params = peft.load_into(config.lora.init_from, params, parts, model_cfg, config)
+    return params
 
 
 def attach_frozen_slots(
-    state: state_lib.TrainState, objective, parts, mesh, config, model_cfg, *, resumed: bool
+    state: state_lib.TrainState, objective, parts, mesh, config, model_cfg, *, resumed: bool, initial: dict | None = None
 ) -> tuple[state_lib.TrainState, dict[str, str]]:
-    """Fills the frozen slots the objective reads; returns the state and their fingerprints.
+    """Fills the frozen slots of the run; returns the state and their fingerprints.
 
-    "reference" is the initial policy: on a fresh run a copy of the step-0 parameters, on a resume
-    rebuilt from the same source (init_from or seed) so it is never stored in the run's checkpoints.
+    "base" holds the parameters the trainable filter leaves out, "reference" (for objectives that
+    ask for it) a copy of the initial trained parameters: with LoRA that is the base with the
+    initial adapters (B = 0: the adapters switched off), so the reference shares the base and the
+    run holds one copy of the weights. On a fresh run the reference copies the step-0 parameters;
+    on a resume both are rebuilt from the same source (`initial`, or init_from / the seed), so
+    neither is ever stored in the run's checkpoints.
     """
-    frozen = {}
-    for slot in objective.frozen_slots:
+    slots = tuple(objective.frozen_slots)
+    for slot in slots:
         if slot != "reference":
             raise ValueError(f"Objective {objective.name!r} asks for frozen slot {slot!r}; the trainer builds 'reference' only")
-        frozen[slot] = initial_params(config, parts, mesh, model_cfg) if resumed else state_lib.copy_params(state.params)
+    frozen, base = {}, None
+    if initial is None and (parts.has_base or (resumed and slots)):
+        from_seed = not config.checkpoint.init_from and not config.lora.get("init_from")
+        if from_seed and not (resumed and slots):
+            base = state_lib.init_base(parts, mesh)  # only the base is initialised
+        else:
+            initial = initial_params(config, parts, mesh, model_cfg)
+    for slot in slots:
+        frozen[slot] = parts.trained_part(initial) if resumed else state_lib.copy_params(state.params)
+    if parts.has_base:
+        frozen[state_lib.BASE] = base if base is not None else parts.base_part(initial)
     fingerprints = {slot: state_lib.fingerprint(params) for slot, params in frozen.items()}
     return state.replace(frozen=frozen), fingerprints
+
+
+def training_flops_per_token(parts: state_lib.ModelParts, model_cfg, data_config) -> float:
+    """The MFU numerator: frozen weights cost no weight gradient (4 FLOPs per token, not 6).
+
+    A family's config may count its own (`flops_per_token(n_matmul, config.data, n_frozen_matmul)`:
+    T5's counts encoder and decoder positions); else the decoder's formula (train/metrics.py)."""
+    tied = model_cfg.tie_embeddings
+    axes_of = lambda tree: parts.selection.trained_part(tree) if parts.has_base else tree  # noqa: E731
+    trained = metrics_lib.matmul_param_count(parts.trained_abstract, axes_of(parts.logical_axes), tied_embeddings=tied)
+    frozen = 0
+    if parts.has_base:
+        frozen = metrics_lib.matmul_param_count(
+            parts.base_abstract, parts.selection.frozen_part(parts.logical_axes), tied_embeddings=tied
+        )
+    if hasattr(model_cfg, "flops_per_token"):
+        return model_cfg.flops_per_token(trained, data_config, n_frozen_matmul=frozen)
+    return metrics_lib.flops_per_token(model_cfg, trained, data_config.seq_len, n_frozen_matmul=frozen)
 
 
 def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int, fingerprints: dict[str, str]) -> None:
@@ -219,17 +342,19 @@ def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int
     saved = checkpoints.frozen_fingerprints(step)
     differing = sorted(slot for slot in set(saved) | set(fingerprints) if saved.get(slot) != fingerprints.get(slot))
     if differing:
-        raise ValueError(
+        raise ConfigMismatchError(
             f"Checkpoint step {step} in {checkpoints.directory} was trained against other frozen parameters "
             f"(slots {differing}: saved {[saved.get(s) for s in differing]}, now {[fingerprints.get(s) for s in differing]}). "
             "Did checkpoint.init_from or the seed change? Resume with the original ones or use another --workdir."
         )
 
 
-def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
+def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=None) -> dict:
     """Converted weights (`flan_jax.convert.load_converted`) placed into this run's shardings.
 
-    Params only: the optimizer state, step and data position start fresh.
+    Params only: the optimizer state, step and data position start fresh. LoRA adapters, which a
+    converted base lacks, start from the seed's initialisation (needs `mesh`); frozen parameters
+    are placed directly in the dtype they are held in (config.trainable.frozen_dtype).
     """
     from flan_jax import convert
 
@@ -245,6 +370,9 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
             f"(field: (converted, config)): {differing}"
         )
     loaded = nnx.to_pure_dict(params)
+    from flan_jax.train import trainable
+
+    adapters = trainable.adapter_paths(parts.abstract_params)  # a converted base has none
 
     def place(path_, value, abstract, sharding):
         if tuple(np.shape(value)) != tuple(abstract.shape):
@@ -255,7 +383,18 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg) -> dict:
         return jax.device_put(np.asarray(value, abstract.dtype), sharding)
 
     logging.info("Initialising parameters from %s", path)
-    return jax.tree_util.tree_map_with_path(place, loaded, parts.abstract_params, parts.param_shardings)
+    held = parts.selection.held(parts.abstract_params) if parts.has_base else parts.abstract_params
+    placed = jax.tree_util.tree_map_with_path(
+        place, loaded, trainable.without(held, adapters), trainable.without(parts.param_shardings, adapters)
+    )
+    if adapters:
+        if mesh is None:
+            raise ValueError("load_init_params: LoRA adapters start from the seed and need the mesh")
+        with jax.set_mesh(mesh):
+            fresh = jax.jit(lambda: trainable.only(parts.init_params(), adapters),
+                            out_shardings=trainable.only(parts.param_shardings, adapters))()
+        placed = trainable.join(placed, fresh)
+    return placed
 
 
 def data_counts(data_iter) -> dict[str, int]:
@@ -307,63 +446,15 @@ def best_metric(eval_results: dict | None, config, eval_ran_now: bool) -> dict |
     return {name: float(summary[name])}
 
 
-def stop_if_nonfinite(values: dict, config, checkpoints: checkpointing.Checkpointer) -> None:
-    """In "stop" mode, ends the run at the first non-finite step (no checkpoint is written after it)."""
-    bad_step = int(values["first_nonfinite_step"])
-    if config.train.on_nonfinite != "stop" or bad_step < 0:
-        return
-    checkpoints.wait()
-    raise NonFiniteError(
-        f"Non-finite loss or gradients at step {bad_step}; stopping (config.train.on_nonfinite='stop'). "
-        f"The last good checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; "
-        "set on_nonfinite='skip' to skip such updates instead."
-    )
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM into a request to checkpoint and exit cleanly at the next step boundary.
-
-    With several processes the flag is agreed on at log steps (an all-gather), so every process
-    saves at the same step.
-    """
-
-    def __init__(self):
-        self._flag = False
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a notebook worker)
-            logging.warning("SIGTERM handler not installed (not on the main thread)")
-
-    def close(self) -> None:
-        """Restores the previous handler (train() may run inside a longer-lived process)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _handle(self, signum, frame) -> None:
-        del signum, frame
-        self._flag = True
-
-    def requested(self, step: int, every: int) -> bool:
-        if jax.process_count() == 1:
-            return self._flag
-        if step % every:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
-
-
-def maybe_initialize_distributed(dist_config: Any) -> None:
+def maybe_initialize_distributed(dist_config: Any) -> bool:
     """`jax.distributed.initialize` from config.distributed, or from JAX_COORDINATOR_ADDRESS & co.
 
     Must run before anything touches a jax backend. On CPU the cross-process collectives go
-    through gloo.
+    through gloo. Returns whether it initialised it now.
     """
     from_env = bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
     if not (dist_config.initialize or from_env) or jax.distributed.is_initialized():
-        return
+        return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs: dict[str, Any] = {}
     address = dist_config.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
@@ -377,3 +468,4 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
         kwargs["process_id"] = process_id
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+    return True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -34,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+
+from flan_jax import atomic_write
 
 # Dense bf16 peak FLOP/s per chip for common accelerators (vendor numbers, no sparsity).
 _PEAK_FLOPS = {
@@ -69,11 +72,14 @@ def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddin
     return total
 
 
-def flops_per_token(model_config: Any, n_matmul: int, seq_len: int) -> float:
+def flops_per_token(model_config: Any, n_matmul: int, seq_len: int, n_frozen_matmul: int = 0) -> float:
     """The decoder's formula above; a family's config may define its own
-    `flops_per_token(n_matmul, config.data)` (T5's counts encoder and decoder positions)."""
+    `flops_per_token(n_matmul, config.data, n_frozen_matmul)` (T5's counts encoder and decoder positions).
+
+    `n_frozen_matmul`: matmul weights the run does not train (LoRA's base): no weight gradient,
+    so 2 FLOPs forward + 2 for the input gradient."""
     attention = 12 * model_config.n_layers * model_config.n_heads * model_config.head_dim * seq_len
-    return float(6 * n_matmul + attention)
+    return float(6 * n_matmul + 4 * n_frozen_matmul + attention)
 
 
 def positions_per_row(config: Any) -> int:
@@ -119,7 +125,11 @@ def peak_flops(configured_per_device: float, compute_dtype: str = "float32") -> 
 
 
 def truncate_jsonl(path: epath.Path, last_step: int) -> None:
-    """Drops entries logged after `last_step` (a run resumed from it will log them again)."""
+    """Drops entries logged after `last_step` (a run resumed from it will log them again).
+
+    The file is replaced atomically (atomic_write): a kill during the rewrite of a long history
+    leaves the old file, never a truncated one.
+    """
     if not path.exists():
         return
     kept = []
@@ -132,7 +142,7 @@ def truncate_jsonl(path: epath.Path, last_step: int) -> None:
         except (json.JSONDecodeError, KeyError):
             # A line cut by a crash mid-write: it is past every complete entry, so it goes.
             logging.warning("Dropping an unreadable metrics.jsonl line: %r", line[:200])
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsWriter:
@@ -151,7 +161,8 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in values.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON: a NaN/inf is written as null (skipped_steps counts the step in "skip" mode).
+        self._file.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
         self._file.flush()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
@@ -182,6 +193,17 @@ def _summary_writer_class():
     return SummaryWriter
 
 
+def _finite_or_null(value: Any) -> Any:
+    """`value` with every NaN/inf float replaced by None, in nested dicts and lists too."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def _plain(value: Any) -> Any:
     """Python scalars (json.dumps writes floats with full precision: the shortest exact repr)."""
     if isinstance(value, (np.ndarray, np.generic, jax.Array)):
@@ -200,6 +222,8 @@ class Progress:
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self._last = initial
+        self._total = total
+        self._clock: tuple[int, float] | None = None  # (step, time) of the first update: the ETA's origin
 
     def update(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -214,11 +238,17 @@ class Progress:
             shown["mfu"] = f"{100 * values['mfu']:.1f}%"
         if values.get("skipped_steps"):
             shown["skipped"] = str(values["skipped_steps"])
-        if self._bar is not None:
+        if self._bar is not None:  # tqdm shows its own ETA
             self._bar.update(step - self._last)
             self._bar.set_postfix(shown, refresh=True)
         else:
-            logging.info("step %d: %s", step, ", ".join(f"{k}={v}" for k, v in shown.items()))
+            now = time.perf_counter()
+            if self._clock is None:
+                self._clock = (step, now)  # from here on: the first step's compilation is behind
+            elif step > self._clock[0]:
+                seconds = (now - self._clock[1]) / (step - self._clock[0]) * (self._total - step)
+                shown["eta"] = f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}:{int(seconds % 60):02d}"
+            logging.info("step %d/%d: %s", step, self._total, ", ".join(f"{k}={v}" for k, v in shown.items()))
         self._last = step
 
     def close(self) -> None:

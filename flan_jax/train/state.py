@@ -36,6 +36,7 @@ from flan_jax.train import partitioning
 
 # The scalar bookkeeping of a run, saved together as one checkpoint item.
 META_FIELDS = ("step", "rng", "nonfinite_steps", "first_nonfinite_step")
+BASE = "base"  # the frozen slot of the parameters a trainable filter leaves out (train/trainable.py)
 
 
 @flax.struct.dataclass
@@ -57,9 +58,14 @@ class ModelParts:
     """A model split into its NNX graph, parameter layout and non-parameter state.
 
     Built abstractly (no parameter memory) so shardings are known before anything is allocated.
+    `trainable` (train/trainable.py) says which parameters the optimizer trains: `trained_*` are
+    those, `base_*` the frozen rest (the "base" slot; empty when everything is trained), in the
+    dtype it is held in.
     """
 
-    def __init__(self, model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: sharding.AxisRules):
+    def __init__(
+        self, model_fn: Callable[[], nnx.Module], mesh: Mesh, rules: sharding.AxisRules, trainable: Any = None
+    ):
         self.model_fn = model_fn
         with jax.set_mesh(mesh):
             abstract = nnx.eval_shape(model_fn)
@@ -67,10 +73,26 @@ class ModelParts:
         self.logical_axes = partitioning.param_logical_axes(abstract_params)
         self.abstract_params = nnx.to_pure_dict(abstract_params)
         self.param_shardings = partitioning.param_shardings(self.abstract_params, self.logical_axes, mesh, rules)
+        self.selection = None if trainable is None else trainable.select(self.abstract_params, self.logical_axes)
+        if self.selection is None or self.selection.everything:
+            self.selection = None
+            self.trained_abstract, self.trained_shardings = self.abstract_params, self.param_shardings
+            self.base_abstract, self.base_shardings = {}, {}
+        else:
+            held = self.selection.held(self.abstract_params)
+            self.trained_abstract = self.selection.trained_part(self.abstract_params)
+            self.trained_shardings = self.selection.trained_part(self.param_shardings)
+            self.base_abstract = self.selection.frozen_part(held)
+            self.base_shardings = self.selection.frozen_part(self.param_shardings)
         # Non-Param state (e.g. constant buffers): treated as constants of the step. Only it
         # is returned, so XLA drops the parameter initialisation from this computation.
         with jax.set_mesh(mesh):
             self.rest = jax.jit(lambda: nnx.split(model_fn(), nnx.Param, ...)[2])()
+
+    @property
+    def has_base(self) -> bool:
+        """Whether a trainable filter leaves parameters frozen (held in the "base" slot)."""
+        return self.selection is not None
 
     def merge(self, params: Any, *more_params: Any) -> nnx.Module:
         """The module with `params` (and further disjoint parameter subsets, e.g. a frozen base)."""
@@ -80,21 +102,37 @@ class ModelParts:
         """Freshly initialised parameters (pure dict), for use inside a jitted function."""
         return nnx.to_pure_dict(nnx.split(self.model_fn(), nnx.Param, ...)[1])
 
+    def trained_part(self, params: Any) -> Any:
+        """The trained subset of a full parameter tree (the tree itself when everything trains)."""
+        return params if self.selection is None else self.selection.trained_part(params)
+
+    def base_part(self, params: Any) -> dict:
+        """The frozen subset of a full parameter tree, cast to the dtype it is held in ({} if none)."""
+        if self.selection is None:
+            return {}
+        frozen = self.selection.frozen_part(params)
+        return jax.tree.map(lambda x, a: x.astype(a.dtype) if x.dtype != a.dtype else x, frozen, self.base_abstract)
+
 
 def state_shardings(
     parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh, frozen_slots: tuple[str, ...] = ()
 ) -> TrainState:
     """A TrainState of NamedShardings: parameters by their logical axes, optimizer moments like
-    their parameter, scalars replicated; every frozen slot like the parameters."""
+    their parameter, scalars replicated; the objective's frozen slots (a reference copy of the
+    trained parameters) like the trained parameters, and when a trainable filter leaves
+    parameters frozen, the "base" slot like them."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return TrainState(
-        params=parts.param_shardings,
-        opt_state=partitioning.opt_state_shardings(tx, parts.abstract_params, parts.param_shardings, mesh),
+        params=parts.trained_shardings,
+        opt_state=partitioning.opt_state_shardings(tx, parts.trained_abstract, parts.trained_shardings, mesh),
         step=replicated,
         rng=replicated,
         nonfinite_steps=replicated,
         first_nonfinite_step=replicated,
-        frozen={name: parts.param_shardings for name in frozen_slots},
+        frozen={
+            **{name: parts.trained_shardings for name in frozen_slots},
+            **({BASE: parts.base_shardings} if parts.has_base else {}),
+        },
     )
 
 
@@ -120,7 +158,7 @@ def init_state(
     """
     shardings = shardings.replace(frozen={})
     with jax.set_mesh(mesh):
-        return jax.jit(lambda: fresh_state(parts.init_params(), tx, seed), out_shardings=shardings)()
+        return jax.jit(lambda: fresh_state(parts.trained_part(parts.init_params()), tx, seed), out_shardings=shardings)()
 
 
 def init_params(parts: ModelParts, mesh: Mesh) -> dict:
@@ -129,9 +167,16 @@ def init_params(parts: ModelParts, mesh: Mesh) -> dict:
         return jax.jit(parts.init_params, out_shardings=parts.param_shardings)()
 
 
+def init_base(parts: ModelParts, mesh: Mesh) -> dict:
+    """The seed's initial frozen parameters only, in their held dtype and shardings (XLA drops
+    the initialisation of the rest)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda: parts.base_part(parts.init_params()), out_shardings=parts.base_shardings)()
+
+
 def abstract_state(parts: ModelParts, tx: optax.GradientTransformation, shardings: TrainState, seed: int) -> TrainState:
     """ShapeDtypeStructs carrying the target shardings: what Orbax restores into (no frozen slots)."""
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), parts.abstract_params)  # noqa: E731
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), parts.trained_abstract)  # noqa: E731
     shapes = jax.eval_shape(lambda: fresh_state(zeros(), tx, seed))
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings.replace(frozen={})

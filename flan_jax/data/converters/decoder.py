@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flan_jax.data import features, packing
+from flan_jax.data import chat_features, features, packing
 from flan_jax.data.converters.base import Converter
 from flan_jax.data.tokenizer import Tokenizer
 
@@ -58,8 +58,14 @@ class DecoderConverter(Converter):
 
     # ------------------------------------------------------------------ evaluation
     def prompt_from_ids(self, tokenizer: Tokenizer, ids: Sequence[int]) -> list[int]:
-        """BOS + the instruction tokens: what the model conditions on (training's layout)."""
-        return [tokenizer.bos_id, *ids]
+        """BOS (unless the tokenizer adds none) + the instruction tokens: what the model conditions
+        on (training's layout)."""
+        return [*chat_features.start_ids(tokenizer), *ids]
+
+    def prompt_ids(self, tokenizer: Tokenizer, prompt: str | Sequence[Mapping[str, str]]) -> list[int]:
+        """`prompt_from_ids` of a text, or the chat template's rendering with its generation prompt
+        (a conversation, or any prompt when the tokenizer renders chats; data/chat_features.py)."""
+        return chat_features.prompt_ids(tokenizer, prompt)
 
     def cut_prompt(self, prompt: Sequence[int], max_tokens: int) -> list[int]:
         """BOS + the first and last parts of the instruction, `max_tokens` tokens in all."""

@@ -92,6 +92,11 @@ class EncDecConverter(Converter):
     ) -> tuple[dict[str, np.ndarray] | None, Outcome]:
         if config.loss_on_inputs:
             raise ValueError("config.data.loss_on_inputs=True has no meaning for an encoder-decoder: its inputs are not predicted")
+        if example.get("messages"):
+            raise ValueError(
+                f"task {example.get('task', '?')!r}: a messages (chat) example trains a decoder through its chat "
+                "template; an encoder-decoder trains on inputs/targets examples"
+            )
         return build_encdec_features(
             tokenizer.encode(example["inputs"]), tokenizer.encode(example["targets"]),
             eos_id=tokenizer.eos_id, decoder_start_id=DECODER_START, config=config,
@@ -134,6 +139,11 @@ class EncDecConverter(Converter):
         return features
 
     def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        if getattr(tokenizer, "chat_prompts", False):
+            raise ValueError(
+                "config.data.tokenizer.chat_template renders chats for decoder families; an encoder-decoder "
+                "reads the instruction in its encoder: leave chat_template empty"
+            )
         if tokenizer.pad_id != 0:
             raise ValueError(f"tokenizer {tokenizer!r}: the encoder-decoder starts decoding with PAD = id 0, got pad_id={tokenizer.pad_id}")
 

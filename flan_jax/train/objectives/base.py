@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import jax
 from flax import nnx
 
+from flan_jax.model import lora
 from flan_jax.train.state import ModelParts
 
 
@@ -43,9 +44,10 @@ class Prepared:
 class ObjectiveContext:
     """What `loss_sum` may use besides the batch.
 
-    `model` is differentiated (the trained parameters merged with a frozen base, if any);
-    `frozen(name)` builds the module of a frozen slot of the train state under `stop_gradient`;
-    `rng` is this step's (and micro-batch's) key for dropout or sampling.
+    `model` is differentiated (the trained parameters merged with a frozen base, if any), with
+    LoRA dropout on; `frozen(name)` builds the module of a frozen slot of the train state under
+    `stop_gradient` (deterministic); `rng` is this step's (and micro-batch's) key for dropout or
+    sampling.
     """
 
     parts: ModelParts
@@ -55,7 +57,8 @@ class ObjectiveContext:
 
     @property
     def model(self) -> nnx.Module:
-        return self.parts.merge(self.params, self.frozen_params.get("base"))
+        model = self.parts.merge(self.params, self.frozen_params.get("base"))
+        return lora.train_mode(model, self.rng)  # adapter dropout draws from this step's key
 
     def frozen(self, name: str) -> nnx.Module:
         if name not in self.frozen_params:

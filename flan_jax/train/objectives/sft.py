@@ -55,7 +55,9 @@ class SFT(Objective):
         inputs = self.converter.model_features(batch, prefix_lm=self.use_prefix, rng=ctx.rng)
         view = self._loss_view(batch)
         weights = batch[_WEIGHTS]
-        if hasattr(model, "hidden_states"):  # the loss owns the head matmul (faster backward)
+        # The loss owns the head matmul (faster backward), unless the model soft-caps its logits
+        # (Gemma 2), which only its __call__ applies.
+        if hasattr(model, "hidden_states") and not getattr(getattr(model, "cfg", None), "final_softcap", 0.0):
             hidden, head = model.hidden_states(**inputs)
             return losses.weighted_head_loss_sum(hidden, head, view, weights, self.loss_config), {}
         logits = model(**inputs)

@@ -1,6 +1,7 @@
-"""Weight matmuls with float32 accumulation in every pass, forward and backward.
+"""Weight matmuls: `tensordot` in the compute dtype ("xla"), or with float32 accumulation in every
+pass, forward and backward ("cpu"; see flan_jax.model.kernels).
 
-Why a custom VJP: with bfloat16 operands, XLA's CPU backend (YNNPACK) and GPUs run a matmul that
+Why a custom VJP for "cpu": with bfloat16 operands, XLA's CPU backend (YNNPACK) and GPUs run a matmul that
 accumulates into float32 (`preferred_element_type=float32`) on the bf16 dot-product units, about
 2x a float32 matmul on this project's CPU (benchmarks/RESULTS.md); a matmul whose *output* is
 bf16, or whose operands mix f32 and bf16, falls back to the slow path. Autodiff of
@@ -23,13 +24,18 @@ import jax
 import jax.numpy as jnp
 
 
-def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype) -> jax.Array:
-    """`tensordot(x, kernel, n_in)` computed in `dtype` with float32 accumulation, result in `dtype`.
+def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype, impl: str = "cpu") -> jax.Array:
+    """`tensordot(x, kernel, n_in)` computed in `dtype`, result in `dtype`.
 
-    `kernel` stays in its parameter dtype here (the cast happens inside), so its gradient is
-    accumulated and returned in that dtype.
+    impl="cpu": float32 accumulation in the forward and both backward matmuls; `kernel` stays in
+    its parameter dtype until inside, so its gradient is accumulated and returned in that dtype.
+    impl="xla": `tensordot` of the operands cast to `dtype`, differentiated by autodiff (GPUs and
+    TPUs accumulate bf16 matmuls in float32 in hardware).
     """
-    return _f32_accumulated_dot(x.astype(jnp.dtype(dtype)), kernel, n_in)
+    dtype = jnp.dtype(dtype)
+    if impl == "xla":
+        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
+    return _f32_accumulated_dot(x.astype(dtype), kernel, n_in)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -1,0 +1,263 @@
+"""LoRA against full fine-tuning, in flan_jax and in PEFT + torch: parameters, train-state bytes,
+peak host memory and step time, all measured in one run on one machine.
+
+    python benchmarks/lora_memory.py                        # SmolLM2-135M shape and the 7M config (minutes)
+    python benchmarks/lora_memory.py --presets=7m --rank=16
+    python benchmarks/lora_memory.py --tiny                 # seconds: checks that every row runs
+
+Rows, for each model shape (random weights: memory and time do not depend on the values):
+  * flan_jax full     the trainer's jitted step (flan_jax.train.step) training every parameter
+  * flan_jax LoRA     the same step with `config.lora.rank = r` on every projection (q k v o gate up
+                      down): only the adapters are trained; the base is the frozen "base" slot
+                      (float32, or bfloat16 with --frozen_dtype=bfloat16)
+  * torch full        transformers' LlamaForCausalLM + torch.optim.AdamW
+  * PEFT LoRA         the same model wrapped by peft.get_peft_model(LoraConfig(r, "all-linear"))
+
+Both sides use AdamW (b2 0.95, weight decay 0.1), global-norm clipping at 1.0, float32 params and
+compute, the same batch. Each row runs in its own child process, so "peak RSS" is that run's own
+high-water mark (`ru_maxrss`: model, optimizer, activations, runtime, and the imports); all children
+get the same environment (glibc's malloc reuse tunables, flan_jax/host_memory.py, as the torch rows
+of benchmarks/train_throughput.py). Train state = every parameter (trained and frozen) + the
+optimizer state; "trained state" = the trained parameters + their optimizer state. Step time: the
+fastest of `--windows` windows of `--steps` steps after `--warmup` (one host sync per window).
+Prints a Markdown table for benchmarks/RESULTS.md; --json writes the rows.
+
+Targets (issue 16): LoRA train state <= 35% of full fine-tuning's, LoRA step time <= 0.8x full
+fine-tuning's and <= 1.0x PEFT + torch's on the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+PRESETS = {
+    # HuggingFaceTB/SmolLM2-135M's architecture (Llama, tied embeddings), random weights.
+    "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
+                         tie=True, rope_theta=100000.0, batch=4, seq_len=256),
+    # benchmarks/train_throughput.py's ~7M configuration.
+    "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, tie=False,
+               rope_theta=10000.0, batch=8, seq_len=512),
+    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=32, d_ff=128, tie=False,
+                 rope_theta=10000.0, batch=4, seq_len=64),
+}
+RUNS = ("flan_jax full", "flan_jax LoRA", "torch full", "PEFT LoRA")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="smollm2_135m,7m", help=f"comma list of {sorted(PRESETS)}")
+    parser.add_argument("--tiny", action="store_true", help="--presets=tiny --steps=2 --warmup=1 --windows=1")
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ", ".join(RUNS))
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32.0)
+    parser.add_argument("--frozen_dtype", default="", choices=("", "bfloat16"), help="flan_jax LoRA: dtype of the frozen base")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default="")
+    parser.add_argument("--child", default="", help=argparse.SUPPRESS)  # "<preset>|<run>|<output file>"
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.presets, args.steps, args.warmup, args.windows = "tiny", 2, 1, 1
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if args.child:
+        preset, run, out = args.child.split("|")
+        row = measure(PRESETS[preset], run, args)
+        row.update(preset=preset, run=run, peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        with open(out, "w") as f:
+            json.dump(row, f)
+        return
+    from flan_jax import host_memory
+
+    environ = host_memory.environ_with(host_memory.environ_without(dict(os.environ), (host_memory.HUGE_PAGES,)),
+                                       host_memory.REUSE_TUNABLES)
+    rows = []
+    for preset in args.presets.split(","):
+        for run in args.runs.split(","):
+            rows.append(child(preset, run, args, environ))
+    report(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
+
+
+def child(preset: str, run: str, args: argparse.Namespace, environ: dict[str, str]) -> dict:
+    """One row, measured in a fresh process (its own peak RSS)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        forwarded = [f"--rank={args.rank}", f"--alpha={args.alpha}", f"--frozen_dtype={args.frozen_dtype}",
+                     f"--steps={args.steps}", f"--windows={args.windows}", f"--warmup={args.warmup}"]
+        subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, f"--child={preset}|{run}|{out}"],
+                       env=environ, check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _batch(shape: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    b, n = shape["batch"], shape["seq_len"]
+    tokens = rng.integers(1, shape["vocab_size"], size=(b, n + 1)).astype(np.int32)
+    return {
+        "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
+        "segment_ids": np.ones((b, n), np.int32), "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
+        "loss_weights": np.ones((b, n), np.float32), "prefix_mask": np.zeros((b, n), np.int32),
+    }
+
+
+def _timed(step, args) -> float:
+    """Seconds per step: the fastest window; `step()` returns something to sync on."""
+    for _ in range(args.warmup):
+        result = step()
+    _sync(result)
+    best = float("inf")
+    for _ in range(args.windows):
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            result = step()
+        _sync(result)
+        best = min(best, (time.perf_counter() - start) / args.steps)
+    return best
+
+
+def _sync(result) -> None:
+    if hasattr(result, "block_until_ready"):
+        result.block_until_ready()
+    elif hasattr(result, "item"):
+        result.item()
+
+
+def measure(shape: dict, run: str, args: argparse.Namespace) -> dict:
+    if run.startswith("flan_jax"):
+        return measure_flan_jax(shape, lora=run.endswith("LoRA"), args=args)
+    return measure_torch(shape, lora=run.startswith("PEFT"), args=args)
+
+
+def measure_flan_jax(shape: dict, *, lora: bool, args) -> dict:
+    import jax
+    import numpy as np
+
+    from flan_jax import default_config
+    from flan_jax.train import loop, optimizer, partitioning, state as state_lib, step as step_lib
+
+    config = default_config.get_config()
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta"):
+        config.model[key] = shape[key]
+    config.model.tie_embeddings = shape["tie"]
+    config.model.max_positions = shape["seq_len"]
+    config.data.batch_size, config.data.seq_len = shape["batch"], shape["seq_len"]
+    config.optimizer.warmup_steps = 0
+    if lora:
+        config.lora.rank, config.lora.alpha = args.rank, args.alpha
+        config.trainable.frozen_dtype = args.frozen_dtype
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
+    rules = partitioning.axis_rules(config.mesh)
+    _, parts = loop.build_model(config, mesh, rules)
+    tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
+    shardings = state_lib.state_shardings(parts, tx, mesh)
+    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
+    if parts.has_base:
+        state = state.replace(frozen={state_lib.BASE: state_lib.init_base(parts, mesh)})
+    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
+    batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = train_step(holder["state"], batch)
+        return metrics["loss"]
+
+    with jax.set_mesh(mesh):
+        seconds = _timed(one_step, args)
+    state = holder["state"]
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    trained, opt, frozen = nbytes(state.params), nbytes(state.opt_state), nbytes(state.frozen)
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    return {
+        "trainable_params": count(state.params), "total_params": count(state.params) + count(state.frozen),
+        "train_state_bytes": trained + opt + frozen, "trained_state_bytes": trained + opt,
+        "step_seconds": seconds, "tokens_per_sec": shape["batch"] * shape["seq_len"] / seconds,
+    }
+
+
+def measure_torch(shape: dict, *, lora: bool, args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["d_model"], intermediate_size=shape["d_ff"],
+        num_hidden_layers=shape["n_layers"], num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_kv_heads"],
+        head_dim=shape["head_dim"], max_position_embeddings=shape["seq_len"], tie_word_embeddings=shape["tie"],
+        rope_theta=shape["rope_theta"], bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa",
+    ))
+    if lora:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    batch = _batch(shape)
+    inputs = torch.from_numpy(batch["input_tokens"]).long()
+    labels = torch.from_numpy(batch["target_tokens"]).long()
+
+    def one_step():
+        logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    seconds = _timed(one_step, args)
+    params = {id(p): p for p in model.parameters()}  # tied weights once
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    opt_bytes = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
+    return {
+        "trainable_params": sum(p.numel() for p in trainable), "total_params": sum(p.numel() for p in params.values()),
+        "train_state_bytes": param_bytes + opt_bytes, "trained_state_bytes": trained_bytes + opt_bytes,
+        "step_seconds": seconds, "tokens_per_sec": shape["batch"] * shape["seq_len"] / seconds,
+    }
+
+
+def report(rows: list[dict], args) -> None:
+    import platform
+
+    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; LoRA r={args.rank}, alpha={args.alpha} "
+          f"on every projection; float32; fastest of {args.windows} windows of {args.steps} steps after {args.warmup}")
+    print("\n| model | run | trainable params | train state | trained state | peak RSS | step (s) | "
+          "state vs full | step vs full | step vs PEFT |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    mib = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    for r in rows:
+        side = "flan_jax" if r["run"].startswith("flan_jax") else "torch"
+        full = next((x for x in rows if x["preset"] == r["preset"] and x["run"] == ("flan_jax full" if side == "flan_jax" else "torch full")), None)
+        peft = next((x for x in rows if x["preset"] == r["preset"] and x["run"] == "PEFT LoRA"), None)
+        state_ratio = f"{r['train_state_bytes'] / full['train_state_bytes']:.1%}" if full else "-"
+        step_ratio = f"{r['step_seconds'] / full['step_seconds']:.2f}x" if full else "-"
+        vs_peft = f"{r['step_seconds'] / peft['step_seconds']:.2f}x" if peft and r["run"].endswith("LoRA") else "-"
+        print(f"| {r['preset']} | {r['run']} | {r['trainable_params']:,} | {mib(r['train_state_bytes'])} | "
+              f"{mib(r['trained_state_bytes'])} | {mib(r['peak_rss_bytes'])} | {r['step_seconds']:.3f} | "
+              f"{state_ratio} | {step_ratio} | {vs_peft} |")
+
+
+if __name__ == "__main__":
+    main()
