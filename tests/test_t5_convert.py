@@ -139,3 +139,25 @@ def test_a_gated_exact_gelu_is_refused_on_export(tmp_path):
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     with pytest.raises(UnsupportedT5ConfigError, match="exact GELU"):
         convert.write_hf(tmp_path / "out", cfg, params)
+
+
+def test_bad_t5_folders_name_tensor_file_and_fields_and_leave_nothing(hf_dirs, tmp_path, capsys):
+    """T5 conversion goes through the same checks and staged writer as the decoder's
+    (tests/test_convert_errors.py): a shape the config does not imply names the tensor, the file
+    and the T5 config fields; a failure after layers were written leaves no checkpoint."""
+    from safetensors.numpy import load_file, save_file
+
+    from tests.test_convert_errors import convert_fails, copy_of
+
+    hf = copy_of(hf_dirs["flan_t5"], tmp_path)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "d_ff": 40}))
+    err = convert_fails(hf, tmp_path / "out", capsys)
+    assert "DenseReluDense.wi_0.weight' has shape (48, 32)" in err and "d_model=32, d_ff=40" in err, err
+    assert str(hf / "model.safetensors") in err and str(hf / "config.json") in err
+
+    (hf / "config.json").write_text(json.dumps(config))
+    tensors = load_file(hf / "model.safetensors")
+    del tensors["decoder.final_layer_norm.weight"]
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    assert "decoder.final_layer_norm.weight" in convert_fails(hf, tmp_path / "out", capsys)
