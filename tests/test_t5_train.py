@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.nnx import traversals
 
 import flan_jax_tasks  # noqa: F401  (registers the built-in mixture the tokenizer and runs use)
 from flan_jax.data import converters, features as features_lib, loader, tokenizer as tokenizer_lib
@@ -115,29 +116,79 @@ def test_t5_demo_trains_evaluates_and_resumes(tmp_path, t5_tokenizer, cache_dir)
     assert isinstance(model, t5.T5) and step == 6 and saved_config.model.family == "t5"
 
 
-def test_init_from_a_converted_hf_t5_trains_from_its_weights(tmp_path, t5_tokenizer):
+@pytest.fixture(scope="module")
+def converted_hf_t5(tmp_path_factory):
+    """(HF folder, converted checkpoint, its T5Config) of a tiny random FLAN-T5-layout model."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from flan_jax import convert
 
+    root = tmp_path_factory.mktemp("converted_hf_t5")
     torch.manual_seed(0)
     hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
         vocab_size=512, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
         relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.1))
     with torch.no_grad():
         hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.shared.weight) * 0.1)
-    hf.save_pretrained(tmp_path / "hf")
-    cfg = convert.convert_from_hf(tmp_path / "hf", tmp_path / "converted")
+    hf.save_pretrained(root / "hf")
+    cfg = convert.convert_from_hf(root / "hf", root / "converted")
+    return root / "hf", root / "converted", cfg
+
+
+def _init_from_overrides(converted_hf_t5, t5_tokenizer, **extra):
+    from flan_jax import convert
+
+    _, converted, cfg = converted_hf_t5
     overrides = {f"model.{k}": v for k, v in convert.config_model_overrides(cfg).items()}
-    config = t5_fakes.t5_demo_config({
-        **t5_fakes.t5_demo_overrides(t5_tokenizer, train__num_steps=1, optimizer__learning_rate=0.0),
-        **overrides, "checkpoint.init_from": str(tmp_path / "converted"), "model.dropout_rate": 0.0,
+    return t5_fakes.t5_demo_config({
+        **t5_fakes.t5_demo_overrides(t5_tokenizer, **extra),
+        **overrides, "checkpoint.init_from": str(converted), "model.dropout_rate": 0.0,
     })
+
+
+def test_init_from_a_converted_hf_t5_trains_from_its_weights(tmp_path, t5_tokenizer, converted_hf_t5):
+    from flan_jax import convert
+
+    config = _init_from_overrides(converted_hf_t5, t5_tokenizer, train__num_steps=1, optimizer__learning_rate=0.0)
     loop.train(config, tmp_path / "run")
     model, _, _ = checkpointing.load_model(tmp_path / "run")
-    _, converted = convert.load_converted(tmp_path / "converted")
+    _, converted = convert.load_converted(converted_hf_t5[1])
     trained, source = (jax.tree.leaves(tree) for tree in (nnx.state(model, nnx.Param), converted))
     assert len(trained) == len(source) and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(trained, source))
+
+
+def test_a_lora_run_on_a_converted_t5_ships_an_adapter_peft_loads(tmp_path, t5_tokenizer, converted_hf_t5):
+    """The user's path: LoRA on a converted (FLAN-)T5 through the trainer (adapter-only
+    checkpoints, the base untouched), then `--to_peft`, loaded by peft onto the original
+    T5ForConditionalGeneration with our logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft_lib = pytest.importorskip("peft")
+    from flan_jax import convert
+    from flan_jax.convert.__main__ import main as convert_main
+    from flan_jax.model import lora
+
+    hf_dir, converted_dir, _ = converted_hf_t5
+    config = _init_from_overrides(converted_hf_t5, t5_tokenizer, train__num_steps=3, optimizer__learning_rate=3e-2)
+    config.lora.update(rank=4, alpha=8.0, dropout=0.1, targets=("q", "v", "wi_0", "wo"))
+    loop.train(config, tmp_path / "run")
+    model, _, _ = checkpointing.load_model(tmp_path / "run")
+    adapted = dict(lora.adapters(model))
+    assert {path.rsplit("/", 1)[-1] for path in adapted} == {"q", "v", "gate", "down"}
+    assert any(path.startswith("decoder/layers/0/cross_attn/") for path in adapted)
+    assert all(np.any(np.asarray(m.lora_b[...])) for m in adapted.values())  # every adapter trained
+    _, base = convert.load_converted(converted_dir)
+    flat = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    for path, value in traversals.flatten_mapping(nnx.to_pure_dict(base)).items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(value), err_msg=str(path))  # frozen base
+
+    assert convert_main([f"--to_peft={tmp_path / 'adapter'}", f"--workdir={tmp_path / 'run'}"]) == 0
+    enc, dec = t5_fakes.random_ids((2, 9), 3, 512), t5_fakes.random_ids((2, 5), 4, 512)
+    ours = t5_fakes.logits(model, encoder_input_tokens=enc, decoder_input_tokens=dec)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(hf_dir).eval()
+    with_adapter = peft_lib.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    np.testing.assert_allclose(t5_fakes.hf_logits(with_adapter, enc, dec), ours, atol=1e-4, rtol=1e-4)
+    del torch
 
 
 NUM_STEPS = 12
