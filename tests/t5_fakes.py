@@ -126,32 +126,24 @@ def packed_rows(examples, enc_len: int, dec_len: int):
 
 # ---------------------------------------------------------------------- trainer runs
 # configs/flan_t5_demo.py shrunk to a model and batch that train in milliseconds per step on CPU.
-TINY_T5_DEMO = {
-    "data.seq_len": 48,
-    "data.targets_len": 16,
-    "data.batch_size": 8,
-    "data.tokenizer.vocab_size": 500,  # 400 pieces + 100 sentinels
-    "data.tokenizer.train_examples": 300,
-    "model.vocab_size": 512,
-    "model.d_model": 32,
-    "model.n_layers": 1,
-    "model.n_decoder_layers": 1,
-    "model.n_heads": 2,
-    "model.head_dim": 16,
-    "model.d_ff": 64,
-    "model.relative_buckets": 8,
-    "model.relative_max_distance": 32,
-    "optimizer.warmup_steps": 2,
-    "train.num_steps": 4,
-    "train.log_every": 1,
-    "train.progress_bar": False,
-    "train.peak_flops_per_device": -1.0,
-    "checkpoint.every_steps": 2,
-    "eval.mixtures": (),
-    "eval.max_examples_per_task": 2,
-    "eval.max_new_tokens": 4,
-    "eval.batch_size": 8,
-}
+def _tiny_t5_demo() -> dict:
+    """The decoder's tiny demo settings (tests/train_fakes.py) with T5's model and rows."""
+    from tests import train_fakes
+
+    decoder_only = ("model.n_kv_heads", "model.max_positions")
+    return {
+        **{k: v for k, v in train_fakes.TINY_DEMO.items() if k not in decoder_only},
+        "data.seq_len": 48,
+        "data.targets_len": 16,
+        "data.tokenizer.vocab_size": 500,  # 400 pieces + 100 sentinels
+        "model.vocab_size": 512,
+        "model.n_decoder_layers": 1,
+        "model.relative_buckets": 8,
+        "model.relative_max_distance": 32,
+    }
+
+
+TINY_T5_DEMO = _tiny_t5_demo()
 
 
 def t5_demo_overrides(tokenizer_path, **overrides) -> dict:

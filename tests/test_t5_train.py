@@ -279,6 +279,22 @@ def test_decoder_settings_for_t5_and_t5_settings_for_a_decoder_fail_before_train
         loop.train(config, tmp_path / "decoder2")
 
 
+def test_chat_settings_and_messages_examples_are_refused_for_t5(t5_tokenizer):
+    """Chat templates are the decoder's way to lay out a conversation; T5 reads inputs/targets."""
+    tok = tokenizer_lib.SentencePieceTokenizer(t5_tokenizer)
+    converters.ENCDEC.check_tokenizer(tok)
+    tok.chat_prompts = True  # what config.data.tokenizer.chat_template sets
+    with pytest.raises(ValueError, match="chat_template"):
+        converters.ENCDEC.check_tokenizer(tok)
+    tok.chat_prompts = False
+    feature_config = features_lib.FeatureConfig(seq_len=16, targets_len=8)
+    example = {"task": "chat_task", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(ValueError, match="'chat_task'.*messages"):
+        converters.ENCDEC.featurize(example, tok, feature_config)
+    with pytest.raises(ValueError, match="conversation"):
+        converters.ENCDEC.prompt_ids(tok, example["messages"][:1])
+
+
 @pytest.mark.parametrize("overlong", ["truncate", "drop"])
 def test_overlong_inputs_and_targets_are_cut_or_dropped_and_counted(t5_tokenizer, overlong):
     tok = tokenizer_lib.SentencePieceTokenizer(t5_tokenizer)
