@@ -106,10 +106,11 @@ def test_fused_attention_call_equals_the_einsum_path():
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
-def test_cpu_and_xla_kernels_give_the_same_t5_logits_and_gradients(pairs):
+def test_cpu_and_xla_kernels_give_the_same_t5_loss_and_gradients(pairs):
     """T5's projections go through the decoder's matmul kernels (config.model.kernels): the CPU
-    custom-gradient matmul and the plain XLA one agree on logits and on every parameter gradient."""
-    hf, cfg, trained = pairs["flan_t5"]
+    custom-gradient matmul and the plain XLA one agree on a loss of the logits and on every
+    parameter gradient."""
+    _, cfg, trained = pairs["flan_t5"]
     enc, dec = t5_fakes.random_ids((2, 9), 5), t5_fakes.random_ids((2, 5), 6)
     features = dict(encoder_input_tokens=jnp.asarray(enc), decoder_input_tokens=jnp.asarray(dec))
 
@@ -126,8 +127,6 @@ def test_cpu_and_xla_kernels_give_the_same_t5_logits_and_gradients(pairs):
     assert len(cpu) == len(xla) > 0
     for a, b in zip(cpu, xla):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(t5_fakes.logits(t5_fakes.with_config(trained, cfg.replace(kernels="xla")), **features),
-                               t5_fakes.hf_logits(hf, enc, dec), **TOL)
 
 
 def test_dropout_needs_a_key_and_differs_per_key(pairs):
