@@ -25,7 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
     # the built-ins: ("flan_jax_tasks", "my_lab.tasks") keeps both.
     data.task_modules = ("flan_jax_tasks",)
     data.train_split = "train"
-    data.seq_len = 512  # tokens per packed row
+    data.seq_len = 512  # tokens per packed row (encoder-decoder families: per encoder row, the inputs)
+    data.targets_len = 0  # encoder-decoder families (T5): tokens per decoder row, the targets; 0: seq_len
     data.batch_size = 8  # global rows per step, across all processes
     data.pack = True  # False: one example per row (for comparisons)
     data.loss_on_inputs = False  # True: also train on the instruction tokens
@@ -50,10 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- model
     config.model = model = ml_collections.ConfigDict()
-    model.family = "llama"  # llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | olmo2 | gpt2
+    # Decoder-only: llama | mistral | qwen2 | qwen3 | gemma | gemma2 | gemma3 | phi3 | olmo2 | gpt2;
+    # encoder-decoder: t5 (T5 v1.1 / FLAN-T5 / mT5) | t5_original (ReLU, tied rescaled head).
+    # Sets the architecture defaults (model/registry.py).
+    model.family = "llama"
     model.vocab_size = 8000
     model.d_model = 256
-    model.n_layers = 4
+    model.n_layers = 4  # T5: encoder layers
     model.n_heads = 4
     model.n_kv_heads = 4
     model.head_dim = 64
@@ -89,6 +93,13 @@ def get_config() -> ml_collections.ConfigDict:
     model.final_softcap = ml_collections.config_dict.placeholder(float)  # Gemma 2; 0: off
     model.query_scale = ml_collections.config_dict.placeholder(float)  # Gemma's query_pre_attn_scalar; 0: head_dim
     model.init_std = ml_collections.config_dict.placeholder(float)  # None: 0.02
+    # Encoder-decoder (T5) fields; decoder families leave them at None (model/t5_config.py).
+    model.n_decoder_layers = ml_collections.config_dict.placeholder(int)  # None: n_layers
+    model.relative_buckets = ml_collections.config_dict.placeholder(int)  # None: 32 relative position buckets
+    model.relative_max_distance = ml_collections.config_dict.placeholder(int)  # None: 128
+    model.scale_decoder_outputs = ml_collections.config_dict.placeholder(bool)  # original T5's d_model**-0.5
+    model.dropout_rate = ml_collections.config_dict.placeholder(float)  # None: 0.0
+    model.init_scale = ml_collections.config_dict.placeholder(float)  # None: 1.0 (HF's initializer_factor)
     model.param_dtype = "float32"
     model.dtype = "float32"  # compute dtype ("bfloat16" on accelerators)
     model.remat = "none"  # none | full | dots (which activations to recompute in backprop)

@@ -54,3 +54,20 @@ def test_data_pipeline_runs_against_the_measured_train_step():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| render + loader (end to end) |" in result.stdout
     assert "(the demo model's train step, measured in this run)" in result.stdout
+
+
+def test_t5_benchmark_tiny_trains_and_decodes_both_sides_on_the_same_weights(tmp_path):
+    """benchmarks/t5.py end to end (--tiny): same first loss on both sides, identical greedy tokens."""
+    out = tmp_path / "t5.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/t5.py", "--tiny", f"--json={out}"],
+        cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    ours, theirs = report["train"]
+    assert ours["name"] == "flan_jax train step" and theirs["name"] == "transformers + torch AdamW"
+    assert abs(ours["first_loss"] - theirs["first_loss"]) < 1e-4 * theirs["first_loss"]
+    assert ours["tokens_per_sec"] > 0 and theirs["tokens_per_sec"] > 0 and ours["mfu_of_cpu_matmul_peak"] > 0
+    assert report["decode"]["greedy_token_agreement"] == 1.0
+    assert "train float32: flan_jax / transformers =" in result.stdout

@@ -96,7 +96,7 @@ def test_sft_loss_of_a_soft_capped_model_uses_the_capped_logits():
              "loss_weights": jnp.ones((2, 8), jnp.float32), "prefix_mask": jnp.zeros((2, 8), jnp.int32)}
     objective = get_objective(default_config.get_config())
     prepared = objective.prepare(batch)
-    loss, _ = objective.loss_sum(types.SimpleNamespace(model=model), {**batch, **prepared.features})
+    loss, _ = objective.loss_sum(types.SimpleNamespace(model=model, rng=None), {**batch, **prepared.features})
     logits = model(batch["input_tokens"], positions=batch["positions"], segment_ids=batch["segment_ids"])
     expected = losses.cross_entropy(logits, batch["target_tokens"]).sum()
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)

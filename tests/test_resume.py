@@ -48,12 +48,12 @@ def _wait_for_lines(workdir, count: int, proc, limit_s: float = 240.0) -> None:
         time.sleep(0.005)
 
 
-def _kill_at_random_moment(cmd, env, workdir, rng) -> bool:
+def _kill_at_random_moment(cmd, env, workdir, rng, num_steps: int = NUM_STEPS) -> bool:
     """Starts the run, SIGKILLs it after a seeded random number of steps plus a random delay.
 
     Returns False if the run finished before the kill landed (the caller retries earlier).
     """
-    kill_after_steps = rng.randint(4, NUM_STEPS // 2)
+    kill_after_steps = rng.randint(4, num_steps // 2)
     extra_delay = rng.uniform(0.0, 0.05)  # lands anywhere inside a step, a log write or a save
     proc = subprocess.Popen(cmd, cwd=train_fakes.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

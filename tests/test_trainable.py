@@ -3,6 +3,7 @@ fine-tuning step that trains exactly the selected parameters as full fine-tuning
 
 import jax
 import numpy as np
+import ml_collections
 import optax
 import pytest
 from flax import nnx
@@ -113,5 +114,6 @@ def test_frozen_weights_count_no_weight_gradient_in_the_flops():
     n_all = metrics.matmul_param_count(full.abstract_params, full.logical_axes, tied_embeddings=False)
     n_adapters = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(split.trained_abstract))
     attention = metrics.flops_per_token(CFG, 0, 16)
-    assert loop.training_flops_per_token(full, CFG, 16) == 6 * n_all + attention
-    assert loop.training_flops_per_token(split, CFG, 16) == 6 * n_adapters + 4 * (n_all - n_adapters) + attention
+    data = ml_collections.ConfigDict({"seq_len": 16})
+    assert loop.training_flops_per_token(full, CFG, data) == 6 * n_all + attention
+    assert loop.training_flops_per_token(split, CFG, data) == 6 * n_adapters + 4 * (n_all - n_adapters) + attention

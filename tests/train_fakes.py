@@ -105,16 +105,17 @@ TINY_DEMO = {
 }
 
 
-def demo_overrides(tokenizer_path: str | pathlib.Path, **overrides) -> dict:
-    """TINY_DEMO plus `overrides` (keys with "__" for dots, e.g. train__num_steps=6)."""
-    values = dict(TINY_DEMO)
+def demo_overrides(tokenizer_path: str | pathlib.Path, base: dict | None = None, **overrides) -> dict:
+    """`base` (TINY_DEMO) plus `overrides` (keys with "__" for dots, e.g. train__num_steps=6)."""
+    values = dict(TINY_DEMO if base is None else base)
     values["data.tokenizer.path"] = str(tokenizer_path)
     values.update({k.replace("__", "."): v for k, v in overrides.items()})
     return values
 
 
-def demo_config(overrides: dict) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / "demo.py")
+def demo_config(overrides: dict, config_file: str = "demo.py") -> ml_collections.ConfigDict:
+    """configs/<config_file> with `overrides` ({"a.b": value})."""
+    spec = importlib.util.spec_from_file_location("demo_config", ROOT / "configs" / config_file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()

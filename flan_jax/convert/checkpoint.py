@@ -1,6 +1,7 @@
 """The converted-checkpoint folder that `checkpoint.init_from` starts from.
 
-    OUT_DIR/model_config.json      our ModelConfig (architecture + runtime fields); written last
+    OUT_DIR/model_config.json      the family's model config (ModelConfig, T5Config: architecture +
+                                   runtime fields, its `family` names the family); written last
     OUT_DIR/params/groups.json     the parameter groups below, in order
     OUT_DIR/params/<group>/        one Orbax (StandardCheckpointer) checkpoint per group: the pure-dict
                                    subtree of nnx.state(model, nnx.Param) for "embed", "layers.0", ...,
@@ -41,15 +42,16 @@ import jax
 import numpy as np
 from flax import nnx
 
-from flan_jax.model import layout
-from flan_jax.model.config import ModelConfig
+from flan_jax.model import layout, registry
+
+ModelConfig = Any  # any family's model config (model.registry)
 
 MODEL_CONFIG = "model_config.json"
 PARAMS = "params"
 HF_CONFIG = "hf_config.json"
 OVERRIDES = "config_overrides.py.txt"
 TOKENIZER_FILES = (
-    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "tokenizer.model", "spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "generation_config.json", "vocab.json", "merges.txt",
 )
 
@@ -87,9 +89,7 @@ def flatten(tree: Mapping) -> dict[tuple, Any]:
 def abstract_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
     """Flat {path: ShapeDtypeStruct} of the model `cfg` describes, in the unrolled layout (how
     converted checkpoints and HF folders hold layers), built without allocating it."""
-    from flan_jax.model.transformer import Transformer
-
-    model = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: _model(cfg))
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
@@ -103,16 +103,18 @@ def unrolled_flat(params: Mapping | nnx.State) -> dict[tuple, Any]:
 
 def abstract_axes(cfg: ModelConfig) -> dict[tuple, tuple[str, ...]]:
     """Flat {path: logical axis names} of the model `cfg` describes, unrolled (for error messages)."""
-    from flan_jax.model.transformer import Transformer
-
-    model = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: _model(cfg))
     return {tuple(path): tuple(variable.get_metadata().get("logical_axes") or ())
             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def group_of(path: tuple) -> str:
-    """The checkpoint group of a parameter path: one per layer, one per top-level parameter."""
-    return f"layers.{path[1]}" if path[0] == "layers" else str(path[0])
+    """The checkpoint group of a parameter path: one per layer ("layers.3"; T5's "encoder.layers.3"),
+    one per other top-level entry ("embed", "final_norm", T5's "encoder" for its table and norm)."""
+    for depth, key in enumerate(path[:-1]):
+        if key == "layers":
+            return ".".join(str(k) for k in path[: depth + 2])
+    return str(path[0])
 
 
 class StreamingWriter:
@@ -207,13 +209,12 @@ def config_model_overrides(cfg: ModelConfig) -> dict[str, Any]:
     the fields whose default (for `cfg.family`) differs, runtime fields (dtypes, remat) excepted.
     """
     from flan_jax import default_config
-    from flan_jax.model.config import RUNTIME_FIELDS
 
     section = default_config.get_config().model
     section.family = cfg.family
-    base = ModelConfig.from_config(section)
+    base = registry.config_from(section)
     return {"family": cfg.family, **{
-        k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS and getattr(base, k) != v
+        k: v for k, v in cfg.to_dict().items() if k not in cfg.RUNTIME_FIELDS and getattr(base, k) != v
     }}
 
 
@@ -234,7 +235,7 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     file = pathlib.Path(path) / MODEL_CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: is {path} a folder written by `python -m flan_jax.convert --from_hf`?")
-    return ModelConfig.from_dict(json.loads(file.read_text()))
+    return registry.config_from_dict(json.loads(file.read_text()))
 
 
 def load_converted(
@@ -271,9 +272,8 @@ def load_converted(
 
 
 def _model(cfg: ModelConfig):
-    from flan_jax.model.transformer import Transformer
-
-    return Transformer(cfg, rngs=nnx.Rngs(0))
+    """The model `cfg` describes, in the unrolled layer layout (how converted checkpoints hold layers)."""
+    return registry.build_model(cfg.replace(scan_layers=False) if cfg.scanned else cfg, rngs=nnx.Rngs(0))
 
 
 def _check_same_params(where, expected: Mapping[tuple, Any], got: Mapping[tuple, tuple]) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from flan_jax.convert import mapping
-from flan_jax.model.config import ModelConfig
+from flan_jax.model.config import ModelConfig  # or a T5Config: the fields named below are alike
 
 # Our logical axis names -> the config field that sets each size, per config layout.
 _LLAMA_FIELDS = {
@@ -32,6 +32,7 @@ _GPT2_FIELDS = {
     "vocab": "vocab_size", "embed": "n_embd", "heads": "n_head", "kv_heads": "n_head",
     "head_dim": "n_embd / n_head", "mlp": "n_inner", "positions": "n_positions",
 }
+_T5_FIELDS = {"vocab": "vocab_size", "embed": "d_model", "heads": "num_heads", "head_dim": "d_kv", "mlp": "d_ff"}
 _SIZES = {
     "vocab": "vocab_size", "embed": "d_model", "heads": "n_heads", "kv_heads": "n_kv_heads",
     "head_dim": "head_dim", "mlp": "d_ff", "positions": "max_positions",
@@ -40,7 +41,7 @@ _SIZES = {
 
 def config_fields(cfg: ModelConfig, axes: Sequence[Sequence[str]], field_names: Mapping[str, str] | None = None) -> str:
     """'hidden_size=96, num_attention_heads=5, head_dim=32' for the logical axes of some parameters."""
-    names = field_names or (_GPT2_FIELDS if cfg.family == "gpt2" else _LLAMA_FIELDS)
+    names = field_names or {"gpt2": _GPT2_FIELDS, "t5": _T5_FIELDS}.get(cfg.family, _LLAMA_FIELDS)
     used = {a for param_axes in axes for a in param_axes}
     return ", ".join(f"{names[a]}={getattr(cfg, _SIZES[a])}" for a in _SIZES if a in used and a in names)
 

@@ -16,12 +16,14 @@ import logging
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from flan_jax.convert import checkpoint, mapping
-from flan_jax.model.config import ModelConfig
-from flan_jax.model.hf_config import to_hf
+from flan_jax.model import registry
+
+ModelConfig = Any  # any family's model config (model.registry)
 
 
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
@@ -44,7 +46,14 @@ def _convert_rule(rule: mapping.Rule, flat: Mapping[tuple, np.ndarray], dtype: s
 def hf_tensors(cfg: ModelConfig, params, *, dtype: str | None = None) -> dict[str, np.ndarray]:
     """HF tensor name -> array for `params` (an nnx.State, nested or flat pure dict), all in memory."""
     flat = _flat_params(cfg, params)
-    return {k: v for rule in mapping.rules(cfg) for k, v in _convert_rule(rule, flat, dtype).items()}
+    return {k: v for rule in _interop(cfg).tensor_rules(cfg) for k, v in _convert_rule(rule, flat, dtype).items()}
+
+
+def _interop(cfg: ModelConfig) -> registry.HFInterop:
+    interop = registry.get_family(cfg.family).hf
+    if interop is None:
+        raise ValueError(f"model family {cfg.family!r} has no Hugging Face export")
+    return interop
 
 
 def _shard_plan(rules: list[mapping.Rule], flat, dtype: str | None, max_bytes: int) -> list[list[mapping.Rule]]:
@@ -85,8 +94,9 @@ def write_hf(
     out = pathlib.Path(out_dir)
     flat = _flat_params(cfg, params)
     stored_dtype = dtype or str(next(iter(flat.values())).dtype)
-    hf_config = to_hf(cfg, dtype=stored_dtype, token_ids=token_ids)
-    shards = _shard_plan(mapping.rules(cfg), flat, dtype, max_shard_bytes)
+    interop = _interop(cfg)
+    hf_config = interop.config_to_hf(cfg, dtype=stored_dtype, token_ids=token_ids)
+    shards = _shard_plan(interop.tensor_rules(cfg), flat, dtype, max_shard_bytes)
     weight_map: dict[str, str] = {}
     total = 0
     with checkpoint.staged_folder(out, flag="--to_hf") as staging:

@@ -18,12 +18,15 @@ import logging
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from flan_jax.convert import checkpoint, diagnostics, mapping
-from flan_jax.model.config import ModelConfig
+from flan_jax.convert import checkpoint, diagnostics
+from flan_jax.model import registry
 from flan_jax.model.hf_config import UnsupportedConfigError
+
+ModelConfig = Any  # any family's model config (model.registry)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -82,21 +85,45 @@ def read_json(file: pathlib.Path) -> dict:
     return value
 
 
-def model_config_from(hf_config: dict, source: str | os.PathLike) -> ModelConfig:
-    """ModelConfig.from_hf_config, with any refusal or bad value reported against `source`."""
+def tensor_names(hf_dir: str | os.PathLike) -> set[str]:
+    """The tensor names stored in the folder's safetensors files (headers only, no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    names: set[str] = set()
+    for file in safetensors_files(pathlib.Path(hf_dir)):
+        try:
+            with safe_open(os.fspath(file), framework="numpy") as f:
+                names.update(f.keys())
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{file}: cannot read it as safetensors ({error}); is the file truncated "
+                             "or corrupt? Download it again.") from None
+    return names
+
+
+def model_config_from(hf_config: dict, source: str | os.PathLike, names: Iterable[str] = ()) -> ModelConfig:
+    """The model config of an HF config.json dict: its family by `model_type` (model.registry), which
+    refuses what it cannot reproduce by name; any refusal or bad value is reported against `source`.
+    `names` are the checkpoint's tensor names (a family may read settings from them, e.g. T5's tied head)."""
     try:
-        return ModelConfig.from_hf_config(hf_config)
+        family = registry.hf_family(hf_config.get("model_type"))
+        return family.hf.config_from_hf(hf_config, set(names))
     except UnsupportedConfigError as error:  # its messages say "config.json <field> ..."
         raise UnsupportedConfigError(f"{source}: {str(error).removeprefix('config.json ')}") from None
     except (ValueError, TypeError, KeyError) as error:
         raise ValueError(f"{source}: cannot build a model from it: {error}") from None
 
 
+def config_from_hf_dir(hf_dir: str | os.PathLike) -> ModelConfig:
+    """The model config of a Hugging Face folder, refused by name before anything is written."""
+    hf_dir = pathlib.Path(hf_dir)
+    return model_config_from(read_hf_config(hf_dir), hf_dir / "config.json", tensor_names(hf_dir))
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceTensor:
     """One tensor of a source checkpoint, read only when `load()` is called."""
 
-    key: str  # the HF name its rule knows it by (mapping.rules)
+    key: str  # the HF name its rule knows it by (the family's tensor_rules)
     shape: tuple[int, ...]
     where: str  # for messages: the file, and the name it is stored under when that differs
     load: Callable[[], np.ndarray]
@@ -106,6 +133,7 @@ def safetensors_tensors(hf_dir: pathlib.Path, cfg: ModelConfig) -> Iterator[Sour
     """The tensors of an HF folder's safetensors files, one file open at a time."""
     from safetensors import SafetensorError, safe_open
 
+    interop = registry.get_family(cfg.family).hf
     for file in safetensors_files(hf_dir):
         try:
             handle = safe_open(os.fspath(file), framework="numpy")
@@ -114,7 +142,7 @@ def safetensors_tensors(hf_dir: pathlib.Path, cfg: ModelConfig) -> Iterator[Sour
                              "or corrupt? Download it again.") from None
         with handle as f:
             for raw_key in f.keys():
-                key = _canonical_key(cfg, raw_key)
+                key = interop.canonical_key(cfg, raw_key)
 
                 def load(f=f, raw_key=raw_key, file=file):
                     try:
@@ -136,7 +164,8 @@ def convert_tensors(
     Every error names the source (`source`, the tensor's file) and tensor; a shape that does not
     fit names the config fields that imply the expected one (diagnostics.shape_mismatch).
     """
-    rules = mapping.rules(cfg)
+    interop = registry.get_family(cfg.family).hf
+    rules = interop.tensor_rules(cfg)
     rule_of = {key: rule for rule in rules for key in rule.hf_keys}
     expected = {p: tuple(s.shape) for p, s in checkpoint.abstract_params(cfg).items()}
     axes = checkpoint.abstract_axes(cfg)
@@ -147,7 +176,7 @@ def convert_tensors(
     for tensor in tensors:
         rule = rule_of.get(tensor.key)
         if rule is None:
-            if tensor.key.endswith(mapping.IGNORED_SUFFIXES) or (cfg.tie_embeddings and tensor.key == "lm_head.weight"):
+            if interop.skip_tensor(cfg, tensor.key):
                 skipped.append(tensor.key)
             else:
                 unexpected.append(f"{tensor.key} (in {tensor.where})")
@@ -185,15 +214,8 @@ def iter_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig) -> Iterator[tupl
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[tuple, np.ndarray]]:
     """(ModelConfig, flat {path: array}) read from an HF folder, all in memory (tests, small models)."""
-    cfg = cfg or model_config_from(read_hf_config(pathlib.Path(hf_dir)), pathlib.Path(hf_dir) / "config.json")
+    cfg = cfg or config_from_hf_dir(hf_dir)
     return cfg, dict(iter_hf_params(hf_dir, cfg))
-
-
-def _canonical_key(cfg: ModelConfig, key: str) -> str:
-    """GPT-2 checkpoints saved from `GPT2Model` (e.g. the original release) lack "transformer."."""
-    if cfg.family == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
-        return "transformer." + key
-    return key
 
 
 def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> ModelConfig:
@@ -214,7 +236,7 @@ def convert_from_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Mo
         return gguf_import.convert_from_gguf(ggufs[0], out_dir)
     safetensors_files(hf_dir)  # refuse pickle-only folders first, before reading anything
     hf_config = read_hf_config(hf_dir)
-    cfg = model_config_from(hf_config, hf_dir / "config.json")
+    cfg = config_from_hf_dir(hf_dir)
     with checkpoint.staged_folder(out_dir) as staging:
         count = write_converted(staging, cfg, iter_hf_params(hf_dir, cfg), hf_config)
         copied = checkpoint.copy_tokenizer_files(hf_dir, staging)

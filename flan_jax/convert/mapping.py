@@ -64,6 +64,18 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     return list(_gpt2_rules(cfg) if cfg.family == "gpt2" else _llama_rules(cfg))
 
 
+def skip_tensor(cfg: ModelConfig, key: str) -> bool:
+    """Stored tensors with no parameter: buffers and the duplicate head of a tied model."""
+    return key.endswith(IGNORED_SUFFIXES) or (cfg.tie_embeddings and key == "lm_head.weight")
+
+
+def canonical_key(cfg: ModelConfig, key: str) -> str:
+    """GPT-2 checkpoints saved from `GPT2Model` (e.g. the original release) lack "transformer."."""
+    if cfg.family == "gpt2" and not key.startswith(("transformer.", "lm_head.")):
+        return "transformer." + key
+    return key
+
+
 # Our block norms -> the HF name of each, by `block_norms` (Llama's "post_attention_layernorm" is the
 # norm *before* the MLP; Gemma 2/3's and OLMo 2's is the one after attention).
 _NORM_NAMES = {

@@ -11,8 +11,10 @@
 ours), and `python -m flan_jax.convert --from_peft=PEFT_DIR --checkpoint=BASE` checks it against a
 converted base and can write the merged model.
 
-The HF module of each of our projections comes from the checkpoint mapping (convert/mapping.py),
-so every family the converter knows is covered. Layout: A [*in, r] <-> lora_A [r, in] and
+The HF module of each of our projections comes from the family's checkpoint mapping
+(convert/mapping.py, convert/t5_mapping.py), so every family the converter knows is covered (T5:
+the self- and cross-attention q, k, v, o and the feed-forward wi_0 / wi_1 / wo, exported with
+task_type SEQ_2_SEQ_LM). Layout: A [*in, r] <-> lora_A [r, in] and
 B [r, *out] <-> lora_B [out, r], flattened in the order the mapping flattens the kernel. GPT-2's
 fused `c_attn` holds q, k and v: it is exported as one adapter of rank (r x adapted projections)
 with a block-diagonal lora_B (PEFT's `rank_pattern` / `alpha_pattern` keep its scale), and a
@@ -36,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from flan_jax.convert import checkpoint as checkpoint_lib, mapping
+from flan_jax.convert import checkpoint as checkpoint_lib
 from flan_jax.model.config import ModelConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -82,7 +84,7 @@ def modules(cfg: ModelConfig) -> list[Module]:
     model = nnx.eval_shape(lambda: registry.build_model(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
     dense = {(*p, "kernel"): m for p, m in nnx.iter_graph(model) if isinstance(m, Dense)}
     out = []
-    for rule in mapping.rules(cfg):
+    for rule in registry.get_family(cfg.family).hf.tensor_rules(cfg):
         kernels = tuple(p for p in rule.paths if p in dense)
         if not kernels or len(rule.hf_keys) != 1 or not rule.hf_keys[0].endswith(".weight"):
             continue
@@ -154,7 +156,7 @@ def peft_config(cfg: ModelConfig, lora_cfg, adapted: list[Module], rank_pattern:
         alpha_pattern[short] = float(lora_cfg.alpha) * root(rank) / root(lora_cfg.rank)
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": _task_type(cfg),
         "peft_version": PEFT_VERSION,
         "base_model_name_or_path": base_name_or_path,
         "revision": None,
@@ -176,6 +178,13 @@ def peft_config(cfg: ModelConfig, lora_cfg, adapted: list[Module], rank_pattern:
         "use_dora": False,
         "lora_bias": False,
     }
+
+
+def _task_type(cfg: ModelConfig) -> str:
+    """peft's task type, which picks the PeftModel class `from_pretrained` builds around the base."""
+    from flan_jax.model import registry
+
+    return "SEQ_2_SEQ_LM" if registry.get_family(cfg.family).feature_converter == "encdec" else "CAUSAL_LM"
 
 
 def write_peft(out_dir: str | os.PathLike, cfg: ModelConfig, model, lora_cfg, *, base_name_or_path: str | None = None,

@@ -57,6 +57,7 @@ class FeatureConfig:
     seq_len: int
     loss_on_inputs: bool = False
     overlong: str = "truncate"
+    targets_len: int = 0  # encoder-decoder rows only: the decoder length (0: seq_len); see converters/encdec.py
 
     def __post_init__(self):
         if self.overlong not in OVERLONG_POLICIES:
@@ -70,10 +71,11 @@ class FeatureConfig:
             seq_len=int(data_config.seq_len),
             loss_on_inputs=bool(data_config.loss_on_inputs),
             overlong=str(data_config.overlong),
+            targets_len=int(data_config.get("targets_len", 0) or 0),
         )
 
 
-def _cut_middle(ids: Sequence[int], keep: int) -> Sequence[int]:
+def cut_middle(ids: Sequence[int], keep: int) -> Sequence[int]:
     """The first `keep // 2` and the last `keep - keep // 2` ids."""
     if keep >= len(ids):
         return ids
@@ -117,7 +119,7 @@ def build_features(
             target_ids = target_ids[:keep_targets]
             target_mask = None if target_mask is None else target_mask[:keep_targets]
             end = []
-        input_ids = _cut_middle(input_ids, keep_inputs)
+        input_ids = cut_middle(input_ids, keep_inputs)
 
     num_inputs = len(input_ids)
     tokens = np.asarray([*start, *input_ids, *target_ids, *end], dtype=np.int32)

@@ -78,7 +78,8 @@ def mixed_examples(data_config: Any, *, seed: int) -> grain.MapDataset:
 class Featurizer:
     """Rendered example -> features (None when dropped), counting every outcome in `stats`.
 
-    `converter` (flan_jax.data.converters) says how: decoder SFT rows by default, preference pairs, ...
+    `converter` (flan_jax.data.converters) says how: decoder rows by default, encoder-decoder rows,
+    preference pairs, ...
     """
 
     def __init__(self, tokenizer: Tokenizer, config: FeatureConfig, stats: FeatureStats, converter: Any = DECODER):
@@ -89,8 +90,12 @@ class Featurizer:
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray] | None:
         features, outcome = self.uncounted(example)
-        self.stats.add(example.get("task", "?"), outcome, 0 if features is None else len(features["input_tokens"]))
+        self.stats.add(example.get("task", "?"), outcome, 0 if features is None else self.num_tokens(features))
         return features
+
+    def num_tokens(self, features: Mapping[str, np.ndarray]) -> int:
+        lengths = self.converter.lengths(features)
+        return lengths if isinstance(lengths, int) else sum(lengths)
 
     def uncounted(self, example: Mapping[str, Any]) -> tuple[dict[str, np.ndarray] | None, Outcome]:
         try:
@@ -169,7 +174,10 @@ class _PackedRowsIterator(grain.DatasetIterator):
         super().__init__()
         self._source = source
         self._featurizer = featurizer
-        self._rows = packing.OpenRows(featurizer.config.seq_len, num_open_rows, build=featurizer.converter.build_row)
+        converter = featurizer.converter
+        self._rows = packing.OpenRows(
+            converter.row_shape(featurizer.config), num_open_rows, lengths=converter.lengths, build=converter.build_row
+        )
         self._next_index = 0
         self._flushed: list[dict[str, np.ndarray]] | None = None
 
@@ -379,6 +387,8 @@ def make_train_dataset(
         examples = endless(examples)
         source_name = "<examples given to the loader>"
     feature_config = FeatureConfig.from_data_config(data_config)
+    converter.check_tokenizer(tokenizer)
+    row_shape = converter.row_shape(feature_config)
     global_rows = int(data_config.batch_size)
     slots = _process_slots(global_rows, process_index, process_count)
     slot_rows, slot_stats = [], []
@@ -390,7 +400,7 @@ def make_train_dataset(
             rows = PackedRowsIterDataset(slot_examples, featurizer, num_open_rows=int(data_config.num_packing_bins))
         else:
             features = FeaturizeIterDataset(slot_examples.to_iter_dataset(_READ_OPTIONS), featurizer)
-            rows = features.map(functools.partial(converter.pad_one, seq_len=feature_config.seq_len))
+            rows = features.map(functools.partial(converter.pad_one, row_shape=row_shape))
         slot_rows.append(rows)
         slot_stats.append(stats)
     fingerprint = {
@@ -404,8 +414,10 @@ def make_train_dataset(
         "loss_on_inputs": feature_config.loss_on_inputs,
         "vocab_size": int(tokenizer.vocab_size),
     }
-    if converter.name != DECODER.name:  # (absent for SFT, so checkpoints of earlier versions still resume)
+    if converter.name != DECODER.name:  # (absent for decoder rows, so checkpoints of earlier versions still resume)
         fingerprint["converter"] = converter.name
+        if not isinstance(row_shape, int):  # several row streams (T5's encoder and decoder rows)
+            fingerprint["row_shape"] = list(row_shape)
     return TrainBatchDataset(
         slot_rows, slots=slots, slot_stats=slot_stats, fingerprint=fingerprint, batch_keys=tuple(converter.batch_keys)
     )
@@ -424,8 +436,9 @@ def make_train_iterator(
     """An endless iterator of this process's batches: dicts of `[batch_size / process_count, seq_len]` arrays.
 
     The batches depend only on the seed and the data config (not on the process count). `examples`
-    replaces the registered `config.data.train_mixture` (tests, benchmarks); `converter` (flan_jax.data.converters)
-    chooses the batch layout (decoder SFT rows by default; "pairs" for preference objectives). With
+    replaces the registered `config.data.train_mixture` (tests, benchmarks); `converter`
+    (flan_jax.data.converters) chooses the batch layout (decoder rows by default; the family's, e.g.
+    T5's encoder-decoder rows, or an objective's, e.g. "pairs" for preference objectives). With
     `config.data.worker_count > 0`, batches are built in that many grain worker processes; the stream
     is then a different (equally deterministic) interleaving, and `stats` lives in the workers.
     """

@@ -71,26 +71,43 @@ class OpenRows:
     """Streaming best-fit packing into at most `num_open_rows` open rows of `seq_len` positions.
 
     Each open row is a list of (key, features); the caller chooses keys (the loader uses stream positions,
-    so a checkpoint can store `keys()` and rebuild the open rows with `restore`). `build(examples, seq_len)`
-    lays a row out (`build_row`, or a feature converter's, e.g. preference pairs as two segments each).
+    so a checkpoint can store `keys()` and rebuild the open rows with `restore`).
+
+    A feature converter (flan_jax.data.converters) may pack into several row streams at once (T5: an
+    encoder row and a decoder row): `seq_len` is then a tuple of capacities, `lengths(features)` a tuple
+    of what an example takes of each, and `build(examples, seq_len)` lays a row out. An example fits a
+    row when it fits every stream; the best fit leaves the least free room (summed over the streams as
+    shares of their capacity); a row leaves when one stream is full. With one stream this is exactly
+    the one-dimensional packer.
     """
 
-    def __init__(self, seq_len: int, num_open_rows: int, build: Callable[..., dict[str, np.ndarray]] | None = None):
+    def __init__(
+        self,
+        seq_len: int | tuple[int, ...],
+        num_open_rows: int,
+        *,
+        lengths: Callable[[Mapping[str, np.ndarray]], int | tuple[int, ...]] | None = None,
+        build: Callable[..., dict[str, np.ndarray]] | None = None,
+    ):
         if num_open_rows < 1:
             raise ValueError(f"num_packing_bins={num_open_rows} must be at least 1")
         self.seq_len = seq_len
         self.num_open_rows = num_open_rows
-        self.build = build or build_row
+        self._multi = not isinstance(seq_len, int)
+        self._lengths = lengths or (lambda features: len(features["input_tokens"]))
+        self._build = build or build_row
         self._rows: list[list[tuple[Any, Mapping[str, np.ndarray]]]] = []
-        self._free: list[int] = []
+        self._free: list[Any] = []  # per open row: free positions (a tuple per stream when multi)
 
     def add(self, key: Any, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
         """Places an example; returns the row this frees up (a full row, or the fullest one), if any."""
-        length = len(features["input_tokens"])
+        if self._multi:
+            return self._add_multi(key, features)
+        length = self._lengths(features)
         if length > self.seq_len:
             raise ValueError(f"example of {length} features does not fit in seq_len={self.seq_len}: truncate it first")
         if length == self.seq_len:  # fills a row alone (a truncated document): straight out
-            return self.build([features], self.seq_len)
+            return self._build([features], self.seq_len)
         best, best_free = -1, self.seq_len + 1
         for row, free in enumerate(self._free):  # a plain loop beats numpy for <= ~100 rows
             if length <= free < best_free:
@@ -106,14 +123,40 @@ class OpenRows:
         self._free.append(self.seq_len - length)
         return emitted
 
+    def _add_multi(self, key: Any, features: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        lengths = tuple(self._lengths(features))
+        if any(n > cap for n, cap in zip(lengths, self.seq_len)):
+            raise ValueError(f"example of {lengths} features does not fit in {self.seq_len}: truncate it first")
+        if any(n == cap for n, cap in zip(lengths, self.seq_len)):
+            return self._build([features], self.seq_len)
+        best, best_room = -1, float("inf")
+        for row, free in enumerate(self._free):
+            if all(n <= f for n, f in zip(lengths, free)):
+                room = self._share(tuple(f - n for n, f in zip(lengths, free)))
+                if room < best_room:
+                    best, best_room = row, room
+        if best >= 0:
+            self._rows[best].append((key, features))
+            self._free[best] = tuple(f - n for n, f in zip(lengths, self._free[best]))
+            return self._emit(best) if 0 in self._free[best] else None
+        emitted = None
+        if len(self._rows) >= self.num_open_rows:
+            emitted = self._emit(min(range(len(self._free)), key=lambda row: self._share(self._free[row])))
+        self._rows.append([(key, features)])
+        self._free.append(tuple(cap - n for n, cap in zip(lengths, self.seq_len)))
+        return emitted
+
+    def _share(self, free: tuple[int, ...]) -> float:
+        return sum(f / cap for f, cap in zip(free, self.seq_len))
+
     def _emit(self, row: int) -> dict[str, np.ndarray]:
         examples = self._rows.pop(row)
         del self._free[row]
-        return self.build([features for _, features in examples], self.seq_len)
+        return self._build([features for _, features in examples], self.seq_len)
 
     def flush(self) -> list[dict[str, np.ndarray]]:
         """Emits every open row (at the end of a finite stream)."""
-        rows = [self.build([f for _, f in examples], self.seq_len) for examples in self._rows]
+        rows = [self._build([f for _, f in examples], self.seq_len) for examples in self._rows]
         self._rows, self._free = [], []
         return rows
 
@@ -124,7 +167,13 @@ class OpenRows:
     def restore(self, rows: list[list[tuple[Any, Mapping[str, np.ndarray]]]]) -> None:
         """Reopens rows saved with `keys()` (the caller maps keys back to features)."""
         self._rows = [list(examples) for examples in rows]
-        self._free = [self.seq_len - sum(len(f["input_tokens"]) for _, f in examples) for examples in rows]
+        if self._multi:
+            self._free = [
+                tuple(cap - sum(self._lengths(f)[i] for _, f in examples) for i, cap in enumerate(self.seq_len))
+                for examples in rows
+            ]
+        else:
+            self._free = [self.seq_len - sum(self._lengths(f) for _, f in examples) for examples in rows]
 
 
 def build_row(examples: Sequence[Mapping[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:

@@ -11,8 +11,14 @@ always do; an HF tokenizer follows its tokenizer_config.json (`add_bos_token`; S
 its chat template starts every turn with `<|im_start|>` itself) and defaults to true.
 
 `pad_id` is always 0. Padding positions are masked out by `segment_ids == 0` and zero loss weights, so
-what id 0 means in an external vocabulary (often `<unk>`) never matters. Tokenizers trained here put
-`<pad>` at 0, `<unk>` at 1, `<s>` (BOS) at 2 and `</s>` (EOS) at 3.
+what id 0 means in an external vocabulary (often `<unk>`) never matters. Tokenizers trained here for a
+decoder put `<pad>` at 0, `<unk>` at 1, `<s>` (BOS) at 2 and `</s>` (EOS) at 3.
+
+T5's conventions (`convention="t5"`, what a T5 family run trains; also what Google's T5 / FLAN-T5
+`spiece.model` files have): `<pad>` 0 (also the decoder start token), `</s>` (EOS) 1, `<unk>` 2, no BOS,
+and 100 sentinel ids `<extra_id_0>` ... `<extra_id_99>` after the sentencepiece pieces, counted down
+from the top (`<extra_id_0>` is the last id), as Hugging Face's T5Tokenizer adds them. A sentencepiece
+model with those special ids is read as a T5 tokenizer (sentinels included) automatically.
 
 A tokenizer trained here round-trips text exactly (`decode(encode(s)) == s`): newlines, tabs and
 repeated spaces survive (JAX_STACK_NOTES gotcha 8), unseen characters fall back to bytes, and no
@@ -20,7 +26,7 @@ dummy prefix space is added, so `encode(inputs) + encode(targets)` decodes to `i
 
 Train one from a registered mixture:
 
-  python -m flan_jax.data.tokenizer --mixture=NAME --vocab_size=8000 --out=/tmp/tok.model
+  python -m flan_jax.data.tokenizer --mixture=NAME --vocab_size=8000 --out=/tmp/tok.model [--convention=t5]
 """
 
 from __future__ import annotations
@@ -52,11 +58,16 @@ _HF_EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im
 # Fixed seed for sentencepiece's internal sampling, so the same texts always give the same model.
 _TRAINING_SEED = 1234
 
+CONVENTIONS = ("decoder", "t5")
+T5_EXTRA_IDS = 100  # sentinels of T5's span corruption, <extra_id_0> = the last id
+# Special ids (pad, unk, bos, eos) of a tokenizer trained for each convention (-1: none).
+_SPECIAL_IDS = {"decoder": (PAD_ID, UNK_ID, BOS_ID, EOS_ID), "t5": (0, 2, -1, 1)}
+
 
 class Tokenizer:
     """The tokenizer interface the data pipeline, trainer and evaluator rely on."""
 
-    bos_id: int
+    bos_id: int | None  # None: the vocabulary has no BOS (T5); decoder families refuse such a tokenizer
     eos_id: int
     pad_id: int = PAD_ID
     vocab_size: int
@@ -93,11 +104,18 @@ class Tokenizer:
     def _known(self, ids: Iterable[int]) -> list[int]:
         return [int(i) for i in ids if int(i) not in self._special and 0 <= int(i) < self.vocab_size]
 
+    def _special_ids(self) -> set[int]:
+        return {i for i in (self.pad_id, self.bos_id, self.eos_id) if i is not None}
+
 
 class SentencePieceTokenizer(Tokenizer):
-    """A sentencepiece model (`.model` file or serialized proto bytes)."""
+    """A sentencepiece model (`.model` file or serialized proto bytes).
 
-    def __init__(self, model: str | os.PathLike | bytes, *, name: str = ""):
+    A model with T5's special ids (pad 0, EOS 1, unk 2, no BOS) gets T5's 100 sentinel ids on top
+    of its pieces (`extra_ids`, decoded as "<extra_id_N>"); `extra_ids=` sets another number.
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, *, name: str = "", extra_ids: int | None = None):
         if isinstance(model, bytes):
             self._sp = spm.SentencePieceProcessor(model_proto=model)
             self.name = name or "<in-memory sentencepiece model>"
@@ -107,18 +125,29 @@ class SentencePieceTokenizer(Tokenizer):
                 raise FileNotFoundError(f"sentencepiece model {path} does not exist")
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
             self.name = name or str(path)
-        self.vocab_size = self._sp.get_piece_size()
-        self.bos_id = self._sp.bos_id()
+        self.num_pieces = self._sp.get_piece_size()
+        bos = self._sp.bos_id()
+        self.bos_id = bos if bos >= 0 else None
         self.eos_id = self._sp.eos_id()
-        if self.bos_id < 0 or self.eos_id < 0:
+        if self.eos_id < 0:
             raise ValueError(
-                f"sentencepiece model {self.name} has no BOS or EOS piece (bos_id={self.bos_id}, "
-                f"eos_id={self.eos_id}); train it with bos_id/eos_id set, e.g. with train_sentencepiece()"
+                f"sentencepiece model {self.name} has no EOS piece (eos_id={self.eos_id}); train it with "
+                "eos_id set, e.g. with train_sentencepiece()"
             )
-        self._special = {self.pad_id, self.bos_id, self.eos_id}
+        t5_style = (self._sp.pad_id(), self._sp.unk_id(), bos, self.eos_id) == _SPECIAL_IDS["t5"]
+        self.extra_ids = (T5_EXTRA_IDS if t5_style else 0) if extra_ids is None else int(extra_ids)
+        self.vocab_size = self.num_pieces + self.extra_ids
+        self._special = self._special_ids()
+        self.add_bos = self.bos_id is not None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def sentinel_id(self, index: int) -> int:
+        """The id of `<extra_id_{index}>` (T5: counted down from the last id)."""
+        if not 0 <= index < self.extra_ids:
+            raise ValueError(f"{self.name} has {self.extra_ids} sentinel ids; <extra_id_{index}> is not one")
+        return self.vocab_size - 1 - index
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # sentencepiece encodes a list on a fresh thread pool: only worth it for many texts
@@ -128,7 +157,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.encode(list(texts))
 
     def special_token_texts(self) -> dict[str, str]:
-        return {"bos_token": self._sp.id_to_piece(self.bos_id), "eos_token": self._sp.id_to_piece(self.eos_id)}
+        texts = {"eos_token": self._sp.id_to_piece(self.eos_id)}
+        if self.bos_id is not None:  # T5's vocabulary has none
+            texts["bos_token"] = self._sp.id_to_piece(self.bos_id)
+        return texts
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # sentencepiece reports byte offsets into the UTF-8 text: mapped back to characters.
@@ -140,7 +172,17 @@ class SentencePieceTokenizer(Tokenizer):
         return ids, offsets
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode(self._known(ids))
+        known = self._known(ids)
+        if not self.extra_ids or all(i < self.num_pieces for i in known):
+            return self._sp.decode(known)
+        text, run = [], []
+        for i in known:  # sentinels are written out, the pieces between them decoded together
+            if i < self.num_pieces:
+                run.append(i)
+                continue
+            text += [self._sp.decode(run), f"<extra_id_{self.vocab_size - 1 - i}>"]
+            run = []
+        return "".join([*text, self._sp.decode(run)])
 
     def __repr__(self) -> str:
         return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -167,20 +209,24 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config = _read_tokenizer_config(path.parent / "tokenizer_config.json")
         named = chat.special_tokens_of(config)
-        self.bos_id = self._find_token(bos_token or named.get("bos_token"), _HF_BOS_CANDIDATES, "BOS")
+        # BOS may be absent (T5); the decoder families refuse such a tokenizer (data.converters).
+        self.bos_id = self._find_token(bos_token or named.get("bos_token"), _HF_BOS_CANDIDATES, "BOS", required=bool(bos_token))
         self.eos_id = self._find_token(eos_token or named.get("eos_token"), _HF_EOS_CANDIDATES, "EOS")
-        self.add_bos = bool(config.get("add_bos_token", True))
-        self._special_texts = {**named, "bos_token": self._tok.id_to_token(self.bos_id),
-                               "eos_token": self._tok.id_to_token(self.eos_id)}
+        self.add_bos = bool(config.get("add_bos_token", self.bos_id is not None))
+        self._special_texts = {**named, "eos_token": self._tok.id_to_token(self.eos_id)}
+        if self.bos_id is not None:
+            self._special_texts["bos_token"] = self._tok.id_to_token(self.bos_id)
         self.chat_template = chat.ChatTemplate.from_tokenizer_dir(path.parent)
-        self._special = {self.pad_id, self.bos_id, self.eos_id}
+        self._special = self._special_ids()
 
-    def _find_token(self, wanted: str | None, candidates: Sequence[str], role: str) -> int:
+    def _find_token(self, wanted: str | None, candidates: Sequence[str], role: str, required: bool = True) -> int | None:
         names = [wanted] if wanted else list(candidates)
         for token in names:
             token_id = self._tok.token_to_id(token)
             if token_id is not None:
                 return token_id
+        if not required:
+            return None
         raise ValueError(
             f"HF tokenizer {self.name}: no {role} token found (tried {names}); "
             f"set config.data.tokenizer.{role.lower()}_token"
@@ -222,22 +268,31 @@ def _read_tokenizer_config(path: pathlib.Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- training
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, convention: str = "decoder") -> bytes:
     """Trains a unigram sentencepiece model on `texts` and returns its serialized bytes.
 
     Deterministic: the same texts in the same order give byte-identical models (single thread, no input
     sampling or shuffling, fixed seed). Settings keep text exact (gotcha 8), split digits and fall back to
     bytes for unseen characters. `vocab_size` is an upper bound: a small corpus gives a smaller vocabulary
-    rather than an error (check `Tokenizer.vocab_size`).
+    rather than an error (check `Tokenizer.vocab_size`). `convention` sets the special ids (module
+    docstring); "t5" trains `vocab_size - 100` pieces so that with the sentinels the vocabulary is at
+    most `vocab_size`.
     """
-    if vocab_size < 300:
-        raise ValueError(f"vocab_size={vocab_size} is too small: 256 byte pieces + 4 special ids need room")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"tokenizer convention {convention!r}: expected one of {CONVENTIONS}")
+    pieces = vocab_size - (T5_EXTRA_IDS if convention == "t5" else 0)
+    if pieces < 300:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: 256 byte pieces + 4 special ids"
+            + (" + T5's 100 sentinel ids" if convention == "t5" else "") + " need room"
+        )
+    pad_id, unk_id, bos_id, eos_id = _SPECIAL_IDS[convention]
     spm.set_random_generator_seed(_TRAINING_SEED)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=(t for t in texts if t),
         model_writer=model,
-        vocab_size=vocab_size,
+        vocab_size=pieces,
         hard_vocab_limit=False,
         model_type="unigram",
         character_coverage=0.9995,
@@ -247,10 +302,10 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
         add_dummy_prefix=False,
         byte_fallback=True,
         split_digits=True,
-        pad_id=PAD_ID,
-        unk_id=UNK_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
+        pad_id=pad_id,
+        unk_id=unk_id,
+        bos_id=bos_id,
+        eos_id=eos_id,
         pad_piece="<pad>",
         unk_piece="<unk>",
         bos_piece="<s>",
@@ -296,6 +351,7 @@ def load_tokenizer(
     train_texts: Iterable[str] | None = None,
     train_mixture: str = "",
     train_split: str = "train",
+    convention: str = "decoder",
 ) -> Tokenizer:
     """The tokenizer `config.data.tokenizer` describes (see flan_jax/default_config.py).
 
@@ -303,7 +359,8 @@ def load_tokenizer(
     (reused when already there, so a resumed run keeps its vocabulary) from `train_texts`, or else
     from the first `tok_config.train_examples` examples of `train_mixture`.
     `config.data` itself may be passed instead of `config.data.tokenizer`: its `train_mixture` and
-    `train_split` are then used.
+    `train_split` are then used. `convention` ("decoder" or "t5", the model family's) sets the special
+    ids of a tokenizer trained here; a reused or given tokenizer is read as it is.
     """
     if "tokenizer" in tok_config:  # the whole data config
         train_mixture = train_mixture or tok_config.train_mixture
@@ -335,8 +392,8 @@ def load_tokenizer(
         if not train_mixture:
             raise ValueError("no tokenizer path, no training texts and no mixture to train a tokenizer on")
         train_texts = mixture_texts(train_mixture, split=train_split, num_examples=tok_config.train_examples)
-    logging.info("Training a %d-piece sentencepiece tokenizer into %s", tok_config.vocab_size, path)
-    write_atomically(path, train_sentencepiece(train_texts, tok_config.vocab_size))
+    logging.info("Training a %d-id sentencepiece tokenizer (%s ids) into %s", tok_config.vocab_size, convention, path)
+    write_atomically(path, train_sentencepiece(train_texts, tok_config.vocab_size, convention=convention))
     return with_chat_settings(SentencePieceTokenizer(path), tok_config)
 
 
@@ -369,7 +426,7 @@ def main(argv: Sequence[str]) -> None:
     FLAGS = flags.FLAGS
     texts = mixture_texts(FLAGS.mixture, split=FLAGS.split, num_examples=FLAGS.train_examples, seed=FLAGS.seed)
     out = pathlib.Path(FLAGS.out)
-    write_atomically(out, train_sentencepiece(texts, FLAGS.vocab_size))
+    write_atomically(out, train_sentencepiece(texts, FLAGS.vocab_size, convention=FLAGS.convention))
     tokenizer = SentencePieceTokenizer(out)
     print(f"Wrote {out}: {tokenizer.vocab_size} pieces from {len(texts) // 2} examples of {FLAGS.mixture!r}")
 
@@ -383,4 +440,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("train_examples", 50_000, "examples (inputs and targets) to train on")
     flags.DEFINE_string("split", "train", "split of the mixture")
     flags.DEFINE_integer("seed", 0, "seed of the mixture's example order")
+    flags.DEFINE_enum("convention", "decoder", CONVENTIONS, "special ids: decoder (pad 0 unk 1 BOS 2 EOS 3) or t5")
     app.run(main)

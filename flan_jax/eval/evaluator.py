@@ -17,7 +17,7 @@ from the task's own definition, then compute the metrics the task lists (`task.m
 Before anything is generated, every example is checked (flan_jax.data.checks): a reference a metric
 cannot score or an answer that is none of the options fails with the record's file and line. An
 extra metric that cannot apply to a task (loss without targets) is left out of it, logged and
-listed under the task's `skipped_metrics`. Prompts cut to fit `data.seq_len - eval.max_new_tokens`,
+listed under the task's `skipped_metrics`. Prompts cut to fit `data.seq_len - eval.max_new_tokens` (T5: `data.seq_len`),
 references longer than `eval.max_new_tokens` and scored sequences cut to `data.seq_len` are counted
 per task (`truncation` in the results, a table in the report) and warned about before generating.
 
@@ -39,7 +39,8 @@ from typing import Any
 
 import jax
 
-from flan_jax.data import chat_features, checks
+from flan_jax.data import chat_features, checks, converters
+from flan_jax.data.converters import DECODER
 from flan_jax.data.metric_registry import Metric, check_metric_names, get_metric
 from flan_jax.eval import preference, report, scoring
 
@@ -184,26 +185,30 @@ def _default_generate() -> GenerateFn:
     return generate
 
 
-def prompt_budget(max_len: int, max_new_tokens: int) -> int:
-    """Prompt tokens (BOS included) that fit before `max_new_tokens` generated ones in `max_len` positions."""
-    return max(max_len - max_new_tokens, 1)
+def prompt_budget(max_len: int | tuple[int, ...], max_new_tokens: int, converter: Any = DECODER) -> int:
+    """Prompt tokens that fit in the model family's rows (`max_len`: its converter's row shape): a
+    decoder's prompt (BOS included) before `max_new_tokens` generated ones; T5's encoder row."""
+    return converter.prompt_budget(max_len, max_new_tokens)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]], max_tokens: int) -> tuple[list[list[int]], list[int]]:
-    """The tokens each prompt conditions on, cut in the middle to `max_tokens`; and how many each lost.
+def encode_prompts(
+    tokenizer, prompts: Sequence[str | Sequence[dict]], max_tokens: int, converter: Any = DECODER
+) -> tuple[list[list[int]], list[int]]:
+    """The tokens each prompt conditions on in the family's layout, cut in the middle to
+    `max_tokens`; and how many tokens each lost.
 
-    BOS + the prompt's tokens; or, for a conversation (a messages task's) or any prompt when the
-    tokenizer renders chats (`config.data.tokenizer.chat_template`), the chat template's rendering
-    with its generation prompt, as in training (data/chat_features.py).
+    A decoder's BOS + the prompt's tokens; or, for a conversation (a messages task's) or any prompt
+    when the tokenizer renders chats (`config.data.tokenizer.chat_template`), the chat template's
+    rendering with its generation prompt, as in training (data/chat_features.py). T5: the tokens + EOS.
     """
     if all(isinstance(p, str) for p in prompts) and not chat_features.renders_chats(tokenizer):
-        start = chat_features.start_ids(tokenizer)
-        full_prompts = [[*start, *ids] for ids in tokenizer.encode_batch(list(prompts))]  # one native call
+        # one native call for all prompts
+        full_prompts = [converter.prompt_from_ids(tokenizer, ids) for ids in tokenizer.encode_batch(list(prompts))]
     else:
-        full_prompts = [scoring.encode_prompt(tokenizer, prompt) for prompt in prompts]
+        full_prompts = [converter.prompt_ids(tokenizer, prompt) for prompt in prompts]
     encoded, cut = [], []
     for full in full_prompts:
-        kept = scoring.cut_prompt(full, max_tokens)
+        kept = converter.cut_prompt(full, max_tokens)
         encoded.append(kept)
         cut.append(len(full) - len(kept))
     return encoded, cut
@@ -235,7 +240,7 @@ def generate_texts(
     prompts: Sequence[str | Sequence[dict]],
     *,
     max_new_tokens: int,
-    max_len: int,
+    max_len: int | tuple[int, ...],
     batch_size: int,
     generate_fn: GenerateFn | None = None,
 ) -> list[str]:
@@ -243,11 +248,14 @@ def generate_texts(
 
     Prompts are sorted by token length so each batch pads little, and the last batch is filled
     up with copies of its last prompt so every call has the same batch shape (no recompiles).
-    Prompts longer than `max_len - max_new_tokens` lose the middle of their instruction. A prompt
-    is a string, or a conversation (a list of messages) rendered with the tokenizer's chat
-    template (see `encode_prompts`).
+    The prompt layout is the model family's (its feature converter); `max_len` is that converter's
+    row shape (a decoder's seq_len). Prompts longer than the budget (a decoder: `max_len -
+    max_new_tokens`; T5: its encoder row) lose the middle of their instruction. A prompt is a
+    string, or a conversation (a list of messages) rendered with the tokenizer's chat template
+    (see `encode_prompts`).
     """
-    encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens))
+    converter = converters.for_model(model)
+    encoded, _ = encode_prompts(tokenizer, prompts, prompt_budget(max_len, max_new_tokens, converter), converter)
     return _generate_encoded(
         model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, generate_fn=generate_fn
     )
@@ -296,9 +304,10 @@ def _generate_all(model, tokenizer, config, items: Sequence[_TaskData], generate
     if not items:
         return
     max_new_tokens = int(config.eval.max_new_tokens)
-    budget = prompt_budget(int(config.data.seq_len), max_new_tokens)
+    converter = converters.for_model(model)
+    budget = prompt_budget(_row_shape(model, config), max_new_tokens, converter)
     prompts = [chat_features.eval_prompt(ex) for it in items for ex in it.examples]
-    encoded, cuts = encode_prompts(tokenizer, prompts, budget)
+    encoded, cuts = encode_prompts(tokenizer, prompts, budget, converter)
     for item, item_cuts in _split_back(cuts, items):
         _count_generation_truncation(item, tokenizer, item_cuts, budget, max_new_tokens)
     texts = _generate_encoded(
@@ -354,6 +363,12 @@ def _prediction_records(item: _TaskData) -> list[dict]:
     return records
 
 
+def _row_shape(model, config):
+    """The rows the model family trains on (its converter's shape of config.data): the longest
+    prompts and targets the evaluation scores and generates from."""
+    return scoring.row_shape(config.data, converters.for_model(model))
+
+
 def _split_back(flat: Sequence, items: Sequence[_TaskData]):
     """Cuts a list built from all items' examples (in order) back into one slice per item."""
     offset = 0
@@ -367,7 +382,7 @@ def _rank_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     if not items:
         return
     results = scoring.rank_classify(
-        model, tokenizer, [ex for it in items for ex in it.examples], max_len=int(config.data.seq_len),
+        model, tokenizer, [ex for it in items for ex in it.examples], max_len=_row_shape(model, config),
         batch_rows=config.eval.batch_size, prefix_lm=bool(config.data.prefix_lm),
         length_normalized=config.eval.length_normalized_options,
     )
@@ -380,9 +395,9 @@ def _loss_all(model, tokenizer, config, items: Sequence[_TaskData]) -> None:
     """Per-task loss on the reference targets, all tasks in one packed pass."""
     if not items:
         return
-    sequences = scoring.target_sequences(tokenizer, [ex for it in items for ex in it.examples])
+    sequences = scoring.target_sequences(tokenizer, [ex for it in items for ex in it.examples], converters.for_model(model))
     scores = scoring.score_targets(
-        model, sequences, max_len=int(config.data.seq_len), batch_rows=config.eval.batch_size,
+        model, sequences, max_len=_row_shape(model, config), batch_rows=config.eval.batch_size,
         prefix_lm=bool(config.data.prefix_lm),
     )
     for item, task_scores in _split_back(scores, items):

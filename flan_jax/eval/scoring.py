@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flan_jax.data import chat_features
+from flan_jax.data import chat_features, converters
+from flan_jax.data.converters import DECODER
+from flan_jax.data.features import FeatureConfig
 from flan_jax.eval import report
 
 _MIN_ROW_LEN = 16
@@ -45,49 +47,28 @@ class TargetScore:
 
 
 def encode_prompt(tokenizer, inputs) -> list[int]:
-    """What the model conditions on, laid out as in training (design.md §4): BOS + the instruction
+    """What a decoder conditions on, laid out as in training (design.md §4): BOS + the instruction
     tokens, or the chat template's rendering with its generation prompt (a conversation, or any
-    prompt when the tokenizer renders chats; data/chat_features.py)."""
-    return chat_features.prompt_ids(tokenizer, inputs)
+    prompt when the tokenizer renders chats; data/chat_features.py).
+
+    Scoring and generation take each family's own layout from its feature converter
+    (`converters.for_model(model).prompt_ids`; T5: the instruction + EOS).
+    """
+    return DECODER.prompt_ids(tokenizer, inputs)
 
 
 def encode_target(tokenizer, target: str, *, add_eos: bool = True) -> list[int]:
     """The response tokens, ending in EOS like training targets (so an option must also *end*)."""
-    ids = list(tokenizer.encode(target))
-    return [*ids, tokenizer.eos_id] if add_eos else ids
+    return DECODER.target_ids(tokenizer, target, add_eos=add_eos)
 
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _fit(prompt: Sequence[int], target: Sequence[int], max_len: int) -> tuple[list[int], list[int], bool]:
-    """Cuts the sequence so that its len(prompt) + len(target) - 1 model inputs fit in max_len.
-
-    The target is what we measure, so the prompt gives way first, and like the training features
-    (flan_jax.data.features) it loses its *middle*: the task description at its start and the
-    answer cue at its end both survive. Only a target that alone does not fit is cut, at its end.
-    """
-    prompt, target = list(prompt), list(target)
-    if not prompt:
-        raise ValueError("every scored sequence needs a prompt of at least one token (BOS)")
-    if not target:
-        raise ValueError("cannot score an empty target")
-    if len(prompt) + len(target) - 1 <= max_len:
-        return prompt, target, False
-    if len(target) >= max_len:
-        return prompt[:1], target[:max_len], True
-    return cut_prompt(prompt, max_len - len(target) + 1), target, True
-
-
 def cut_prompt(prompt: Sequence[int], max_tokens: int) -> list[int]:
-    """BOS + the first and last parts of the instruction, `max_tokens` tokens in all."""
-    prompt = list(prompt)
-    if len(prompt) <= max_tokens:
-        return prompt
-    keep = max(max_tokens - 1, 0)
-    head = keep // 2
-    return [prompt[0], *prompt[1:1 + head], *prompt[len(prompt) - (keep - head):]] if keep else prompt[:1]
+    """BOS + the first and last parts of the instruction, `max_tokens` tokens in all (decoder prompts)."""
+    return DECODER.cut_prompt(prompt, max_tokens)
 
 
 def _pack(lengths: Sequence[int], row_len: int) -> tuple[list[int], list[int]]:
@@ -116,13 +97,54 @@ def _pack(lengths: Sequence[int], row_len: int) -> tuple[list[int], list[int]]:
     return rows, offsets
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _target_log_probs(graphdef, state, input_tokens, target_tokens, positions, segment_ids, prefix_mask):
+def _pack_streams(lengths: Sequence[tuple[int, ...]], row_shape: tuple[int, ...]) -> list[list[int]]:
+    """Best-fit decreasing over several streams (encoder and decoder rows): the members of each row.
+
+    Largest first (by their share of the row), each into the row it leaves least free, or a new row.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -sum(n / cap for n, cap in zip(lengths[i], row_shape)))
+    free: list[list[int]] = []
+    members: list[list[int]] = []
+    for i in order:
+        best, best_room = -1, float("inf")
+        for r, room in enumerate(free):
+            if all(n <= f for n, f in zip(lengths[i], room)):
+                left = sum((f - n) / cap for n, f, cap in zip(lengths[i], room, row_shape))
+                if left < best_room:
+                    best, best_room = r, left
+        if best < 0:
+            best = len(free)
+            free.append(list(row_shape))
+            members.append([])
+        free[best] = [f - n for n, f in zip(lengths[i], free[best])]
+        members[best].append(i)
+    return members
+
+
+def row_members(lengths: Sequence, row_shape) -> list[list[int]]:
+    """The sequences of each packed row, in their order inside the row."""
+    if isinstance(row_shape, int):
+        rows, offsets = _pack(lengths, row_shape)
+        members: list[list[int]] = [[] for _ in range(max(rows) + 1)]
+        for i in sorted(range(len(lengths)), key=lambda i: (rows[i], offsets[i])):
+            members[rows[i]].append(i)
+        return members
+    return _pack_streams(lengths, row_shape)
+
+
+def row_shape(data_config, converter) -> int | tuple[int, ...]:
+    """The longest rows scoring may use: the training rows of `config.data` in the converter's layout."""
+    return converter.row_shape(FeatureConfig.from_data_config(data_config))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _target_log_probs(graphdef, targets_key: str, prefix_lm: bool, converter_name: str, state, batch):
     model = nnx.merge(graphdef, state)
-    logits = model(input_tokens, positions=positions, segment_ids=segment_ids, prefix_mask=prefix_mask)
+    converter = converters.get_converter(converter_name)
+    logits = model(**converter.model_features(batch, prefix_lm=prefix_lm))
     # log p(target) = logit[target] - logsumexp(logits): no second [B, L, vocab] array is built.
     logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, target_tokens[..., None], axis=-1)[..., 0]
+    target_logits = jnp.take_along_axis(logits, batch[targets_key][..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
@@ -130,44 +152,48 @@ def score_targets(
     model: nnx.Module,
     sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
-    max_len: int,
+    max_len: int | tuple[int, ...],
     batch_rows: int = 16,
     prefix_lm: bool = False,
 ) -> list[TargetScore]:
     """Log-likelihood of each target given its prompt, in packed, batched forward passes.
 
-    `sequences` holds (prompt_ids, target_ids) pairs; the prompt starts with BOS (see
-    `encode_prompt`). The model sees prompt + target[:-1] and is scored on predicting target.
-    With `prefix_lm`, the prompt positions get `prefix_mask=1` (bidirectional), as in training.
+    `sequences` holds (prompt_ids, target_ids) pairs in the model family's layout (its feature
+    converter's `prompt_ids` / `target_ids`; a decoder's prompt starts with BOS, see `encode_prompt`).
+    A decoder sees prompt + target[:-1] in one row; T5's encoder sees the prompt and its decoder the
+    shifted target. `max_len` is the converter's row shape (`row_shape(config.data, converter)`;
+    an int for a decoder). With `prefix_lm`, the prompt positions get `prefix_mask=1` (bidirectional), as in training.
     """
     if not sequences:
         return []
-    fitted = [_fit(p, t, max_len) for p, t in sequences]
-    num_truncated = sum(f[2] for f in fitted)
+    converter = converters.for_model(model)
+    scored = [converter.score_features(p, t, max_len) for p, t in sequences]
+    num_truncated = sum(truncated for _, _, truncated in scored)
     if num_truncated:
-        logging.info("scoring: %d of %d sequences cut to max_len=%d", num_truncated, len(fitted), max_len)
-    lengths = [len(p) + len(t) - 1 for p, t, _ in fitted]
-    row_len = min(max(_MIN_ROW_LEN, _next_power_of_two(max(lengths))), max(max_len, max(lengths)))
-    rows, offsets = _pack(lengths, row_len)
-    num_rows = max(rows) + 1
-
-    input_tokens = np.zeros((num_rows, row_len), np.int32)
-    target_tokens = np.zeros((num_rows, row_len), np.int32)
-    positions = np.zeros((num_rows, row_len), np.int32)
-    segment_ids = np.zeros((num_rows, row_len), np.int32)
-    prefix_mask = np.zeros((num_rows, row_len), np.int32)
-    segments_in_row = [0] * num_rows
-    for (prompt, target, _), r, o, n in zip(fitted, rows, offsets, lengths):
-        tokens = np.asarray(prompt + target, np.int32)
-        segments_in_row[r] += 1
-        input_tokens[r, o:o + n] = tokens[:-1]
-        target_tokens[r, o:o + n] = tokens[1:]
-        positions[r, o:o + n] = np.arange(n)
-        segment_ids[r, o:o + n] = segments_in_row[r]
-        prefix_mask[r, o:o + len(prompt)] = 1
+        logging.info("scoring: %d of %d sequences cut to max_len=%s", num_truncated, len(scored), max_len)
+    lengths = [converter.lengths(features) for features, _, _ in scored]
+    stream = converter.loss_keys[0]  # the predicted stream: spans index into it
+    if isinstance(max_len, int):
+        longest = max(lengths)
+        shape: int | tuple[int, ...] = min(max(_MIN_ROW_LEN, _next_power_of_two(longest)), max(max_len, longest))
+        predicted = lambda n: n  # noqa: E731
+    else:
+        longest_per = [max(n[d] for n in lengths) for d in range(len(max_len))]
+        shape = tuple(min(max(_MIN_ROW_LEN, _next_power_of_two(m)), max(cap, m)) for m, cap in zip(longest_per, max_len))
+        predicted = lambda n: n[-1]  # noqa: E731  (encoder-decoder: the decoder stream is last)
+    members = row_members(lengths, shape)
+    rows = [converter.build_row([scored[i][0] for i in row], shape) for row in members]
+    placed = {}  # sequence -> (row, offset along the predicted stream)
+    for r, row in enumerate(members):
+        offset = 0
+        for i in row:
+            placed[i] = (r, offset)
+            offset += predicted(lengths[i])
+    arrays = {key: np.stack([row[key] for row in rows]) for key in converter.batch_keys}
+    num_rows = len(rows)
 
     graphdef, state = nnx.split(model)
-    token_log_probs = np.zeros((num_rows, row_len), np.float32)
+    token_log_probs = np.zeros(arrays[stream].shape, np.float32)
     start = 0
     while start < num_rows:
         # Fixed batch shapes: full batches of `batch_rows`, then a power-of-two remainder.
@@ -175,27 +201,21 @@ def score_targets(
         stop = min(start + size, num_rows)
 
         def padded(a, start=start, stop=stop, size=size):
-            out = np.zeros((size, row_len), a.dtype)
+            out = np.zeros((size, *a.shape[1:]), a.dtype)
             out[: stop - start] = a[start:stop]
             return out
 
         result = _target_log_probs(
-            graphdef,
-            state,
-            padded(input_tokens),
-            padded(target_tokens),
-            padded(positions),
-            padded(segment_ids),
-            padded(prefix_mask) if prefix_lm else None,
+            graphdef, stream, bool(prefix_lm), converter.name, state, {key: padded(a) for key, a in arrays.items()}
         )
         token_log_probs[start:stop] = np.asarray(result)[: stop - start]
         start = stop
 
     scores = []
-    for (prompt, target, truncated), r, o, n in zip(fitted, rows, offsets, lengths):
-        first = o + len(prompt) - 1  # the last prompt token predicts the first target token
-        log_likelihood = float(token_log_probs[r, first:o + n].sum(dtype=np.float64))
-        scores.append(TargetScore(log_likelihood, len(target), truncated))
+    for i, (_, (first, end), truncated) in enumerate(scored):
+        r, o = placed[i]
+        log_likelihood = float(token_log_probs[r, o + first:o + end].sum(dtype=np.float64))
+        scores.append(TargetScore(log_likelihood, end - first, truncated))
     return scores
 
 
@@ -213,7 +233,7 @@ def rank_classify(
     tokenizer,
     examples: Sequence[dict],
     *,
-    max_len: int,
+    max_len: int | tuple[int, ...],
     batch_rows: int = 16,
     prefix_lm: bool = False,
     length_normalized: bool = False,
@@ -226,6 +246,7 @@ def rank_classify(
     options differ much in length. Ties go to the earlier option. All options of all examples
     are scored together in packed batches.
     """
+    converter = converters.for_model(model)
     sequences, owners = [], []
     for index, example in enumerate(examples):
         options = list(example.get("options") or [])
@@ -234,9 +255,9 @@ def rank_classify(
                 f"rank classification needs answer options, but example {index} of task "
                 f"{example.get('task', '?')!r} has an empty 'options' field"
             )
-        prompt = encode_prompt(tokenizer, chat_features.eval_prompt(example))
+        prompt = converter.prompt_ids(tokenizer, chat_features.eval_prompt(example))
         for option in options:
-            sequences.append((prompt, encode_target(tokenizer, option)))
+            sequences.append((prompt, converter.target_ids(tokenizer, option)))
             owners.append(index)
     flat = score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm)
     per_example: list[list[float]] = [[] for _ in examples]
@@ -252,18 +273,18 @@ def target_loss(
     tokenizer,
     examples: Sequence[dict],
     *,
-    max_len: int,
+    max_len: int | tuple[int, ...],
     batch_rows: int = 16,
     prefix_lm: bool = False,
 ) -> dict[str, float]:
     """Mean negative log-likelihood per target token (training's "tokens" normalization) and perplexity."""
-    sequences = target_sequences(tokenizer, examples)
+    sequences = target_sequences(tokenizer, examples, converters.for_model(model))
     return mean_loss(score_targets(model, sequences, max_len=max_len, batch_rows=batch_rows, prefix_lm=prefix_lm))
 
 
-def target_sequences(tokenizer, examples: Sequence[dict]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, target ids) of each rendered example, as `score_targets` takes them."""
-    return [(encode_prompt(tokenizer, chat_features.eval_prompt(ex)), encode_target(tokenizer, ex["targets"]))
+def target_sequences(tokenizer, examples: Sequence[dict], converter=DECODER) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) of each rendered example in `converter`'s layout, as `score_targets` takes them."""
+    return [(converter.prompt_ids(tokenizer, chat_features.eval_prompt(ex)), converter.target_ids(tokenizer, ex["targets"]))
             for ex in examples]
 
 

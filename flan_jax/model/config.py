@@ -18,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
+
+from flan_jax.model.family_config import FamilyConfig
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
 LAYER_TYPES = ("full", "sliding")
@@ -32,7 +34,7 @@ SCAN_MIN_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(FamilyConfig):
     family: str = "llama"
     vocab_size: int = 8000
     d_model: int = 256
@@ -89,24 +91,15 @@ class ModelConfig:
     # (`scanned`). Changes the parameter layout (model/layout.py), not the model.
     scan_layers: bool | None = None
 
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = RUNTIME_FIELDS
+
     def __post_init__(self) -> None:
-        checks = {
-            "family": (self.family, FAMILIES),
-            "norm": (self.norm, ("rms", "layer")),
-            "activation": (self.activation, ("silu", "gelu_tanh", "gelu")),
-            "position": (self.position, ("rope", "learned")),
-            "rope_scaling": (self.rope_scaling, ("none", "llama3", "linear")),
-            "remat": (self.remat, ("none", "full", "dots")),
-            "attention": (self.attention, ("xla", "cudnn", "reference")),
-            "kernels": (self.kernels, ("auto", "cpu", "xla")),
-            "qk_norm": (self.qk_norm, ("none", "head", "full")),
-            "block_norms": (self.block_norms, ("pre", "sandwich", "post")),
-            "param_dtype": (self.param_dtype, ("float32", "bfloat16", "float16")),
-            "dtype": (self.dtype, ("float32", "bfloat16", "float16")),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"ModelConfig.{name}={value!r}; expected one of {allowed}")
+        self.check_choices(
+            family=FAMILIES, norm=("rms", "layer"), activation=("silu", "gelu_tanh", "gelu"),
+            position=("rope", "learned"), rope_scaling=("none", "llama3", "linear"),
+            qk_norm=("none", "head", "full"), block_norms=("pre", "sandwich", "post"),
+        )
+        self.check_runtime_choices()
         if self.scan_layers not in (None, True, False):
             raise ValueError(f"ModelConfig.scan_layers={self.scan_layers!r}; expected True, False or None (by depth)")
         if self.n_heads % self.n_kv_heads:
@@ -146,13 +139,12 @@ class ModelConfig:
 
         Every field of the section that ModelConfig knows is used, except that a field left at
         None (an ml_collections placeholder, e.g. `tie_embeddings`) keeps the family default.
+        Fields of other families (T5's) must stay at their defaults (model.registry.family_fields).
         """
-        values = dict(model_section.to_dict() if hasattr(model_section, "to_dict") else model_section)
-        family = values.pop("family", "llama")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"config.model has fields ModelConfig does not know: {unknown}")
+        from flan_jax.model import registry  # local import: registry imports this module
+
+        values = registry.family_fields(model_section, cls)
+        family = values.pop("family", None) or "llama"
         overrides = {k: v for k, v in values.items() if v is not None}
         return cls.for_family(family, **overrides)
 
@@ -163,28 +155,20 @@ class ModelConfig:
 
         return hf_config.from_hf(cls, hf, **overrides)
 
-    def replace(self, **changes: Any) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
-    def with_runtime(self, model_section: Any) -> ModelConfig:
-        """This architecture run as `config.model` asks (dtypes, remat, attention kernel).
-
-        Used with `checkpoint.init_from`: the architecture comes from the converted checkpoint,
-        how to run it from the experiment config.
-        """
-        get = model_section.get if hasattr(model_section, "get") else model_section.__getitem__
-        return self.replace(**{name: get(name) for name in RUNTIME_FIELDS if get(name) is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ValueError(f"model config has unknown fields {unknown}")
-        return cls(**values)
+    # ------------------------------------------------------------------ what the trainer asks
+    def check_data(self, data_config: Any) -> None:
+        """Data settings this model cannot train on, refused before any work."""
+        if self.position == "learned" and int(data_config.seq_len) > self.max_positions:
+            # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
+            raise ValueError(
+                f"config.data.seq_len={data_config.seq_len} exceeds the model's learned position table "
+                f"(config.model.max_positions={self.max_positions}); shorten the rows or enlarge the table"
+            )
+        if int(data_config.get("targets_len", 0) or 0):
+            raise ValueError(
+                f"config.data.targets_len={data_config.targets_len} is the decoder length of an encoder-decoder "
+                f"(T5); a {self.family} model trains on rows of config.data.seq_len: leave targets_len at 0"
+            )
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -8,6 +8,10 @@ length P, so every row writes the same cache slot at each step (a plain dynamic_
 Padding gets segment id 0 and is masked out of every key set; positions restart at 0 on each
 row's first real token, so a row decodes exactly as it would alone.
 
+Every family decodes through here (`generate_arrays` dispatches to the family's loop, see
+model.registry): the decoder below, T5 in t5_generate.py (the encoder runs once on the prompts, the
+decoder caches its own keys and values), with the same prompt layout and shape buckets.
+
 Compilation: the prompt length is rounded up to a power of two (at least 8), the batch to a
 power of two (dummy rows start finished and are dropped from the output) and `max_new_tokens` to a power of two
 (the loop stops at the real limit, or earlier when every row has produced EOS). One compiled
@@ -49,7 +53,7 @@ class Generation:
 
 
 def generate(
-    model: Transformer,
+    model: nnx.Module,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -73,7 +77,7 @@ def generate(
 
 
 def generate_arrays(
-    model: Transformer,
+    model: nnx.Module,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
@@ -86,7 +90,13 @@ def generate_arrays(
     prefix_lm: bool = False,
     return_logits: bool = False,
 ) -> Generation:
-    """Like `generate`, returning arrays (and optionally the per-step logits, for tests)."""
+    """Like `generate`, returning arrays (and optionally the per-step logits, for tests).
+
+    The prompt layout, checks and shape buckets are shared; the decoding loop is the model
+    family's (model.registry `Family.generate`: the decoder's `decode` below, T5's in t5_generate.py).
+    """
+    from flan_jax.model import registry
+
     if not prompts:
         return Generation(np.zeros((0, max_new_tokens), np.int32), np.zeros((0,), np.int32))
     if max_new_tokens < 1:
@@ -96,14 +106,36 @@ def generate_arrays(
             raise ValueError(f"prompt {i} is empty: decoding needs at least one token (e.g. BOS)")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling settings temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    cfg = model.cfg
-    longest = max(len(p) for p in prompts)
-    if cfg.position == "learned" and longest + max_new_tokens > cfg.max_positions:
-        raise ValueError(
-            f"prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"{cfg.max_positions} learned positions"
-        )
+    request = DecodeRequest(
+        left_padded(prompts, pad_id), max_new_tokens, eos_id, pad_id, temperature, top_k, top_p,
+        jax.random.key(0) if rng is None else rng, prefix_lm, return_logits,
+    )
+    out_tokens, out_logits, steps_run = registry.family_of(model).generate(model, request)
+    out_tokens = np.asarray(out_tokens)[: len(prompts), :max_new_tokens]
+    is_eos = out_tokens == eos_id
+    lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), max_new_tokens).astype(np.int32)
+    logits = None if out_logits is None else np.asarray(out_logits)[: len(prompts), :max_new_tokens]
+    return Generation(out_tokens, lengths, logits, int(steps_run))
 
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Prompts left-padded into one bucketed batch: row r's prompt ends at column P - 1.
+
+    tokens / segments (1 on prompt tokens, 0 on padding) / positions (restarting at 0 on the first
+    real token) are [batch, P]; rows past the real prompts are dummies that start finished.
+    """
+
+    tokens: np.ndarray
+    segments: np.ndarray
+    positions: np.ndarray
+    num_prompts: int
+    longest: int
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> PromptBatch:
+    """The bucketed, left-padded layout of `prompts` (see PromptBatch and the module docstring)."""
+    longest = max(len(p) for p in prompts)
     batch = _bucket(len(prompts), minimum=1)
     prompt_len = _bucket(longest, minimum=8)
     tokens = np.full((batch, prompt_len), pad_id, np.int32)
@@ -115,25 +147,53 @@ def generate_arrays(
         tokens[row, prompt_len - n:] = prompt
         segments[row, prompt_len - n:] = 1
         positions[row, prompt_len - n:] = np.arange(n)
+    return PromptBatch(tokens, segments, positions, len(prompts), longest)
 
-    greedy = temperature == 0.0
-    top_k = min(top_k, cfg.vocab_size)
-    if rng is None:
-        rng = jax.random.key(0)
+
+@dataclasses.dataclass(frozen=True)
+class DecodeRequest:
+    """What a family's decoding loop gets: the laid-out prompts and the sampling settings.
+
+    `static` are the settings that change the compiled program, `arrays` the traced ones.
+    """
+
+    prompts: PromptBatch
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    temperature: float
+    top_k: int
+    top_p: float
+    rng: jax.Array
+    prefix_lm: bool
+    return_logits: bool
+
+    def arrays(self) -> dict[str, jax.Array]:
+        p = self.prompts
+        return dict(
+            tokens=jnp.asarray(p.tokens), positions=jnp.asarray(p.positions), segments=jnp.asarray(p.segments),
+            finished=jnp.arange(p.tokens.shape[0]) >= p.num_prompts,  # dummy rows never prolong the loop
+            max_new=jnp.int32(self.max_new_tokens), eos_id=jnp.int32(self.eos_id), pad_id=jnp.int32(self.pad_id),
+            temperature=jnp.float32(max(self.temperature, 1e-6)), top_p=jnp.float32(self.top_p), rng=self.rng,
+        )
+
+    def static(self, vocab_size: int) -> dict[str, object]:
+        return dict(
+            steps=_bucket(self.max_new_tokens, minimum=1), greedy=self.temperature == 0.0,
+            top_k=min(self.top_k, vocab_size), use_top_p=self.top_p < 1.0, return_logits=self.return_logits,
+        )
+
+
+def decode(model: Transformer, request: DecodeRequest):
+    """The decoder family's loop: prefill the prompts, then decode with the KV cache."""
+    cfg = model.cfg
+    if cfg.position == "learned" and request.prompts.longest + request.max_new_tokens > cfg.max_positions:
+        raise ValueError(
+            f"prompt ({request.prompts.longest}) + max_new_tokens ({request.max_new_tokens}) exceeds the model's "
+            f"{cfg.max_positions} learned positions"
+        )
     graphdef, state = nnx.split(model)
-    out_tokens, out_logits, steps_run = _decode(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(segments),
-        jnp.arange(batch) >= len(prompts),  # dummy rows start finished so they never prolong the loop
-        jnp.int32(max_new_tokens), jnp.int32(eos_id), jnp.int32(pad_id),
-        jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p), rng,
-        steps=_bucket(max_new_tokens, minimum=1), greedy=greedy, top_k=top_k,
-        use_top_p=top_p < 1.0, prefix_lm=prefix_lm, return_logits=return_logits,
-    )
-    out_tokens = np.asarray(out_tokens)[: len(prompts), :max_new_tokens]
-    is_eos = out_tokens == eos_id
-    lengths = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), max_new_tokens).astype(np.int32)
-    logits = None if out_logits is None else np.asarray(out_logits)[: len(prompts), :max_new_tokens]
-    return Generation(out_tokens, lengths, logits, int(steps_run))
+    return _decode(graphdef, state, **request.arrays(), **request.static(cfg.vocab_size), prefix_lm=request.prefix_lm)
 
 
 def _bucket(n: int, minimum: int) -> int:
@@ -161,8 +221,8 @@ def sample(logits: jax.Array, rng: jax.Array, temperature, top_p, *, greedy: boo
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "greedy", "top_k", "use_top_p", "prefix_lm", "return_logits"))
 def _decode(
-    graphdef, state, tokens, positions, segments, finished, max_new, eos_id, pad_id, temperature, top_p, rng,
-    *, steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
+    graphdef, state, *, tokens, positions, segments, finished, max_new, eos_id, pad_id, temperature, top_p, rng,
+    steps: int, greedy: bool, top_k: int, use_top_p: bool, prefix_lm: bool, return_logits: bool,
 ):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape

@@ -28,6 +28,7 @@ _HF_NAMES = {
     "gpt2": ("gpt2", "GPT2LMHeadModel"),
 }
 _FAMILY_OF = {model_type: family for family, (model_type, _) in _HF_NAMES.items()}
+MODEL_TYPES = tuple(_FAMILY_OF)  # config.json model_type values the decoder family reads
 _GEMMAS = ("gemma", "gemma2", "gemma3")
 _ACTIVATIONS = {
     "silu": "silu", "swish": "silu",

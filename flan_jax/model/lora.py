@@ -44,11 +44,14 @@ from flan_jax.model import kernels, layout
 from flan_jax.model.kernels.matmul import dense_dot
 from flan_jax.model.transformer import Dense
 
-# The decoder's projections, by their module names (PEFT's Llama-style names are aliases).
+# The projections, by their module names (the decoder's; T5's attention and feed-forward use the
+# same names). PEFT's names are aliases: Llama-style, and T5's (whose q, k, v, o are ours already;
+# its feed-forward wi_0 / wi_1 / wo are gate / up / down, the original T5's single `wi` is up).
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 PEFT_ALIASES = {
     "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
     "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "wi_0": "gate", "wi_1": "up", "wi": "up", "wo": "down",
 }
 ALL_LINEAR = "all-linear"  # every projection the model has (PEFT's name; the output head excluded)
 ADAPTER_NAMES = ("lora_a", "lora_b")

@@ -106,12 +106,14 @@ class Dense(nnx.Module):
     (e.g. q: [embed, heads, head_dim]) so each dimension gets its own logical axis name.
     """
 
-    def __init__(self, in_shape, out_shape, axes, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(
+        self, in_shape, out_shape, axes, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs, std: float | None = None
+    ):
         self.n_in = len(in_shape)
         self.axes = tuple(axes)
         self.dtype = jnp.dtype(cfg.dtype)
         self.kernel_choice = cfg.kernels
-        init = nnx.initializers.normal(cfg.init_std)
+        init = nnx.initializers.normal(cfg.init_std if std is None else std)  # T5 sets a std per projection
         self.kernel = _param(rngs, init, (*in_shape, *out_shape), axes, cfg)
         if use_bias:
             bias_axes = axes[self.n_in:]

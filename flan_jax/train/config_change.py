@@ -6,16 +6,19 @@ saved with it. Every field that differs is logged, and each falls in one of thre
   free          how the run is executed or observed, not what it computes: logging, progress,
                 checkpoint cadence and retention, evaluation, mesh and multi-host settings, the
                 model's remat / attention / kernels (same model, other kernels), scan_layers
-                (same parameters in the other layout, converted on restore) and init_std;
+                (same parameters in the other layout, converted on restore), init_std and T5's
+                init_scale (only the initialisation reads them);
   meaning       fields that change what the run computes from here on (learning rate, schedule,
                 warmup, number of steps (the schedule's length), gradient accumulation, optimizer,
-                loss, compute and parameter dtypes, non-finite policy, data rendering switches):
+                loss, compute and parameter dtypes, T5's dropout rate, non-finite policy, data
+                rendering switches):
                 refused unless `--config.train.allow_config_change=True`, then logged and recorded
                 in metrics.jsonl (`config_changes` of the first record after the resume);
   incompatible  fields the checkpoint cannot continue under at all: the model's architecture,
                 LoRA's rank and targets, the trainable-parameter filter, the objective and where its
-                reference log-probs come from, batch size, row length, an RL run's group size,
-                completion length, updates per rollout and PPO-ptx stream,
+                reference log-probs come from, batch size, row lengths (seq_len; T5's decoder rows,
+                targets_len), an RL run's group size, completion length, updates per rollout and
+                PPO-ptx stream,
                 packing, data workers, mixture, tokenizer and seed (the data iterator's position
                 and the parameters' shapes belong to them). Refused
                 always: start a new workdir (`checkpoint.init_from` takes converted weights).
@@ -40,12 +43,12 @@ FREE = (
     "model.scan_layers",
     # Only the initialisation reads it, which a resume does not redo (frozen slots rebuilt from it
     # are checked by their fingerprints, train/state.py).
-    "model.init_std",
+    "model.init_std", "model.init_scale",  # init_scale: T5's initializer_factor
     "lora.init_from",  # the adapters' starting point: the checkpoint holds where they are now
     "rl.reward_model_batch_size",  # how many completions one reward-model pass scores
 )
 INCOMPATIBLE = (
-    "seed", "data.batch_size", "data.seq_len", "data.pack", "data.worker_count", "data.num_packing_bins",
+    "seed", "data.batch_size", "data.seq_len", "data.targets_len", "data.pack", "data.worker_count", "data.num_packing_bins",
     "data.train_mixture", "data.train_split", "data.tokenizer.",
     # Which parameters exist and are trained, and the frozen base's dtype (docs/lora.md).
     "lora.rank", "lora.targets", "trainable.",
@@ -61,9 +64,11 @@ INCOMPATIBLE = (
     "rl.group_size", "rl.max_new_tokens", "rl.on_long_prompt", "rl.epochs", "rl.minibatches",
     "rl.ptx_coef", "rl.ptx_mixture", "rl.ptx_batch_size",
 )
-# Model fields that describe how to run it, not the architecture (config.RUNTIME_FIELDS minus
-# the dtypes, which change the numbers the run computes).
-_MODEL_MEANING = ("model.dtype", "model.param_dtype")
+# Model fields that change the numbers the run computes but not the architecture: the dtypes
+# (the other RUNTIME_FIELDS are free) and T5's dropout rate. Every other model field (T5's
+# n_decoder_layers, relative_buckets, relative_max_distance, scale_decoder_outputs included) is
+# the architecture.
+_MODEL_MEANING = ("model.dtype", "model.param_dtype", "model.dropout_rate")
 
 _MISSING = object()
 

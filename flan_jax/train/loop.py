@@ -120,7 +120,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     start_step = int(state.step)
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
 
-    flops_per_token = training_flops_per_token(parts, model_cfg, config.data.seq_len)
+    flops_per_token = training_flops_per_token(parts, model_cfg, config.data)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
     guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
@@ -185,12 +185,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
 
 def check_model_fits(config, model_cfg, tokenizer) -> None:
     """The rows and the vocabulary must fit the model (else NaNs or out-of-range lookups later)."""
-    if model_cfg.position == "learned" and config.data.seq_len > model_cfg.max_positions:
-        # A learned position table (GPT-2) has no row past max_positions: the lookup would give NaNs.
-        raise ValueError(
-            f"config.data.seq_len={config.data.seq_len} exceeds the model's learned position table "
-            f"(config.model.max_positions={model_cfg.max_positions}); shorten the rows or enlarge the table"
-        )
+    model_cfg.check_data(config.data)  # the family's own checks: a learned position table, T5's decoder rows
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
@@ -293,8 +288,10 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
     """The run's tokenizer (trained into the workdir when config.data.tokenizer.path is empty)."""
     from flan_jax import data
     from flan_jax.data import tokenizer as tokenizer_lib
+    from flan_jax.model import registry
 
     data.import_task_modules(config.data.task_modules)
+    family = registry.get_family(config.model.family)
     init_from = config.checkpoint.init_from
     source = epath.Path(init_from) / "tokenizer.model" if init_from else None
     if not config.data.tokenizer.path and source is not None and source.is_file():
@@ -320,6 +317,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: epath.Path):
         workdir=workdir,
         train_mixture=config.data.train_mixture,
         train_split=config.data.train_split,
+        convention=family.tokenizer_convention,
     )
 
 
@@ -340,7 +338,7 @@ def build_train_iterator(config: ml_collections.ConfigDict, tokenizer, converter
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
-        converter=converter or converters.DECODER,
+        converter=converter or converters.for_model_config(config.model),
     )
 
 
@@ -443,8 +441,11 @@ def attach_frozen_slots(
     return state.replace(frozen=frozen), fingerprints
 
 
-def training_flops_per_token(parts: state_lib.ModelParts, model_cfg, seq_len: int) -> float:
-    """The MFU numerator: frozen weights cost no weight gradient (4 FLOPs per token, not 6)."""
+def training_flops_per_token(parts: state_lib.ModelParts, model_cfg, data_config) -> float:
+    """The MFU numerator: frozen weights cost no weight gradient (4 FLOPs per token, not 6).
+
+    A family's config may count its own (`flops_per_token(n_matmul, config.data, n_frozen_matmul)`:
+    T5's counts encoder and decoder positions); else the decoder's formula (train/metrics.py)."""
     tied = model_cfg.tie_embeddings
     axes_of = lambda tree: parts.selection.trained_part(tree) if parts.has_base else tree  # noqa: E731
     trained = metrics_lib.matmul_param_count(parts.trained_abstract, axes_of(parts.logical_axes), tied_embeddings=tied)
@@ -453,7 +454,9 @@ def training_flops_per_token(parts: state_lib.ModelParts, model_cfg, seq_len: in
         frozen = metrics_lib.matmul_param_count(
             parts.base_abstract, parts.selection.frozen_part(parts.logical_axes), tied_embeddings=tied
         )
-    return metrics_lib.flops_per_token(model_cfg, trained, seq_len, n_frozen_matmul=frozen)
+    if hasattr(model_cfg, "flops_per_token"):
+        return model_cfg.flops_per_token(trained, data_config, n_frozen_matmul=frozen)
+    return metrics_lib.flops_per_token(model_cfg, trained, data_config.seq_len, n_frozen_matmul=frozen)
 
 
 def check_frozen_fingerprints(checkpoints: checkpointing.Checkpointer, step: int, fingerprints: dict[str, str]) -> None:
@@ -482,14 +485,13 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=Non
     initialisation (needs `mesh`); frozen parameters are placed directly in the dtype they are
     held in (config.trainable.frozen_dtype). Any other difference is an error.
     """
-    from flan_jax.model.config import RUNTIME_FIELDS
 
     source_cfg, loaded = _init_from_source(path, model_cfg)
     loaded = layout.to_layout(loaded, stacked=model_cfg.scanned)  # this run's layer layout
     differing = {
         k: (v, model_cfg.to_dict().get(k))
         for k, v in source_cfg.to_dict().items()
-        if k not in RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
+        if k not in model_cfg.RUNTIME_FIELDS and model_cfg.to_dict().get(k) != v
     }
     if differing:
         raise ValueError(

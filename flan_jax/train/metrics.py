@@ -13,7 +13,8 @@ FLOPs per token (training = forward + backward = 3 x forward; PaLM, Chowdhery et
             counted even though causal/packed masks use about half of it (the usual convention).
 
 MFU = flops_per_token * tokens_per_sec / peak FLOP/s, with tokens = all batch_size x seq_len
-positions (padding included: that is what the hardware computes). The peak is
+positions (padding included: that is what the hardware computes; T5: seq_len + targets_len encoder
+and decoder positions per row, and its config's own `flops_per_token`). The peak is
 `config.train.peak_flops_per_device` x devices when set, a table of known accelerators
 otherwise, and on CPU a dense matmul in the model's compute dtype measured once at start (bf16
 operands accumulating in float32, as the model computes, run ~2x float32 on CPUs with avx512_bf16;
@@ -75,10 +76,23 @@ def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddin
 
 
 def flops_per_token(model_config: Any, n_matmul: int, seq_len: int, n_frozen_matmul: int = 0) -> float:
-    """`n_frozen_matmul`: matmul weights the run does not train (LoRA's base): no weight gradient,
+    """The decoder's formula above; a family's config may define its own
+    `flops_per_token(n_matmul, config.data, n_frozen_matmul)` (T5's counts encoder and decoder positions).
+
+    `n_frozen_matmul`: matmul weights the run does not train (LoRA's base): no weight gradient,
     so 2 FLOPs forward + 2 for the input gradient."""
     attention = 12 * model_config.n_layers * model_config.n_heads * model_config.head_dim * seq_len
     return float(6 * n_matmul + 4 * n_frozen_matmul + attention)
+
+
+def positions_per_row(config: Any) -> int:
+    """Token positions a batch row holds in the model family's layout: seq_len for a decoder, the
+    encoder row + the decoder row (seq_len + targets_len) for T5. Tokens/s and MFU count these."""
+    from flan_jax.data import converters
+    from flan_jax.data.features import FeatureConfig
+
+    shape = converters.for_model_config(config.model).row_shape(FeatureConfig.from_data_config(config.data))
+    return shape if isinstance(shape, int) else sum(shape)
 
 
 def measure_matmul_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
@@ -254,7 +268,7 @@ class Reporter:
     """
 
     def __init__(self, workdir, config: Any, flops_per_token_: float, *, start_step: int, enabled: bool):
-        self.tokens_per_step = int(config.data.batch_size) * int(config.data.seq_len)
+        self.tokens_per_step = int(config.data.batch_size) * positions_per_row(config)
         self.flops_per_token = flops_per_token_
         self.peak = peak_flops(float(config.train.peak_flops_per_device), str(config.model.dtype))
         self.writer = MetricsWriter(workdir, resume_step=start_step, enabled=enabled)

@@ -146,8 +146,9 @@ def check_batch(
     missing = [k for k in objective.features if k not in batch]
     if missing:
         raise KeyError(
-            f"Training batch lacks {missing}, which config.objective.name={objective.name!r} needs "
-            f"(docs/design.md §4 lists the batch fields); got {sorted(batch)}"
+            f"Training batch lacks {missing}, which config.objective.name={objective.name!r} needs for "
+            f"config.model.family={config.model.family!r} (its feature converter's batch, "
+            f"flan_jax/data/converters/); got {sorted(batch)}"
         )
     rows = next(iter(batch.values())).shape[0] * jax.process_count()
     data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -179,13 +179,19 @@ class PairConverter:
             )
         return features, outcome
 
-    def build_row(self, examples: Sequence[Mapping[str, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
-        return build_pair_row(examples, seq_len)
+    def row_shape(self, config: FeatureConfig) -> int:
+        return config.seq_len  # one stream: both halves of a pair share the decoder row
 
-    def pad_one(self, example: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-        if len(example["input_tokens"]) > seq_len:
-            raise ValueError(f"a pair of {len(example['input_tokens'])} features does not fit in seq_len={seq_len}")
-        return build_pair_row([example], seq_len)
+    def lengths(self, example: Mapping[str, np.ndarray]) -> int:
+        return len(example["input_tokens"])
+
+    def build_row(self, examples: Sequence[Mapping[str, np.ndarray]], row_shape: int) -> dict[str, np.ndarray]:
+        return build_pair_row(examples, row_shape)
+
+    def pad_one(self, example: Mapping[str, np.ndarray], row_shape: int) -> dict[str, np.ndarray]:
+        if len(example["input_tokens"]) > row_shape:
+            raise ValueError(f"a pair of {len(example['input_tokens'])} features does not fit in seq_len={row_shape}")
+        return build_pair_row([example], row_shape)
 
     def __repr__(self) -> str:
         return "PairConverter()" if self.reference is None else "PairConverter(reference=<cache>)"
