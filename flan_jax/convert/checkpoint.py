@@ -266,14 +266,14 @@ def load_converted(
     cfg = cfg.replace(scan_layers=stacked) if stacked != cfg.scanned else cfg
     if stacked:
         flat = layout.stack_flat(flat, cfg.n_layers)
-    state = nnx.state(nnx.eval_shape(lambda: _model(cfg)), nnx.Param)
+    state = nnx.state(nnx.eval_shape(lambda: registry.build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)  # cfg's layout
     nnx.replace_by_pure_dict(state, nest(flat))
     return cfg, state
 
 
 def _model(cfg: ModelConfig):
     """The model `cfg` describes, in the unrolled layer layout (how converted checkpoints hold layers)."""
-    return registry.build_model(cfg.replace(scan_layers=False) if cfg.scanned else cfg, rngs=nnx.Rngs(0))
+    return registry.build_model(cfg.unrolled(), rngs=nnx.Rngs(0))
 
 
 def _check_same_params(where, expected: Mapping[tuple, Any], got: Mapping[tuple, tuple]) -> None:

@@ -81,7 +81,7 @@ def modules(cfg: ModelConfig) -> list[Module]:
     from flan_jax.model.transformer import Dense
 
     # The unrolled layout: HF modules are per layer (a scanned run's adapters are unstacked first).
-    model = nnx.eval_shape(lambda: registry.build_model(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: registry.build_model(cfg.unrolled(), rngs=nnx.Rngs(0)))
     dense = {(*p, "kernel"): m for p, m in nnx.iter_graph(model) if isinstance(m, Dense)}
     out = []
     for rule in registry.get_family(cfg.family).hf.tensor_rules(cfg):
@@ -454,7 +454,7 @@ def check_against_base(peft_dir: str | os.PathLike, checkpoint_dir: str | os.Pat
     cfg = checkpoint_lib.read_model_config(checkpoint_dir)
     config, _ = read_peft(peft_dir)
     lora_cfg = lora_config_of(config, cfg)
-    model = nnx.eval_shape(lambda: registry.build_model(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0), lora=lora_cfg))
+    model = nnx.eval_shape(lambda: registry.build_model(cfg.unrolled(), rngs=nnx.Rngs(0), lora=lora_cfg))
     flat = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     expected = {p: v for p, v in flat.items() if lora.is_adapter_path(p)}
     return cfg, lora_cfg, adapter_arrays(peft_dir, cfg, lora_cfg, expected)

@@ -186,6 +186,9 @@ class ModelConfig(FamilyConfig):
         total += self.max_positions * d if self.position == "learned" else 0
         return total
 
+    def unrolled(self) -> "ModelConfig":
+        return self.replace(scan_layers=False)
+
     @property
     def scanned(self) -> bool:
         """Whether the layers are stacked and scanned: `scan_layers`, or when None,

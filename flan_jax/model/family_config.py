@@ -38,6 +38,10 @@ class FamilyConfig:
         without `scan_layers` (T5 today) always runs them unrolled."""
         return False
 
+    def unrolled(self) -> Any:
+        """This config with its layers unrolled (how converted checkpoints and HF/PEFT folders hold them)."""
+        return self
+
     def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)
 

@@ -185,7 +185,10 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
 
 def check_model_fits(config, model_cfg, tokenizer) -> None:
     """The rows and the vocabulary must fit the model (else NaNs or out-of-range lookups later)."""
+    from flan_jax.data import converters
+
     model_cfg.check_data(config.data)  # the family's own checks: a learned position table, T5's decoder rows
+    converters.for_model_config(model_cfg).check_tokenizer(tokenizer)  # e.g. a T5 tokenizer has no BOS for a decoder
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
             f"The tokenizer has {tokenizer.vocab_size} ids but config.model.vocab_size={model_cfg.vocab_size}"
@@ -358,7 +361,13 @@ def build_converter(config, objective, model_cfg, tokenizer, parts, mesh, rules,
     from flan_jax.data import converters
     from flan_jax.model import registry
 
-    name = getattr(objective, "feature_converter", "") or registry.get_family(model_cfg.family).feature_converter
+    family_converter = registry.get_family(model_cfg.family).feature_converter
+    name = getattr(objective, "feature_converter", "") or family_converter
+    if name != family_converter and family_converter != converters.DECODER.name:
+        raise ValueError(
+            f"config.objective.name={objective.name!r} trains on {name!r} rows, which are decoder rows; "
+            f"config.model.family={model_cfg.family!r} takes {family_converter!r} rows"
+        )
     if converters.REFERENCE_FEATURE not in objective.features:
         return converters.get_converter(name)
     from flan_jax.train import reference_cache

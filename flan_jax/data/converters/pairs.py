@@ -179,6 +179,11 @@ class PairConverter:
             )
         return features, outcome
 
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+        from flan_jax.data.converters.decoder import DECODER
+
+        DECODER.check_tokenizer(tokenizer)  # both halves are decoder segments, each starting with BOS
+
     def row_shape(self, config: FeatureConfig) -> int:
         return config.seq_len  # one stream: both halves of a pair share the decoder row
 
