@@ -162,7 +162,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
     roller = rollout_lib.Roller(config, objective, parts, tokenizer, rewards, mesh, rules)
 
-    flops_per_token = train_loop.training_flops_per_token(parts, model_cfg, config.data.seq_len)
+    flops_per_token = train_loop.training_flops_per_token(parts, model_cfg, config.data)
     reporter = metrics_lib.Reporter(workdir, config, flops_per_token, start_step=start_step, enabled=is_main)
     guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
