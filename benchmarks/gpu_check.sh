@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One lease of an NVIDIA GPU: the ~1B bf16 training throughput (MFU) with cuDNN attention and
-# torch as the peer, then the GPU-only tests and the attention/matmul tests on the GPU.
+# torch as the peer, then the GPU-only tests and the attention/matmul tests on the GPU, then peak
+# memory per remat policy and the largest model that trains on the device (benchmarks/gpu_memory.py).
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
@@ -33,3 +34,9 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it 
 stage bench_1b_cudnn 300 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
   --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
 stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
+# Issue 21 item 4: the FSDP gradient reduction as XLA:GPU compiles it (8 mock GPUs on this one; compile only).
+stage gpu_collectives 180 python3 benchmarks/gpu_collectives.py --json="$out/gpu_collectives.json"
+# Issue 21: peak memory of the 1B step at seq 4096 per remat policy, then the largest preset that
+# trains on this one device (remat full) and its MFU.
+stage memory_1b_remat 420 python3 benchmarks/gpu_memory.py --seq_len=4096 --batch=8 --json="$out/memory_1b_remat.json"
+stage largest_model 420 python3 benchmarks/gpu_memory.py --largest --seq_len=4096 --batch=2 --json="$out/largest_model.json"

@@ -23,9 +23,12 @@ MeshAxes = str | tuple[str, ...] | None
 AxisRules = Sequence[tuple[str, MeshAxes]]
 
 # Data parallel over ("data", "fsdp"), parameters sharded over "fsdp" along their embed dimension
-# (ZeRO-3 style) and over "tensor" along heads / mlp / vocab (Megatron style).
+# (ZeRO-3 style) and over "tensor" along heads / mlp / vocab (Megatron style). A scanned model's
+# stacked parameters have a leading "layers" axis, replicated: the scan slices one layer's shard
+# per iteration and FSDP gathers that layer only.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),  # the stacked layer axis of a scanned model: each device holds every layer's shard
     ("length", None),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
@@ -113,3 +116,18 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules, x.shape))
+
+
+def cast_sharded(x: jax.Array, dtype, names: Sequence[str | None] | None) -> jax.Array:
+    """`x.astype(dtype)`, pinned to the layout `names` give (a parameter's own sharding).
+
+    Why: left alone, XLA's sharding propagation moves an FSDP all-gather in front of the cast,
+    so the gather moves the float32 master weights instead of the bf16 compute copy (twice the
+    bytes on the interconnect). Pinning the cast's output to the still-sharded layout makes XLA
+    cast first and gather the narrow copy. A no-op cast, or `names=None`, leaves x alone.
+    """
+    dtype = jax.numpy.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    y = x.astype(dtype)
+    return y if names is None else constrain(y, names)

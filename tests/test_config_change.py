@@ -12,7 +12,7 @@ def test_fields_fall_in_the_documented_kinds():
         "train.num_steps": "meaning", "loss.z_loss": "meaning", "model.dtype": "meaning", "data.loss_on_inputs": "meaning",
         "model.d_model": "incompatible", "model.vocab_size": "incompatible", "data.batch_size": "incompatible",
         "data.tokenizer.path": "incompatible", "data.train_mixture": "incompatible", "seed": "incompatible",
-        "model.kernels": "free", "model.remat": "free", "checkpoint.keep": "free", "eval.mixtures": "free",
+        "model.kernels": "free", "model.scan_layers": "free", "model.remat": "free", "checkpoint.keep": "free", "eval.mixtures": "free",
         "mesh.data": "free", "train.log_every": "free", "train.allow_config_change": "free",
         "lora.rank": "incompatible", "lora.targets": "incompatible", "trainable.paths": "incompatible",
         "trainable.frozen_dtype": "incompatible", "lora.alpha": "meaning", "lora.dropout": "meaning",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -153,6 +154,84 @@ def test_export_loads_in_transformers_and_round_trips_bitwise(hf_dirs, name, tmp
     for path, value in original.items():
         assert params_back[path].dtype == np.asarray(value).dtype
         assert np.array_equal(params_back[path], np.asarray(value)), path  # bitwise
+
+
+def test_scanned_layout_imports_exports_and_stores_like_the_unrolled_one(hf_dirs, tmp_path):
+    """HF -> a scanned model (stacked layers) matches transformers; it exports and stores bitwise."""
+    from flan_jax.model import layout
+
+    cfg, flat = convert.load_hf_params(hf_dirs["llama3_gqa"])
+    cfg = cfg.replace(attention="reference", scan_layers=True)
+    model = our_model(cfg, layout.stack(checkpoint.nest(flat)))
+    assert model.layers.attn.q.kernel.shape[0] == cfg.n_layers
+    ids = random_ids((2, 12))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), hf_logits(hf_dirs["llama3_gqa"], ids), atol=1e-4, rtol=1e-4)
+
+    params = nnx.state(model, nnx.Param)
+    convert.write_hf(tmp_path / "hf", cfg, params)
+    _, back = convert.load_hf_params(tmp_path / "hf")
+    assert set(back) == set(flat) and all(np.array_equal(back[p], flat[p]) for p in flat)  # bitwise, per layer
+
+    convert.save_converted(tmp_path / "converted", cfg, params)  # stored per layer, whatever the layout
+    assert (tmp_path / "converted" / "params" / "layers.1").is_dir()
+    cfg_back, stored = convert.load_converted(tmp_path / "converted")
+    assert cfg_back.scanned
+    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(stored)), jax.tree.leaves(nnx.to_pure_dict(params))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    _, unrolled = convert.load_converted(tmp_path / "converted", stacked=False)
+    assert set(checkpoint.flatten(unrolled)) == set(flat)
+
+
+# Deeper models whose per-layer kinds exercise every way the scanned stack runs: Gemma 3's pattern
+# (2 local + 1 global) scanned in 2 groups with one layer left over, Gemma 2's alternation in 2
+# groups with soft-capping and sandwich norms, Qwen3's full layers then sliding ones (never
+# repeating: one scan per run), OLMo 2's post-norms and full QK-norm.
+SCAN_FAMILIES = {
+    "gemma3_pattern": (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        **{**LLAMA_SIZES, "num_hidden_layers": 7}, head_dim=8, query_pre_attn_scalar=8, sliding_window=3,
+        layer_types=(["sliding_attention"] * 2 + ["full_attention"]) * 2 + ["sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1_000.0}})),
+        [(0, 2, 3), (6, 1, 1)]),
+    "gemma2_alternating": (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        **{**LLAMA_SIZES, "num_hidden_layers": 4}, head_dim=8, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, sliding_window=4, layer_types=GEMMA2_LAYERS * 2)),
+        [(0, 2, 2)]),
+    "qwen3_full_then_sliding": (lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{**LLAMA_SIZES, "num_hidden_layers": 5}, head_dim=8, use_sliding_window=True, sliding_window=3,
+        max_window_layers=2)),
+        [(0, 2, 1), (2, 3, 1)]),
+    "olmo2_post_norms": (lambda: transformers.Olmo2ForCausalLM(transformers.Olmo2Config(
+        **{**LLAMA_SIZES, "num_hidden_layers": 3}, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+        [(0, 3, 1)]),
+}
+
+
+@pytest.mark.parametrize("name", list(SCAN_FAMILIES))
+def test_scanned_families_with_per_layer_kinds_match_transformers(name, tmp_path):
+    """Per-layer kinds (sliding / global windows, Gemma 3's local rope base) in a scanned model:
+    logits equal transformers' and the unrolled model's, the plan scans what it should, and the
+    KV-cache generator (one stacked cache, one mask per kind) decodes what the unrolled one does."""
+    from flan_jax.model import generate, layer_stack, layout, transformer
+
+    build, expected_plan = SCAN_FAMILIES[name]
+    torch.manual_seed(0)
+    hf = build().eval()
+    randomize(hf)
+    hf.save_pretrained(tmp_path)
+    cfg, flat = convert.load_hf_params(tmp_path)
+    assert layer_stack.plan(transformer.layer_kinds(cfg)) == expected_plan
+    unrolled = our_model(cfg.replace(scan_layers=False), flat)
+    scanned = our_model(cfg.replace(scan_layers=True), layout.stack(checkpoint.nest(flat)))
+    ids = random_ids((2, 12), seed=3)
+    got = np.asarray(scanned(jnp.asarray(ids)))
+    np.testing.assert_allclose(got, hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, np.asarray(unrolled(jnp.asarray(ids))), atol=1e-5, rtol=1e-5)
+    prompts = [[5, 9, 3, 17, 22, 40, 41], [7, 1, 60]]
+    a = generate.generate_arrays(scanned, prompts, max_new_tokens=6, eos_id=-1, return_logits=True)
+    b = generate.generate_arrays(unrolled, prompts, max_new_tokens=6, eos_id=-1, return_logits=True)
+    assert a.tokens.tolist() == b.tokens.tolist()
+    np.testing.assert_allclose(np.asarray(a.logits), np.asarray(b.logits), atol=1e-4, rtol=1e-4)
 
 
 def test_cli_round_trip_with_shards_and_tokenizer_files(hf_dirs, tmp_path):

@@ -119,6 +119,13 @@ def test_cli_writes_checkpoint_tokenizer_and_exports_what_transformers_loads(ggu
     assert "config.checkpoint.init_from" in capsys.readouterr().out
     cfg, params = convert.load_converted(tmp_path / "ours")
     assert cfg.n_layers == 2 and cfg.n_kv_heads == 2 and not cfg.tie_embeddings
+    # A scanned run reads the same (per-layer stored) checkpoint stacked: the same arrays.
+    from flan_jax.model import layout
+
+    stacked_cfg, stacked = convert.load_converted(tmp_path / "ours", stacked=True)
+    assert stacked_cfg.scanned and stacked["layers"]["attn"]["q"]["kernel"].shape[0] == 2
+    unstacked = convert.checkpoint.flatten(layout.unstack(stacked))
+    assert all(np.array_equal(np.asarray(v), np.asarray(unstacked[k])) for k, v in convert.checkpoint.flatten(params).items())
     assert json.loads((tmp_path / "ours" / "hf_config.json").read_text())["eos_token_id"] == 2
     config = json.loads((tmp_path / "ours" / "tokenizer_config.json").read_text())
     assert (config["bos_token"], config["eos_token"], config["add_bos_token"]) == ("<|im_start|>", "<|im_end|>", False)

@@ -1,4 +1,7 @@
-"""Exact resume: SIGKILL at a random moment + the same command again == an uninterrupted run, bit for bit."""
+"""Exact resume: SIGKILL at a random moment + the same command again == an uninterrupted run, bit for bit.
+
+In both layer layouts: unrolled (the tiny demo's default) and scanned (stacked layers under lax.scan).
+"""
 
 import json
 import random
@@ -15,11 +18,12 @@ from flan_jax.train import checkpointing
 from tests import train_fakes
 
 NUM_STEPS = 24
+LAYOUTS = {"unrolled": {}, "scanned": {"model__scan_layers": True, "model__n_layers": 2}}
 
 
-def _command(workdir, tokenizer_path):
+def _command(workdir, tokenizer_path, layout="unrolled"):
     overrides = train_fakes.demo_overrides(
-        tokenizer_path, train__num_steps=NUM_STEPS, checkpoint__every_steps=3, checkpoint__keep=2
+        tokenizer_path, train__num_steps=NUM_STEPS, checkpoint__every_steps=3, checkpoint__keep=2, **LAYOUTS[layout]
     )
     return [sys.executable, "-m", "flan_jax.train", "--config=configs/demo.py", f"--workdir={workdir}"] + train_fakes.cli_args(overrides)
 
@@ -66,20 +70,28 @@ def _records(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tokenizer_path, cache_dir):
-    """An uninterrupted run."""
-    workdir = tmp_path_factory.mktemp("reference")
-    _run(_command(workdir, tokenizer_path), train_fakes.subprocess_env(cache_dir))
-    return workdir
+def references(tmp_path_factory, tokenizer_path, cache_dir):
+    """layout -> an uninterrupted run in that layer layout (run once, when first asked for)."""
+    runs = {}
+
+    def get(layout: str):
+        if layout not in runs:
+            runs[layout] = tmp_path_factory.mktemp(f"reference_{layout}")
+            _run(_command(runs[layout], tokenizer_path, layout), train_fakes.subprocess_env(cache_dir))
+        return runs[layout]
+
+    return get
 
 
-def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tokenizer_path, cache_dir, reference):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, tokenizer_path, cache_dir, references, layout):
     env = train_fakes.subprocess_env(cache_dir)
     resumed = tmp_path / "resumed"
+    reference = references(layout)
 
     rng = random.Random(1234)
     for _ in range(3):
-        if _kill_at_random_moment(_command(resumed, tokenizer_path), env, resumed, rng):
+        if _kill_at_random_moment(_command(resumed, tokenizer_path, layout), env, resumed, rng):
             break
         shutil.rmtree(resumed)
     else:
@@ -87,7 +99,7 @@ def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     assert _lines(resumed) < NUM_STEPS  # it really was interrupted
     saved = sorted(int(p.name) for p in (resumed / "checkpoints").iterdir() if p.name.isdigit())
     print(f"killed after {_lines(resumed)} logged steps; complete checkpoints: {saved}")
-    _run(_command(resumed, tokenizer_path), env)  # the same command again
+    _run(_command(resumed, tokenizer_path, layout), env)  # the same command again
 
     ref, res = _records(reference), _records(resumed)
     assert [r["step"] for r in res] == list(range(1, NUM_STEPS + 1))  # no duplicated or missing steps
@@ -97,6 +109,7 @@ def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     ref_model, _, ref_step = checkpointing.load_model(reference)
     res_model, _, res_step = checkpointing.load_model(resumed)
     assert ref_step == res_step == NUM_STEPS
+    assert res_model.cfg.scanned == (layout == "scanned")
     from flax import nnx
 
     ref_params = nnx.to_pure_dict(nnx.state(ref_model, nnx.Param))
@@ -108,8 +121,9 @@ def test_sigkill_and_restart_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
         assert a.tobytes() == b.tobytes(), name  # bitwise
 
 
-def test_sigterm_saves_exits_0_and_the_restart_matches(tmp_path, tokenizer_path, cache_dir, reference):
+def test_sigterm_saves_exits_0_and_the_restart_matches(tmp_path, tokenizer_path, cache_dir, references):
     env = train_fakes.subprocess_env(cache_dir)
+    reference = references("unrolled")
     cmd = _command(tmp_path, tokenizer_path)
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr_file:  # a file, not a pipe: a full pipe would block the child

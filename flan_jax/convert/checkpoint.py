@@ -17,6 +17,10 @@ are converted keeps the converter's memory near one layer plus the runtime
 Arrays are stored in the source checkpoint's dtype (a bf16 checkpoint stays bf16: half the disk);
 `load_converted(dtype=...)` casts when asked.
 
+Layers are always stored one group per layer (the unrolled layout, so a layer can be written as
+soon as it is converted); `save_converted` takes either layout and `load_converted` returns the
+layout its config asks for (`stacked=` overrides it), see `flan_jax.model.layout`.
+
 A conversion writes into a hidden sibling folder (`.OUT_DIR.partial-*`) and renames it to OUT_DIR
 only once everything is written (`staged_folder`), so a failed or killed conversion never leaves
 a folder that looks like a checkpoint, and the retry does not find "an existing checkpoint".
@@ -37,6 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from flan_jax.model import layout
 from flan_jax.model.config import ModelConfig
 
 MODEL_CONFIG = "model_config.json"
@@ -80,18 +85,27 @@ def flatten(tree: Mapping) -> dict[tuple, Any]:
 
 
 def abstract_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
-    """Flat {path: ShapeDtypeStruct} of the model `cfg` describes, built without allocating it."""
+    """Flat {path: ShapeDtypeStruct} of the model `cfg` describes, in the unrolled layout (how
+    converted checkpoints and HF folders hold layers), built without allocating it."""
     from flan_jax.model.transformer import Transformer
 
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
     return flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+def unrolled_flat(params: Mapping | nnx.State) -> dict[tuple, Any]:
+    """Flat {path: array} of `params` (flat, nested or nnx.State; either layer layout), per layer."""
+    flat = flatten(params)
+    if any(p[0] == layout.LAYERS and len(p) > 1 and not isinstance(p[1], int) for p in flat):
+        flat = flatten(layout.unstack(nest(flat)))
+    return flat
+
+
 def abstract_axes(cfg: ModelConfig) -> dict[tuple, tuple[str, ...]]:
-    """Flat {path: logical axis names} of the model `cfg` describes (for error messages)."""
+    """Flat {path: logical axis names} of the model `cfg` describes, unrolled (for error messages)."""
     from flan_jax.model.transformer import Transformer
 
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
     return {tuple(path): tuple(variable.get_metadata().get("logical_axes") or ())
             for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -181,7 +195,7 @@ def staged_folder(out_dir: str | os.PathLike, *, flag: str = "--out") -> Iterato
 def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, params: Mapping | nnx.State) -> None:
     """Writes a converted checkpoint of `params` (flat {path: array}, pure dict or nnx.State)."""
     with staged_folder(out_dir) as staging, StreamingWriter(staging, cfg) as writer:
-        for path, value in flatten(params).items():
+        for path, value in unrolled_flat(params).items():
             writer.add(path, np.asarray(value))
         writer.close()
 
@@ -223,11 +237,15 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_dict(json.loads(file.read_text()))
 
 
-def load_converted(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[ModelConfig, nnx.State]:
+def load_converted(
+    path: str | os.PathLike, *, dtype: str | None = None, stacked: bool | None = None
+) -> tuple[ModelConfig, nnx.State]:
     """(ModelConfig, params) of a converted checkpoint; params as an nnx.State of host numpy arrays.
 
     `dtype` (e.g. "float32") casts every array; None keeps the stored dtype. The arrays stay on
-    the host so the caller (the trainer) places them into its own shardings.
+    the host so the caller (the trainer) places them into its own shardings. `stacked` chooses
+    the layer layout of the result (None: the config's, `cfg.scanned`); the returned config's
+    `scan_layers` says which it is.
     """
     import orbax.checkpoint as ocp
 
@@ -243,6 +261,10 @@ def load_converted(path: str | os.PathLike, *, dtype: str | None = None) -> tupl
             )
             flat.update({p: np.asarray(v) for p, v in flatten(checkpointer.restore(path / PARAMS / group, target)).items()})
     _check_same_params(path, abstract_params(cfg), {p: v.shape for p, v in flat.items()})
+    stacked = cfg.scanned if stacked is None else stacked
+    cfg = cfg.replace(scan_layers=stacked) if stacked != cfg.scanned else cfg
+    if stacked:
+        flat = layout.stack_flat(flat, cfg.n_layers)
     state = nnx.state(nnx.eval_shape(lambda: _model(cfg)), nnx.Param)
     nnx.replace_by_pure_dict(state, nest(flat))
     return cfg, state

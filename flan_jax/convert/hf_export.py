@@ -28,7 +28,7 @@ MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
 
 
 def _flat_params(cfg: ModelConfig, params) -> dict[tuple, np.ndarray]:
-    flat = {path: np.asarray(value) for path, value in checkpoint.flatten(params).items()}
+    flat = {path: np.asarray(value) for path, value in checkpoint.unrolled_flat(params).items()}
     checkpoint._check_same_params("export", checkpoint.abstract_params(cfg), {p: v.shape for p, v in flat.items()})
     return flat
 

@@ -78,7 +78,8 @@ def modules(cfg: ModelConfig) -> list[Module]:
     from flan_jax.model import registry
     from flan_jax.model.transformer import Dense
 
-    model = nnx.eval_shape(lambda: registry.build_model(cfg, rngs=nnx.Rngs(0)))
+    # The unrolled layout: HF modules are per layer (a scanned run's adapters are unstacked first).
+    model = nnx.eval_shape(lambda: registry.build_model(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0)))
     dense = {(*p, "kernel"): m for p, m in nnx.iter_graph(model) if isinstance(m, Dense)}
     out = []
     for rule in mapping.rules(cfg):
@@ -183,10 +184,10 @@ def write_peft(out_dir: str | os.PathLike, cfg: ModelConfig, model, lora_cfg, *,
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from flan_jax.model import lora
+    from flan_jax.model import layout, lora
 
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    scales = lora.scales_of(model)
+    params = layout.unstack(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # HF modules are per layer
+    scales = lora.scales_of(model, per_layer=True)
     if not scales:
         raise ValueError("this model has no LoRA adapters to export (config.lora.rank is 0); use --to_hf")
     _refuse_other_trained(provenance)
@@ -419,9 +420,15 @@ def load_into(peft_dir: str | os.PathLike, params: Mapping, parts, model_cfg: Mo
     lora_cfg = lora.LoRAConfig.from_config(config.lora)
     if lora_cfg is None:
         raise ValueError(f"config.lora.init_from={peft_dir} needs config.lora.rank > 0 (the adapter's r)")
+    from flan_jax.model import layout
+
     adapters = trainable.adapter_paths(parts.abstract_params)
     flat_abstract = traversals.flatten_mapping(parts.abstract_params)
-    arrays = adapter_arrays(peft_dir, model_cfg, lora_cfg, {p: flat_abstract[p] for p in adapters})
+    # The folder is per layer; a scanned run's adapters are read unstacked and stacked after.
+    per_layer = traversals.flatten_mapping(layout.unstack(trainable.only(parts.abstract_params, adapters)))
+    arrays = adapter_arrays(peft_dir, model_cfg, lora_cfg, per_layer)
+    if model_cfg.scanned:
+        arrays = traversals.flatten_mapping(layout.stack(traversals.unflatten_mapping(arrays)))
     shardings = traversals.flatten_mapping(parts.param_shardings)
     placed = {p: jax.device_put(np.asarray(a, flat_abstract[p].dtype), shardings[p]) for p, a in arrays.items()}
     logging.info("LoRA adapters from %s (%d arrays)", peft_dir, len(placed))
@@ -438,7 +445,7 @@ def check_against_base(peft_dir: str | os.PathLike, checkpoint_dir: str | os.Pat
     cfg = checkpoint_lib.read_model_config(checkpoint_dir)
     config, _ = read_peft(peft_dir)
     lora_cfg = lora_config_of(config, cfg)
-    model = nnx.eval_shape(lambda: registry.build_model(cfg, rngs=nnx.Rngs(0), lora=lora_cfg))
+    model = nnx.eval_shape(lambda: registry.build_model(cfg.replace(scan_layers=False), rngs=nnx.Rngs(0), lora=lora_cfg))
     flat = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     expected = {p: v for p, v in flat.items() if lora.is_adapter_path(p)}
     return cfg, lora_cfg, adapter_arrays(peft_dir, cfg, lora_cfg, expected)
@@ -487,7 +494,7 @@ def convert_from_peft(peft_dir: str | os.PathLike, checkpoint_dir: str | os.Path
     if out_dir:
         from flax.nnx import traversals
 
-        base_cfg, base = checkpoint_lib.load_converted(checkpoint_dir)
+        base_cfg, base = checkpoint_lib.load_converted(checkpoint_dir, stacked=False)  # as `arrays`: per layer
         from flax import nnx
 
         params = traversals.flatten_mapping(nnx.to_pure_dict(base))

@@ -44,7 +44,7 @@ def _decoder_rules(cfg: ModelConfig) -> list[mapping.Rule]:
 
 def reward_hf_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
     """HF tensor name -> array of a reward model (`params` with the `score` head)."""
-    flat = {path: np.asarray(value) for path, value in checkpoint.flatten(params).items()}
+    flat = {path: np.asarray(value) for path, value in checkpoint.unrolled_flat(params).items()}  # either layer layout
     if SCORE not in flat:
         raise ValueError("these parameters have no 'score' head: is this a reward model (objective reward_model)?")
     tensors = {}

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flan_jax.model import kernels
+from flan_jax.model import kernels, layout
 from flan_jax.model.kernels.matmul import dense_dot
 from flan_jax.model.transformer import Dense
 
@@ -229,9 +229,32 @@ def compact_targets(paths: Sequence[str], chosen: Sequence[str]) -> tuple[str, .
     return tuple(f"^{re.escape(p)}$" for p in chosen)
 
 
+def stack_size(module: Dense) -> int:
+    """The number of stacked layers a projection's kernel holds (1 for an unstacked one)."""
+    axes = tuple(module.kernel.get_metadata().get("logical_axes") or ())
+    return math.prod(module.kernel.shape[:stacked_dims(axes)])
+
+
+def _per_layer(path: str, module: Dense) -> list[str]:
+    """A projection's names in the unrolled layout ('layers/attn/q' of a 3-layer stack ->
+    'layers/0/attn/q', ..., 'layers/2/attn/q'); itself when it is not stacked."""
+    return layout.layer_names(path, stack_size(module)) or [path]
+
+
 def apply(model: nnx.Module, config: LoRAConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Replaces the targeted projections of `model` with `LoRADense` (in place); returns `model`."""
-    chosen = set(select_projections(projection_paths(model), config.targets))
+    """Replaces the targeted projections of `model` with `LoRADense` (in place); returns `model`.
+
+    Targets mean the same in both layer layouts: they are matched against the unrolled names
+    ('layers/0/attn/q'), and a stacked projection is adapted when all its layers are targeted (a
+    target naming only some layers of a stack is a `layout.PartialStackError`).
+    """
+    projections = {"/".join(map(str, p)): m for p, m in nnx.iter_graph(model) if isinstance(m, Dense) and p}
+    views = {path: _per_layer(path, module) for path, module in projections.items()}
+    picked = set(select_projections([v for names in views.values() for v in names], config.targets))
+    chosen = {
+        path for path, module in projections.items()
+        if layout.layerwise(path, stack_size(module), picked.__contains__, f"config.lora.targets={list(config.targets)}")
+    }
     found = [(path, module) for path, module in nnx.iter_graph(model) if "/".join(map(str, path)) in chosen]
     for path, module in found:
         parent = model
@@ -321,6 +344,9 @@ def merged_params(params: Any, scales: dict[str, float], dtype: str | None = Non
     return traversals.unflatten_mapping(out)
 
 
-def scales_of(model: nnx.Module) -> dict[str, float]:
-    """{projection path: scale} of the adapted projections of `model`."""
+def scales_of(model: nnx.Module, *, per_layer: bool = False) -> dict[str, float]:
+    """{projection path: scale} of the adapted projections of `model`; `per_layer`: a stacked
+    projection under each of its unrolled names (to go with `layout.unstack`ed parameters)."""
+    if per_layer:
+        return {name: module.scale for path, module in adapters(model) for name in _per_layer(path, module)}
     return {path: module.scale for path, module in adapters(model)}

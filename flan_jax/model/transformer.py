@@ -17,6 +17,13 @@ padding only (always at least to themselves), so they never produce NaNs.
 
 KV cache (used by generate.py): `forward(..., cache=, cache_index=)` writes this call's keys and
 values into the cache at `cache_index` and attends over the whole cache with the given mask.
+
+Layers: unrolled (`layers` is an `nnx.List` of blocks, run by a Python loop) or scanned
+(`cfg.scanned`: one block whose parameters have a leading `[n_layers]` axis, run by `lax.scan`,
+see layer_stack.py; `layout.py` converts between the two parameter layouts). Both compute the
+same function. Each layer has a static `LayerKind` (`layer_kinds(cfg)`); layers of different
+kinds get their own attention mask (a family that alternates local and global attention
+declares it there).
 """
 
 from __future__ import annotations
@@ -32,14 +39,32 @@ import numpy as np
 from flax import nnx
 
 from flan_jax import sharding
-from flan_jax.model import kernels
+from flan_jax.model import kernels, layer_stack
 from flan_jax.model.config import ModelConfig
 from flan_jax.model.kernels import rope as rope_kernels
 from flan_jax.model.kernels.causal_attention import causal_block_attention
 from flan_jax.model.kernels.matmul import dense_dot
 
-# One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim].
-LayerCache = tuple[jax.Array, jax.Array]
+# One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim]; in a scanned
+# model (keys, values, layer index) with keys/values [n_layers, batch, cache_len, ...] (the whole
+# stack's cache, written in place at the layer's row).
+LayerCache = tuple[jax.Array, ...]
+# The whole model's cache: a list of LayerCaches (unrolled), or (keys, values) stacked (scanned).
+Cache = list[LayerCache] | tuple[jax.Array, jax.Array]
+
+
+def _write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> tuple[LayerCache, jax.Array, jax.Array]:
+    """Writes this call's keys/values at slot `index`; returns (new cache, all keys, all values)."""
+    if len(cache) == 2:  # this layer's own buffers
+        start = (0, index, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
+        values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
+        return (keys, values), keys, values
+    all_keys, all_values, layer = cache  # the stacked cache of a scanned model: only this row changes
+    start = (layer, 0, index, 0, 0)
+    all_keys = jax.lax.dynamic_update_slice(all_keys, k[None].astype(all_keys.dtype), start)
+    all_values = jax.lax.dynamic_update_slice(all_values, v[None].astype(all_values.dtype), start)
+    return (all_keys, all_values, layer), all_keys[layer], all_values[layer]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +73,8 @@ class LayerKind:
 
     Gemma 2/3 (and Qwen with sliding layers) alternate sliding-window and full attention; Gemma 3's
     sliding layers also rotate with their own rope base. Layers of one kind share one attention
-    mask and one rope table.
+    mask and one rope table; a scanned model runs the repeating pattern of kinds (or each run of
+    equal kinds) as the body of a scan (layer_stack.py), so a kind must stay a static value.
     """
 
     sliding_window: int = 0  # attend to the last N tokens only; 0: to every earlier token
@@ -82,6 +108,7 @@ class Dense(nnx.Module):
 
     def __init__(self, in_shape, out_shape, axes, *, use_bias: bool, cfg: ModelConfig, rngs: nnx.Rngs):
         self.n_in = len(in_shape)
+        self.axes = tuple(axes)
         self.dtype = jnp.dtype(cfg.dtype)
         self.kernel_choice = cfg.kernels
         init = nnx.initializers.normal(cfg.init_std)
@@ -93,7 +120,7 @@ class Dense(nnx.Module):
             self.bias = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype, kernels.resolve(self.kernel_choice))
+        y = dense_dot(x, self.kernel[...], self.n_in, self.dtype, kernels.resolve(self.kernel_choice), self.axes)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -237,10 +264,7 @@ class Attention(nnx.Module):
         if self.query_factor != 1.0:
             q = q * jnp.asarray(self.query_factor, q.dtype)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
-            cache = (k, v)
+            cache, k, v = _write_cache(cache, k, v, cache_index)
         if cfg.attention == "reference" or cfg.attn_softcap:
             # Soft-capped scores (Gemma 2) always take the einsum path: neither the CPU causal-block
             # kernel nor jax.nn.dot_product_attention (XLA, cuDNN) can cap them.
@@ -304,6 +328,19 @@ class Block(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "act_embed")), cache
 
 
+def _gathered(table: jax.Array, dtype, rows: str) -> jax.Array:
+    """A lookup table [rows, embed] in the compute dtype, gathered over its `embed` sharding.
+
+    Why: the table's embed dimension is FSDP-sharded while the looked-up activations are sharded
+    by batch over the same mesh axis; GSPMD cannot move the gather's output between the two
+    layouts and falls back to replicating it ("[SPMD] Involuntary full rematerialization"). Cast
+    first while still sharded (the gather then moves the narrow copy), then gather the embed
+    dimension; only the row dimension (vocab over `tensor`) stays sharded, which GSPMD's lookup
+    handles with a masked local lookup and one all-reduce.
+    """
+    return sharding.constrain(sharding.cast_sharded(table, dtype, (rows, "embed")), (rows, None))
+
+
 def _maybe(norm: Norm | None, x: jax.Array) -> jax.Array:
     return x if norm is None else norm(x)
 
@@ -332,13 +369,17 @@ class Transformer(nnx.Module):
     `heads` adds scalar heads read from the final hidden states beside the vocabulary head
     (`scalar_head`): "score" for a reward model, "value" for a PPO value function. They are
     created after every other parameter, so asking for one leaves the initialisation of the rest
-    unchanged.
+    unchanged. `cfg.scanned` chooses the layout of the blocks' parameters (module docstring); the
+    function computed is the same.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ()):
         unknown = sorted(set(heads) - set(SCALAR_HEADS))
         if unknown:
             raise ValueError(f"Transformer: unknown head(s) {unknown}; the decoder carries {SCALAR_HEADS}")
+        # A built model's config says its layout: `scan_layers=None` resolves by depth, dtype and
+        # backend, so `model.cfg.replace(dtype=...)` must not flip it for the model's own weights.
+        cfg = cfg if cfg.scan_layers is not None else cfg.replace(scan_layers=cfg.scanned)
         self.cfg = cfg
         init = nnx.initializers.normal(cfg.init_std)
         self.embed = _param(rngs, init, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
@@ -347,7 +388,8 @@ class Transformer(nnx.Module):
         else:
             self.pos_embed = None
         self.kinds = layer_kinds(cfg)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs) for _ in range(cfg.n_layers)]
+        self.layers = layer_stack.stack_modules(blocks) if cfg.scanned else nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs)
         if cfg.tie_embeddings:
             self.lm_head = None
@@ -404,11 +446,11 @@ class Transformer(nnx.Module):
         tokens: jax.Array,
         positions: jax.Array,
         mask: jax.Array | Mapping[LayerKind, jax.Array],
-        cache: list[LayerCache] | None = None,
+        cache: Cache | None = None,
         cache_index: jax.Array | int | None = None,
         *,
         causal: bool = False,
-    ) -> tuple[jax.Array, list[LayerCache] | None]:
+    ) -> tuple[jax.Array, Cache | None]:
         """The model with an explicit attention mask [B, 1, L, S] and optional KV cache.
 
         `mask` is one mask for every layer, or one per `LayerKind` of the model (a mapping).
@@ -432,25 +474,38 @@ class Transformer(nnx.Module):
 
     def _head(self) -> jax.Array:
         """The output projection [d_model, vocab] in the compute dtype (tied: the embedding^T)."""
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return head.astype(jnp.dtype(self.cfg.dtype))
+        dtype = jnp.dtype(self.cfg.dtype)
+        if self.lm_head is None:
+            return sharding.cast_sharded(self.embed[...], dtype, ("vocab", "embed")).T
+        return sharding.cast_sharded(self.lm_head[...], dtype, ("embed", "vocab"))
 
     def _features(self, tokens, positions, mask, cache, cache_index, causal: bool):
         """Embedding, blocks and final norm: the hidden states the head is applied to."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        x = jnp.take(_gathered(self.embed[...], dtype, "vocab"), tokens, axis=0)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.embed_multiplier, dtype)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+            x = x + jnp.take(_gathered(self.pos_embed[...], dtype, "positions"), positions, axis=0)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         # One rope table per rope a kind of layer uses (Gemma 3: local and global bases).
         ropes = ({local: rope_angles(positions, cfg, local) for local in dict.fromkeys(k.local_rope for k in self.kinds)}
                  if cfg.position == "rope" else {})
         mask_of = (lambda kind: mask[kind]) if isinstance(mask, Mapping) else (lambda kind: mask)  # noqa: E731
-
         run_block = _run_causal_block if causal else _run_block
+
+        if cfg.scanned:
+            def body(block, x, stacked_cache, index, kind):
+                layer_cache = None if stacked_cache is None else (*stacked_cache, index)
+                x, layer_cache = run_block(block, x, ropes.get(kind.local_rope), mask_of(kind), layer_cache, cache_index)
+                return x, None if layer_cache is None else layer_cache[:2]
+
+            x, new_cache = layer_stack.run_stacked(
+                self.layers, self.kinds, body, x, cache, remat=cfg.remat != "none", policy=_REMAT_POLICIES.get(cfg.remat)
+            )
+            return self.final_norm(x), new_cache
+
         if cfg.remat != "none":
             run_block = nnx.remat(run_block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=True)
         new_cache = [] if cache is not None else None
@@ -462,11 +517,17 @@ class Transformer(nnx.Module):
 
         return self.final_norm(x), new_cache
 
-    def init_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """Zeroed KV cache for `batch` rows of `length` tokens, in the compute dtype."""
+    def init_cache(self, batch: int, length: int) -> Cache:
+        """Zeroed KV cache for `batch` rows of `length` tokens, in the compute dtype.
+
+        Unrolled: one (keys, values) per layer; scanned: (keys, values) with a leading layer axis.
+        """
         cfg = self.cfg
         shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-        return [(jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))) for _ in range(cfg.n_layers)]
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.scanned:
+            return (jnp.zeros((cfg.n_layers, *shape), dtype), jnp.zeros((cfg.n_layers, *shape), dtype))
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.n_layers)]
 
 
 def logical_axes(model: nnx.Module) -> Any:

@@ -15,11 +15,14 @@ restore.
 
 Arrays are restored into `ShapeDtypeStruct`s carrying the *current* shardings, so a run can
 resume on another mesh or device count; the data iterator's per-process files are merged when
-the process count changed (`restore_data_iterator`). Orbax writes into a temporary directory and renames it
-when complete, so a crash mid-save never leaves a half checkpoint that looks finished; a
-finished one whose checksums fail or that cannot be read (disk corruption, deleted files) is
-moved aside to `DIR/checkpoints_corrupt/` with a warning, and the previous one is used.
-A failed asynchronous save is reported at the next step boundary (`poll`), not at the next save.
+the process count changed (`restore_data_iterator`). Layers saved unrolled restore into a
+scanned model and back (`config.model.scan_layers` changed): params and optimizer state are
+read in the saved layout and converted on the devices (`flan_jax.model.layout`). Orbax writes
+into a temporary directory and renames it when complete, so a crash mid-save never leaves a half
+checkpoint that looks finished; a finished one whose checksums fail or that cannot be read (disk
+corruption, deleted files) is moved aside to `DIR/checkpoints_corrupt/` with a warning, and the
+previous one is used. A failed asynchronous save is reported at the next step boundary (`poll`),
+not at the next save.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from flan_jax.model import layout
 from flan_jax.train import integrity
 from flan_jax.train.exit_codes import CheckpointSaveError, NoUsableCheckpointError
 from flan_jax.train.state import TrainState
@@ -49,6 +53,23 @@ from flan_jax.train.state import TrainState
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20), override=True
 )
+
+
+def saved_layers_stacked(item_directory: epath.Path) -> bool | None:
+    """Whether the `layers` of a saved params item are stacked; None when it has none or cannot be read."""
+    try:
+        tree = ocp.StandardCheckpointHandler().metadata(epath.Path(item_directory)).tree
+    except Exception:  # noqa: BLE001 (the restore itself then reports what is wrong)
+        return None
+    return layout.is_stacked(tree)
+
+
+def in_saved_layout(abstract: Any, saved_stacked: bool | None) -> tuple[Any, bool]:
+    """(restore target in the saved layout, whether it differs from `abstract`'s layout)."""
+    wanted = layout.is_stacked(abstract)
+    if saved_stacked is None or wanted is None or saved_stacked == wanted:
+        return abstract, False
+    return layout.to_layout(abstract, stacked=saved_stacked), True
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -251,16 +272,26 @@ class Checkpointer:
             if check_config is not None:
                 check_config(saved_config, f"checkpoint {directory}")
             try:
+                saved_stacked = saved_layers_stacked(directory / "params")
+                target, convert = in_saved_layout({"params": abstract_state.params, "opt_state": abstract_state.opt_state}, saved_stacked)
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        params=ocp.args.StandardRestore(abstract_state.params),
-                        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                        params=ocp.args.StandardRestore(target["params"]),
+                        opt_state=ocp.args.StandardRestore(target["opt_state"]),
                         train_meta=ocp.args.StandardRestore(abstract_state.meta()),
                     ),
                 )
+                restored = {item: restored[item] for item in ("params", "opt_state", "train_meta")}
+                if convert:
+                    logging.info(
+                        "Checkpoint %s holds %s layers; converting params and optimizer state to this run's layout",
+                        step, "stacked" if saved_stacked else "unrolled",
+                    )
+                    for item in ("params", "opt_state"):
+                        restored[item] = layout.to_layout_placed(restored[item], getattr(abstract_state, item))
                 restore_data_iterator(directory / "data_iter", data_iter)
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:  # noqa: BLE001 (judged below, once an older one is tried)
                 logging.warning("Checkpoint %s cannot be restored: %s: %s", directory, type(error).__name__, str(error)[:500])
                 failed.append((step, error))
                 continue
@@ -350,7 +381,9 @@ def load_model(workdir: str | os.PathLike, step: int | None = None):
             abstract = jax.tree.map(
                 lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s), parts.trained_abstract, parts.trained_shardings
             )
-            params = manager.restore(candidate, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))["params"]
+            target, _ = in_saved_layout(abstract, saved_layers_stacked(directory / str(candidate) / "params"))
+            params = manager.restore(candidate, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+            params = layout.to_layout_placed(params, abstract)
             base = _rebuilt_base(manager, candidate, config, parts, mesh, cfg, workdir) if parts.has_base else None
         except Exception as error:  # noqa: BLE001
             if step is not None:

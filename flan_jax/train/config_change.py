@@ -5,7 +5,8 @@ saved with it. Every field that differs is logged, and each falls in one of thre
 
   free          how the run is executed or observed, not what it computes: logging, progress,
                 checkpoint cadence and retention, evaluation, mesh and multi-host settings, the
-                model's remat / attention / kernels (same model, other kernels) and init_std;
+                model's remat / attention / kernels (same model, other kernels), scan_layers
+                (same parameters in the other layout, converted on restore) and init_std;
   meaning       fields that change what the run computes from here on (learning rate, schedule,
                 warmup, number of steps (the schedule's length), gradient accumulation, optimizer,
                 loss, compute and parameter dtypes, non-finite policy, data rendering switches):
@@ -35,6 +36,8 @@ FREE = (
     "train.log_every", "train.progress_bar", "train.peak_flops_per_device", "train.allow_config_change",
     "checkpoint.", "eval.", "mesh.", "distributed.", "data.task_modules",
     "model.remat", "model.attention", "model.kernels",
+    # The layer layout: the restore converts params and optimizer state (train/checkpointing.py).
+    "model.scan_layers",
     # Only the initialisation reads it, which a resume does not redo (frozen slots rebuilt from it
     # are checked by their fingerprints, train/state.py).
     "model.init_std",

@@ -27,6 +27,7 @@ from etils import epath
 from flax import nnx
 
 from flan_jax import atomic_write
+from flan_jax.model import layout
 from flan_jax.train import (
     checkpointing,
     config_change,
@@ -474,7 +475,8 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=Non
     newest checkpoint, e.g. an SFT run a reward model or DPO starts from; a LoRA run's adapters
     merged into its weights), or a Hugging Face `*ForSequenceClassification` reward model folder
     (flan_jax.convert.reward). Params only: the optimizer state, step and data position start
-    fresh. Scalar heads (`score`, `value`) this run needs but the source lacks start from the
+    fresh. In either layer layout, the parameters are converted to this run's
+    (`config.model.scan_layers`). Scalar heads (`score`, `value`) this run needs but the source lacks start from the
     seed's initialisation; heads the source has and this run does not use are left out; both are
     logged. LoRA adapters of this run, which the source lacks, start from the seed's
     initialisation (needs `mesh`); frozen parameters are placed directly in the dtype they are
@@ -483,6 +485,7 @@ def load_init_params(path: str, parts: state_lib.ModelParts, model_cfg, mesh=Non
     from flan_jax.model.config import RUNTIME_FIELDS
 
     source_cfg, loaded = _init_from_source(path, model_cfg)
+    loaded = layout.to_layout(loaded, stacked=model_cfg.scanned)  # this run's layer layout
     differing = {
         k: (v, model_cfg.to_dict().get(k))
         for k, v in source_cfg.to_dict().items()
@@ -559,7 +562,7 @@ def _init_from_source(path: str, model_cfg) -> tuple[Any, dict]:
         cfg, flat = convert.load_hf_reward_model(path)  # a Hugging Face reward model, read directly
         params = convert.checkpoint.nest({p: np.asarray(v, model_cfg.param_dtype) for p, v in flat.items()})
         return cfg, params
-    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype)
+    converted_cfg, params = convert.load_converted(path, dtype=model_cfg.param_dtype, stacked=model_cfg.scanned)
     return converted_cfg, nnx.to_pure_dict(params)
 
 

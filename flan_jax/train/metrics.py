@@ -5,7 +5,8 @@ FLOPs per token (training = forward + backward = 3 x forward; PaLM, Chowdhery et
     flops_per_token = 6 * N_matmul + 12 * n_layers * n_heads * head_dim * seq_len
 
   N_matmul  parameters that take part in a matrix multiply: every parameter of rank >= 2 except
-            lookup tables (token and learned position embeddings); a tied output head counts its
+            lookup tables (token and learned position embeddings); a scanned model's stacked
+            parameters are judged by one layer's rank; a tied output head counts its
             embedding matrix once. Each such weight costs 2 FLOPs per token forward, 4 backward.
   second    attention scores Q.K^T and the weighted sum of V: 2 * 2 * n_heads * head_dim * seq_len
   term      FLOPs per token forward per layer, x3 for training. The whole L x L score matrix is
@@ -60,9 +61,11 @@ def matmul_param_count(abstract_params: Any, logical_axes: Any, *, tied_embeddin
     axes = jax.tree.leaves(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
     for shape_holder, names in zip(shapes, axes):
         shape = shape_holder.shape
+        size = int(np.prod(shape))
+        if names and names[0] == "layers":  # a scanned model's stack: judge one layer's shape
+            shape, names = shape[1:], names[1:]
         if len(shape) < 2:
             continue
-        size = int(np.prod(shape))
         if names and names[0] in _LOOKUP_AXES:  # a lookup table: gathers, no matmul
             if tied_embeddings and names[0] == "vocab":
                 total += size

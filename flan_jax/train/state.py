@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flan_jax import sharding
+from flan_jax.model import layout
 from flan_jax.train import partitioning
 
 # The scalar bookkeeping of a run, saved together as one checkpoint item.
@@ -189,8 +190,9 @@ def copy_params(params: Any) -> Any:
 
 
 @jax.jit
-def _leaf_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
-    """Per array: sum over its bits (as uint32) x an odd, position-dependent multiplier (mod 2^32)."""
+def _leaf_checksums(params: Any) -> list[jax.Array]:
+    """Per array of the unrolled layout: sum over its bits (as uint32) x an odd, position-dependent
+    multiplier (mod 2^32). A stacked layer axis is split inside the jit (no copy of the model)."""
 
     def checksum(x):
         unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
@@ -200,7 +202,7 @@ def _leaf_checksums(leaves: list[jax.Array]) -> list[jax.Array]:
         weights = jnp.arange(bits.size, dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(0x9E3779B9)
         return jnp.sum(bits * weights, dtype=jnp.uint32)
 
-    return [checksum(x) for x in leaves]
+    return [checksum(x) for x in jax.tree.leaves(layout.unstack(params))]
 
 
 def fingerprint(params: Any) -> str:
@@ -209,10 +211,11 @@ def fingerprint(params: Any) -> str:
     Computed on the devices where the arrays live (one uint32 checksum per array; only those are
     fetched), so fingerprinting a sharded 8B model costs one pass over it, not a host copy. It
     tells a resumed run whether a frozen slot rebuilt from its source is the one the checkpoint
-    was trained against; it is not a cryptographic hash.
+    was trained against; it is not a cryptographic hash. Computed over the unrolled layer layout,
+    so it does not change with `config.model.scan_layers`.
     """
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    sums = jax.device_get(_leaf_checksums([leaf for _, leaf in flat])) if flat else []
+    flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(layout.unstack, params))[0]
+    sums = jax.device_get(_leaf_checksums(params)) if flat else []
     digest = hashlib.sha256()
     for (path, leaf), value in zip(flat, sums):
         digest.update(f"{jax.tree_util.keystr(path)}|{tuple(leaf.shape)}|{leaf.dtype}|{int(np.asarray(value))};".encode())

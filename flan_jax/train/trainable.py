@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax.nnx import traversals
 
-from flan_jax.model import lora as lora_lib
+from flan_jax.model import layout, lora as lora_lib
 
 FROZEN_DTYPES = ("", "float32", "bfloat16", "float16")
 _NEW_HEADS = r"^scalar_heads/"  # heads an objective adds on top of a pretrained model (train/objectives)
@@ -71,8 +71,17 @@ class Spec:
         flat = _flat(abstract_params)
         axes = traversals.flatten_mapping(logical_axes, is_leaf=lambda _, x: isinstance(x, tuple))
         names = {path: path_str(path) for path in flat}
+        # Patterns are searched in the unrolled names ("layers/0/attn/q/kernel") in both layer
+        # layouts; a stacked parameter is selected when all its layers are (layout.layerwise).
+        views = {p: layout.layer_names(names[p], _stack_size(v)) or [names[p]] for p, v in flat.items()}
+
+        def searched(field: str, p: Path) -> bool:
+            patterns = getattr(self, field)
+            return layout.layerwise(names[p], _stack_size(flat[p]), lambda n: _any_search(patterns, n),
+                                    f"config.trainable.{field}={list(patterns)}")
+
         if self.paths or self.logical_axes:
-            chosen = {p for p in flat if _any_search(self.paths, names[p])}
+            chosen = {p for p in flat if searched("paths", p)}
             chosen |= {p for p in flat if set(axes.get(p) or ()) & set(self.logical_axes)}
         elif self.lora:
             chosen = {p for p in flat if re.search(_NEW_HEADS, names[p])}
@@ -80,8 +89,8 @@ class Spec:
             chosen = set(flat)
         if self.lora:
             chosen |= {p for p in flat if lora_lib.is_adapter_path(p)}
-        chosen -= {p for p in flat if _any_search(self.exclude, names[p])}
-        self._check_each_matches(flat, names, axes)
+        chosen -= {p for p in flat if searched("exclude", p)}
+        self._check_each_matches(flat, {(p, n): n for p, ns in views.items() for n in ns}, axes)
         if not chosen:
             raise ValueError(
                 "config.trainable selects no parameter to train (after `exclude`); parameters: "
@@ -90,7 +99,7 @@ class Spec:
         return Selection(paths=tuple(flat), trained=frozenset(chosen), frozen_dtype=self.frozen_dtype or None)
 
     def _check_each_matches(self, flat, names, axes) -> None:
-        every = list(names.values())
+        every = list(names.values())  # every parameter's unrolled name(s)
         for field in ("paths", "exclude"):
             for pattern in getattr(self, field):
                 if not any(re.search(pattern, n) for n in every):
@@ -105,6 +114,12 @@ class Spec:
                     f"config.trainable.logical_axes: no parameter has a dimension named {name!r}; "
                     f"the model's logical axis names are {known}"
                 )
+
+
+def _stack_size(leaf: Any) -> int:
+    """The leading (layer) dimension of a parameter, for `layout.layer_names` of a stacked one."""
+    shape = getattr(leaf, "shape", ())
+    return int(shape[0]) if len(shape) else 0
 
 
 def _any_search(patterns: Sequence[str], name: str) -> bool:

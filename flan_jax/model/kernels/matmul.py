@@ -23,24 +23,31 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from flan_jax import sharding
 
-def dense_dot(x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype, impl: str = "cpu") -> jax.Array:
+
+def dense_dot(
+    x: jax.Array, kernel: jax.Array, n_in: int, dtype: jnp.dtype, impl: str = "cpu",
+    kernel_axes: tuple[str, ...] | None = None,
+) -> jax.Array:
     """`tensordot(x, kernel, n_in)` computed in `dtype`, result in `dtype`.
 
     impl="cpu": float32 accumulation in the forward and both backward matmuls; `kernel` stays in
     its parameter dtype until inside, so its gradient is accumulated and returned in that dtype.
     impl="xla": `tensordot` of the operands cast to `dtype`, differentiated by autodiff (GPUs and
-    TPUs accumulate bf16 matmuls in float32 in hardware).
+    TPUs accumulate bf16 matmuls in float32 in hardware). Either way `kernel_axes` (the kernel's
+    logical axis names) pin the cast copy to the kernel's own sharding, so an FSDP all-gather
+    moves the compute dtype, not the float32 master weights (`sharding.cast_sharded`).
     """
     dtype = jnp.dtype(dtype)
     if impl == "xla":
-        return jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=n_in)
-    return _f32_accumulated_dot(x.astype(dtype), kernel, n_in)
+        return jnp.tensordot(x.astype(dtype), sharding.cast_sharded(kernel, dtype, kernel_axes), axes=n_in)
+    return _f32_accumulated_dot(x.astype(dtype), kernel, n_in, kernel_axes)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _f32_accumulated_dot(x: jax.Array, kernel: jax.Array, n_in: int) -> jax.Array:
-    return _f32_accumulated_dot_fwd(x, kernel, n_in)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _f32_accumulated_dot(x: jax.Array, kernel: jax.Array, n_in: int, kernel_axes) -> jax.Array:
+    return _f32_accumulated_dot_fwd(x, kernel, n_in, kernel_axes)[0]
 
 
 def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
@@ -49,14 +56,14 @@ def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _f32_accumulated_dot_fwd(x, kernel, n_in):
-    y = _contract_last(x, kernel.astype(x.dtype), n_in).astype(x.dtype)
+def _f32_accumulated_dot_fwd(x, kernel, n_in, kernel_axes):
+    y = _contract_last(x, sharding.cast_sharded(kernel, x.dtype, kernel_axes), n_in).astype(x.dtype)
     return y, (x, kernel)
 
 
-def _f32_accumulated_dot_bwd(n_in, residuals, g):
+def _f32_accumulated_dot_bwd(n_in, kernel_axes, residuals, g):
     x, kernel = residuals
-    w = kernel.astype(x.dtype)
+    w = sharding.cast_sharded(kernel, x.dtype, kernel_axes)
     n_out = w.ndim - n_in
     g = g.astype(x.dtype)
     # dx: contract g's output dims with the kernel's output dims.
