@@ -12,8 +12,31 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def clean_registry():
+    """A test's task registrations are undone afterwards, and the registry stays in step with sys.modules.
+
+    Restoring the registry alone is not enough: a built-in task module first imported during the
+    test stays in sys.modules while its tasks are removed, and a later `import_task_modules` is then
+    a no-op that leaves them unregistered (a later test fails depending on the order). Such modules
+    are dropped from sys.modules too, so the next import registers them again.
+    """
+    from flan_jax.data import registry
+
+    saved = dict(registry._REGISTRY)
+    modules_before = set(sys.modules)
+    yield
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)
+    prefix = registry.BUILTIN_TASK_MODULE
+    for name in set(sys.modules) - modules_before:
+        if name == prefix or name.startswith(prefix + "."):
+            del sys.modules[name]
 
 
 @pytest.fixture

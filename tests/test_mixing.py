@@ -11,11 +11,8 @@ from flan_jax.data import mixing, registry
 
 
 @pytest.fixture(autouse=True)
-def clean_registry():
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
+def _isolated_registry(clean_registry):
+    """Every test here registers into a throwaway registry (conftest.clean_registry)."""
 
 
 def _task(name, n, split="train"):

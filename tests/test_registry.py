@@ -10,15 +10,6 @@ from flan_jax import data, default_config
 from flan_jax.data import registry
 
 
-@pytest.fixture
-def clean_registry():
-    """Registers into a throwaway registry so tests never leak names into each other."""
-    saved = dict(registry._REGISTRY)
-    yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
-
-
 def _task(name="reg_task", n=20, **kwargs):
     source = data.InMemorySource({
         "train": [{"q": f"q{i}", "a": f"a{i}"} for i in range(n)],
