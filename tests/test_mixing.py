@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from flan_jax import data
-from flan_jax.data import mixing, registry
+from flan_jax.data import mixing
 
 
 @pytest.fixture(autouse=True)

@@ -20,7 +20,6 @@ import pytest
 from eval_fakes import CASED_CHARS, BigramModel, CharTokenizer, ScriptedGenerate
 
 from flan_jax import data, default_config
-from flan_jax.data import registry
 from flan_jax.eval import evaluator
 from flan_jax.train import loop
 
@@ -95,20 +94,17 @@ def _write_jsonl(path, records):
 
 
 @pytest.fixture
-def my_bench(tmp_path, monkeypatch):
+def my_bench(tmp_path, monkeypatch, clean_registry):
     """The user's package on the path, imported the way a run imports config.data.task_modules."""
     _write_jsonl(tmp_path / "colors_shots.jsonl", SHOTS)
     _write_jsonl(tmp_path / "colors_test.jsonl", COLORS_TEST)
     _write_jsonl(tmp_path / "capitals.jsonl", CAPITALS)
     (tmp_path / "my_bench_tasks.py").write_text(textwrap.dedent(MODULE.format(dir=str(tmp_path))))
     monkeypatch.syspath_prepend(str(tmp_path))
-    saved = dict(registry._REGISTRY)
     data.import_task_modules(["my_bench_tasks"])
     yield sys.modules["my_bench_tasks"]
     sys.modules.pop("my_bench_tasks", None)
     data.unregister_metric("answer_chars")
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
 
 
 def _config(seq_len=384, max_new_tokens=64):
