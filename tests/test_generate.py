@@ -114,6 +114,52 @@ def test_sample_top_p_keeps_the_nucleus():
     assert set(draws.ravel().tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.75; 0.15 and 0.05 never drawn
 
 
+def test_inverse_cdf_draws_each_token_with_its_probability():
+    # 300 tokens: not a multiple of the 128-wide blocks; some weights zero, one block all zero.
+    weights = np.random.default_rng(0).gamma(0.5, size=(1, 300)).astype(np.float32)
+    weights[0, ::7] = 0.0
+    weights[0, 128:256] = 0.0
+    draws = 200_000
+    uniform = 1.0 - jax.random.uniform(jax.random.key(0), (draws, 1))
+    picked = np.asarray(jax.jit(gen.inverse_cdf)(jnp.broadcast_to(jnp.asarray(weights), (draws, 300)), uniform))
+    freq = np.bincount(picked, minlength=300) / draws
+    probs = weights[0] / weights.sum()
+    assert (freq[probs == 0] == 0).all()  # a zero weight is never drawn
+    tolerance = 5 * np.sqrt(probs * (1 - probs) / draws) + 1e-12  # five binomial standard deviations
+    assert (np.abs(freq - probs) <= tolerance).all(), np.abs(freq - probs).max()
+    assert np.asarray(gen.inverse_cdf(jnp.asarray(weights), jnp.ones((1, 1))))[0] == np.flatnonzero(weights[0])[-1]
+
+
+def test_nucleus_is_the_sorted_definition():
+    logits = jax.random.normal(jax.random.key(3), (64, 1000)) * 2
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    for top_p in (0.1, 0.5, 0.9):
+        kept = np.asarray(gen.nucleus(logits, jnp.asarray(probs, jnp.float32), top_p))
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        mass_before = np.cumsum(sorted_probs, -1) - sorted_probs
+        clear = np.abs(mass_before - top_p).min(-1) > 1e-5  # rows whose cutoff is not a float rounding call
+        expected = np.zeros_like(kept)
+        np.put_along_axis(expected, order, mass_before < top_p, -1)
+        assert clear.sum() > 50
+        np.testing.assert_array_equal(kept[clear], expected[clear])
+    ties = jnp.asarray([[1.0, 3.0, 3.0, 0.0]])
+    kept = np.asarray(gen.nucleus(ties, jax.nn.softmax(ties, -1), 0.3))
+    assert kept.tolist() == [[False, True, True, False]]  # tied tokens are kept together
+
+
+def test_first_argmax_is_argmax_with_ties():
+    x = jnp.asarray(np.random.default_rng(1).integers(0, 4, (50, 37)).astype(np.float32))
+    np.testing.assert_array_equal(gen.first_argmax(x), jnp.argmax(x, axis=-1))
+
+
+def test_prompt_buckets_waste_at_most_a_third():
+    for n in range(1, 600):
+        bucket = gen._prompt_bucket(n)
+        assert bucket >= max(n, 8) and (bucket <= 8 or (bucket - n) / bucket < 1 / 3 + 1e-9)
+    assert [gen._prompt_bucket(n) for n in (8, 9, 13, 65, 97)] == [8, 12, 16, 96, 128]
+
+
 def test_one_compilation_per_bucket():
     model = make()
     gen.generate(model, [[1, 2, 3]], max_new_tokens=4, eos_id=-1)

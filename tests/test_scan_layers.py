@@ -95,7 +95,7 @@ def test_kv_cache_generation_is_the_same_in_both_layouts(family, overrides):
     np.testing.assert_allclose(runs[0].logits, runs[1].logits, rtol=1e-5, atol=1e-5)
     model = build(family, True)
     keys, values = model.init_cache(2, 16)
-    assert keys.shape == values.shape == (TINY["n_layers"], 2, 16, 2, 8)
+    assert keys.shape == values.shape == (TINY["n_layers"], 2, 2, 16, 8)  # [layers, batch, kv heads, slots, head_dim]
 
 
 def _trainer(scan: bool, remat: str, mesh_shape, n_devices: int, dtype: str = "float32"):

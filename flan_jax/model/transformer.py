@@ -45,8 +45,9 @@ from flan_jax.model.kernels import rope as rope_kernels
 from flan_jax.model.kernels.causal_attention import causal_block_attention
 from flan_jax.model.kernels.matmul import dense_dot
 
-# One layer's cache: (keys, values), each [batch, cache_len, n_kv_heads, head_dim]; in a scanned
-# model (keys, values, layer index) with keys/values [n_layers, batch, cache_len, ...] (the whole
+# One layer's cache: (keys, values), each [batch, n_kv_heads, cache_len, head_dim] (head-major, so
+# a decode step's attention reads it with no transposed copy); in a scanned model (keys, values,
+# layer index) with keys/values [n_layers, batch, n_kv_heads, cache_len, head_dim] (the whole
 # stack's cache, written in place at the layer's row).
 LayerCache = tuple[jax.Array, ...]
 # The whole model's cache: a list of LayerCaches (unrolled), or (keys, values) stacked (scanned).
@@ -54,14 +55,16 @@ Cache = list[LayerCache] | tuple[jax.Array, jax.Array]
 
 
 def _write_cache(cache: LayerCache, k: jax.Array, v: jax.Array, index) -> tuple[LayerCache, jax.Array, jax.Array]:
-    """Writes this call's keys/values at slot `index`; returns (new cache, all keys, all values)."""
+    """Writes this call's keys/values [B, T, KV, D] at slot `index`; returns (new cache, all keys,
+    all values), the latter two head-major [B, KV, S, D] like the cache."""
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # only this call's T tokens are transposed
     if len(cache) == 2:  # this layer's own buffers
-        start = (0, index, 0, 0)
+        start = (0, 0, index, 0)
         keys = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), start)
         values = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), start)
         return (keys, values), keys, values
     all_keys, all_values, layer = cache  # the stacked cache of a scanned model: only this row changes
-    start = (layer, 0, index, 0, 0)
+    start = (layer, 0, 0, index, 0)
     all_keys = jax.lax.dynamic_update_slice(all_keys, k[None].astype(all_keys.dtype), start)
     all_values = jax.lax.dynamic_update_slice(all_values, v[None].astype(all_values.dtype), start)
     return (all_keys, all_values, layer), all_keys[layer], all_values[layer]
@@ -234,6 +237,26 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     return out.reshape(b, t, h, d)
 
 
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, softcap: float = 0.0) -> jax.Array:
+    """`reference_attention` over a head-major KV cache: q [B, T, H, D], keys/values [B, KV, S, D],
+    mask [B, 1, T, S] -> [B, T, H, D].
+
+    Both contractions have batch (B, KV) leading and contract the minor axis, so XLA reads the
+    cache in place; attention over the [B, S, KV, D] layout transposed the whole cache of every
+    layer at every decoding step (most of a small model's decode time on CPU).
+    """
+    b, t, h, d = q.shape
+    kv = keys.shape[1]
+    q = jnp.moveaxis(q.reshape(b, t, kv, h // kv, d), 1, 3)  # [B, KV, G, T, D]
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -266,21 +289,25 @@ class Attention(nnx.Module):
         if self.query_factor != 1.0:
             q = q * jnp.asarray(self.query_factor, q.dtype)
         if cache is not None:
-            cache, k, v = _write_cache(cache, k, v, cache_index)
-        if cfg.attention == "reference" or cfg.attn_softcap:
+            cache, keys, values = _write_cache(cache, k, v, cache_index)
+            if cfg.attention == "cudnn" and q.shape[1] > 1 and not cfg.attn_softcap:
+                # A prefill on cuDNN: its fused kernel never materialises the [T, S] scores.
+                keys, values = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)
+                out = jax.nn.dot_product_attention(q, keys, values, mask=mask, implementation="cudnn")
+            else:
+                out = cached_attention(q, keys, values, mask, cfg.attn_softcap)
+        elif cfg.attention == "reference" or cfg.attn_softcap:
             # Soft-capped scores (Gemma 2) always take the einsum path: neither the CPU causal-block
             # kernel nor jax.nn.dot_product_attention (XLA, cuDNN) can cap them.
             out = reference_attention(q, k, v, mask, cfg.attn_softcap)
-        elif cfg.attention == "xla" and causal and cache is None and impl == "cpu":
+        elif cfg.attention == "xla" and causal and impl == "cpu":
             # Faster than jax.nn.dot_product_attention's XLA path on CPU (see docs/training.md).
             out = causal_block_attention(q, k, v, mask)
         else:
-            # cuDNN's fused kernel targets training shapes; one-token decode steps use XLA's.
-            implementation = "xla" if cache is not None and q.shape[1] == 1 else cfg.attention
             # is_causal changes nothing in the result (the mask is already causal then), but lets
             # cuDNN skip the blocks above the diagonal instead of computing and masking them.
-            is_causal = causal and cache is None and implementation == "cudnn"
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation)
+            is_causal = causal and cfg.attention == "cudnn"
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=cfg.attention)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out), cache
 
@@ -452,6 +479,7 @@ class Transformer(nnx.Module):
         cache_index: jax.Array | int | None = None,
         *,
         causal: bool = False,
+        last_position_only: bool = False,
     ) -> tuple[jax.Array, Cache | None]:
         """The model with an explicit attention mask [B, 1, L, S] and optional KV cache.
 
@@ -459,8 +487,13 @@ class Transformer(nnx.Module):
 
         `causal=True` promises that `mask` lets no query see a later key, so attention may skip
         those blocks (`causal_block_attention`).
+
+        `last_position_only=True` returns logits [B, 1, vocab] for the last position alone: a
+        prefill needs no others, and the head over every prompt position is a large share of it.
         """
         x, new_cache = self._features(tokens, positions, mask, cache, cache_index, causal)
+        if last_position_only:
+            x = x[:, -1:]
         logits = jnp.dot(x, self._head(), preferred_element_type=jnp.float32)
         if self.cfg.final_softcap:  # Gemma 2: logits -> cap * tanh(logits / cap), in float32
             logits = self.cfg.final_softcap * jnp.tanh(logits / self.cfg.final_softcap)
@@ -525,7 +558,7 @@ class Transformer(nnx.Module):
         Unrolled: one (keys, values) per layer; scanned: (keys, values) with a leading layer axis.
         """
         cfg = self.cfg
-        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         dtype = jnp.dtype(cfg.dtype)
         if cfg.scanned:
             return (jnp.zeros((cfg.n_layers, *shape), dtype), jnp.zeros((cfg.n_layers, *shape), dtype))
