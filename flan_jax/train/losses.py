@@ -68,10 +68,11 @@ def head_cross_entropy(
     """`cross_entropy(hidden @ head, targets)` [B, L] with a hand-written backward pass.
 
     hidden [B, L, D] and head [D, V] in the compute dtype; logits are float32. Same values as the
-    two-step version, but the gradient is written as one fused `softmax - target` tensor fed to two
-    plain matmuls. XLA's autodiff of take_along_axis + dot instead scatters into a zero
-    [B*L, V] tensor and transposes it; on the 7m CPU benchmark (vocab 8000) this version makes
-    the head + loss forward/backward 1.5x faster (docs/training.md, "CPU performance").
+    two-step version, but the gradient is written as the softmax tensor fed to two plain matmuls,
+    with the target terms applied to their results (see the backward). XLA's autodiff of
+    take_along_axis + dot instead scatters into a zero [B*L, V] tensor and transposes it; on the
+    7m CPU benchmark (vocab 8000) the hand-written version makes the head + loss forward/backward
+    1.5x faster (docs/training.md, "CPU performance").
     """
     return _head_cross_entropy_fwd(hidden, head, targets, label_smoothing, z_loss)[0]
 
@@ -85,17 +86,31 @@ def _head_cross_entropy_fwd(hidden, head, targets, label_smoothing, z_loss):
 
 def _head_cross_entropy_bwd(label_smoothing, z_loss, residuals, g):
     hidden, head, targets, logits, log_z = residuals
-    # d loss / d logits = softmax * (1 + 2 z log_z) - (1 - eps) * one_hot - eps / vocab
+    vocab = logits.shape[-1]
+    # d loss / d logits = softmax * (1 + 2 z log_z) - (1 - eps) * one_hot - eps / vocab, times g.
+    # The softmax part goes through the two matmuls; the one-hot and uniform parts are applied to
+    # their results directly (a gather of the target columns of the head, a scatter-add of hidden
+    # rows into them), so no [B, L, V] one-hot is built: XLA:CPU materialises it as a separate
+    # tensor whenever it fuses the softmax into the d_hidden matmul, which it does when the head
+    # is frozen (LoRA), and writing it cost as much as that matmul.
     probs = jnp.exp(logits - log_z[..., None])
     if z_loss:
         probs = probs * (1.0 + 2.0 * z_loss * log_z)[..., None]
-    is_target = jnp.arange(logits.shape[-1], dtype=jnp.int32) == targets[..., None].astype(jnp.int32)
-    d_logits = probs - jnp.where(is_target, 1.0 - label_smoothing, 0.0)
+    d_softmax = (probs * g[..., None]).astype(hidden.dtype)
+    on_target = (1.0 - label_smoothing) * g  # [B, L] float32: subtracted at each token's target logit
+    targets = targets.astype(jnp.int32)
+    target_columns = jnp.take(head.T, targets, axis=0).astype(jnp.float32)  # [B, L, D]: head[:, target]
+    d_hidden = jnp.einsum("blv,dv->bld", d_softmax, head, preferred_element_type=jnp.float32)
+    d_hidden = d_hidden - on_target[..., None] * target_columns
+    hidden_f32 = hidden.astype(jnp.float32)
+    d_head = jnp.einsum("bld,blv->dv", hidden, d_softmax, preferred_element_type=jnp.float32)
+    d_head = d_head - jax.ops.segment_sum(
+        (on_target[..., None] * hidden_f32).reshape(-1, hidden.shape[-1]), targets.reshape(-1), num_segments=vocab
+    ).T
     if label_smoothing:
-        d_logits = d_logits - label_smoothing / logits.shape[-1]
-    d_logits = (d_logits * g[..., None]).astype(hidden.dtype)
-    d_hidden = jnp.einsum("blv,dv->bld", d_logits, head, preferred_element_type=jnp.float32)
-    d_head = jnp.einsum("bld,blv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
+        uniform = label_smoothing / vocab * g  # [B, L]: subtracted from every logit's gradient
+        d_hidden = d_hidden - uniform[..., None] * jnp.sum(head.astype(jnp.float32), axis=1)
+        d_head = d_head - jnp.einsum("bld,bl->d", hidden_f32, uniform)[:, None]
     return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), None
 
 
