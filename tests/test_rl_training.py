@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flan_jax import data, rl
+from flan_jax.rl import loop as rl_loop
 from flan_jax.train import checkpointing, loop
 from tests import rl_fakes, train_fakes
 
@@ -64,6 +65,7 @@ def test_minibatches_and_epochs_take_several_off_policy_updates_per_rollout(tmp_
     # 4 updates per rollout: the schedule and the step counter count updates, the log counts rollouts
     assert records[0]["learning_rate"] == pytest.approx(3 * 3e-2 / 4)
     assert records[-1]["ratio"] != pytest.approx(1.0, abs=1e-6)  # later updates are off-policy
+    assert records[0]["completions"] == config.data.batch_size  # the rollout's, not one minibatch's
     from flan_jax.train.checkpointing import Checkpointer
 
     meta = Checkpointer(tmp_path, config.checkpoint, read_only=True)
@@ -179,3 +181,12 @@ def _train_further(workdir):
     config.train.num_steps = 3
     config.train.allow_config_change = True
     loop.train(config, workdir)
+
+
+def test_step_record_counts_each_completion_once_over_minibatches_and_epochs():
+    # 2 epochs x 2 minibatches of 4 completions (3 and 5 tokens): the rollout had 8 and 16 tokens.
+    updates = [{"completions": 4.0, "completion_tokens": t, "loss": l, "learning_rate": lr}
+               for t, l, lr in [(3.0, 1.0, 0.1), (5.0, 2.0, 0.2), (3.0, 3.0, 0.3), (5.0, 4.0, 0.4)]]
+    record = rl_loop.mean_metrics(updates, epochs=2)
+    assert record["completions"] == 8 and record["completion_tokens"] == 8
+    assert record["loss"] == 2.5 and record["learning_rate"] == 0.4  # means, and the last schedule value

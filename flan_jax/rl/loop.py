@@ -195,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
                     guard.record(metrics)
                     update_metrics.append(metrics)
                 checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
-                values = mean_metrics(jax.device_get(update_metrics))
+                values = mean_metrics(jax.device_get(update_metrics), epochs=int(config.rl.epochs))
                 updated = time.perf_counter()
                 if step == start_step + 1:
                     reporter.restart_timer(step, state.step)
@@ -253,14 +253,22 @@ def minibatches(batch: Mapping[str, np.ndarray], config, step: int) -> list[dict
     return out
 
 
-def mean_metrics(per_update: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """One record for the step: objective metrics averaged over its updates, counters from the last."""
+# Counts of what one update saw; the step's record reports them for the whole rollout instead.
+ROLLOUT_COUNTS = ("completions", "completion_tokens")
+
+
+def mean_metrics(per_update: list[Mapping[str, Any]], epochs: int = 1) -> dict[str, Any]:
+    """One record for the step: objective metrics averaged over its updates, counters from the last,
+    and the ROLLOUT_COUNTS summed over one epoch's minibatches (every completion counted once)."""
     last = dict(per_update[-1])
     if len(per_update) == 1:
         return last
     for key in last:
-        if key not in ("skipped_steps", "first_nonfinite_step", "learning_rate"):
-            last[key] = np.mean([np.asarray(m[key], np.float64) for m in per_update])
+        values = [np.asarray(m[key], np.float64) for m in per_update]
+        if key in ROLLOUT_COUNTS:
+            last[key] = np.sum(values) / epochs
+        elif key not in ("skipped_steps", "first_nonfinite_step", "learning_rate"):
+            last[key] = np.mean(values)
     return last
 
 
