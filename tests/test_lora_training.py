@@ -1,6 +1,11 @@
 """LoRA runs end to end: a converted base + adapters trained by the trainer, checkpoints holding
 only the adapters, evaluation and generation without merging, PEFT / merged HF exports with the
-same logits, importing the adapter back, refusal of another base, and SIGKILL-and-resume bitwise."""
+same logits, importing the adapter back, refusal of another base, and SIGKILL-and-resume bitwise.
+
+The runs use scanned layers (`model.scan_layers`, the layout of pod-scale runs, whose adapters are
+stacked like their kernels), so the resume and export checks cover that layout; unrolled LoRA
+training runs end to end in test_lora_dpo.py and test_t5_lora.py, and test_scan_lora.py checks
+that both layouts hold the same adapters."""
 
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ from flan_jax.model import lora
 from flan_jax.train import checkpointing, loop, partitioning
 from tests import test_resume, train_fakes
 
-LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "trainable.frozen_dtype": "bfloat16"}
+LORA = {"lora.rank": 4, "lora.alpha": 8.0, "lora.dropout": 0.1, "trainable.frozen_dtype": "bfloat16",
+        "model.scan_layers": True}
 STEPS = 12
 
 
@@ -95,8 +101,10 @@ def test_evaluation_and_exports_of_a_lora_run(lora_run, bases, tmp_path, capsys)
 
     model, config, step = checkpointing.load_model(lora_run)
     assert step == STEPS and lora.adapters(model)  # unmerged: base + adapters
-    assert model.layers[0].attn.q.kernel.dtype == jnp.bfloat16 and model.layers[0].attn.q.lora_a.dtype == jnp.float32
-    assert np.any(np.asarray(model.layers[0].attn.q.lora_b[...]))  # trained
+    q = model.layers.attn.q  # the stacked (scanned) layers' q projection
+    assert q.kernel.dtype == jnp.bfloat16 and q.lora_a.dtype == jnp.float32
+    assert q.lora_a.shape[0] == config.model.n_layers  # adapters stacked like their kernel
+    assert np.all(np.any(np.asarray(q.lora_b[...]) != 0, axis=(1, 2, 3)))  # every layer's adapter trained
     from flan_jax.model.generate import generate
 
     assert len(generate(model, [[2, 5, 9]], max_new_tokens=3, eos_id=3, pad_id=0)) == 1
