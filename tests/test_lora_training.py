@@ -22,7 +22,7 @@ from flax.nnx import traversals
 
 from flan_jax import convert, model as fm
 from flan_jax.convert import __main__ as convert_cli
-from flan_jax.model import lora
+from flan_jax.model import layout, lora
 from flan_jax.train import checkpointing, loop, partitioning
 from tests import test_resume, train_fakes
 
@@ -140,9 +140,11 @@ def test_evaluation_and_exports_of_a_lora_run(lora_run, bases, tmp_path, capsys)
     assert convert_cli.main([f"--from_peft={tmp_path / 'adapter'}", f"--checkpoint={bases[0]}", f"--out={merged_dir}"]) == 0
     _, merged = convert.load_converted(merged_dir)
     _, base_params = convert.load_converted(bases[0])  # float32: the merge uses the stored base, not bf16
-    adapted = traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    # The run's (stacked) adapters unrolled to the converted base's per-layer paths.
+    adapted = traversals.flatten_mapping(layout.unstack(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
     adapted.update(traversals.flatten_mapping(nnx.to_pure_dict(base_params)))
-    expected = traversals.flatten_mapping(lora.merged_params(traversals.unflatten_mapping(adapted), lora.scales_of(model)))
+    expected = traversals.flatten_mapping(
+        lora.merged_params(traversals.unflatten_mapping(adapted), lora.scales_of(model, per_layer=True)))
     for path, value in traversals.flatten_mapping(nnx.to_pure_dict(merged)).items():
         np.testing.assert_array_equal(np.asarray(value), expected[path], err_msg=str(path))
     config.lora.init_from = str(tmp_path / "adapter")
