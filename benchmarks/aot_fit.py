@@ -63,6 +63,10 @@ SHAPES = {
                    d_ff=28672, rope_theta=500000.0, max_positions=8192),
         seq_len=4096, batch=256, mesh=(1, 32, 8), remat="full",
     ),
+    # FLAN-T5 at its published sizes: configs/flan_t5.py as a user runs it (its seq lens, batch,
+    # optimizer and remat); the mesh is the 8-GPU one its docstring gives. T5 stacks are unrolled.
+    "flan_t5_xl": dict(config=("flan_t5.py", "xl"), mesh=(1, 8, 1)),
+    "flan_t5_xxl": dict(config=("flan_t5.py", "xxl"), mesh=(1, 8, 1)),
 }
 DEFAULT_ROWS = ("1b:scanned", "1b:unrolled", "llama3_8b:scanned", "llama3_8b:unrolled", "llama3_70b:scanned")
 
@@ -125,7 +129,11 @@ def run_child(row: str, args) -> dict:
 
 
 def _mesh(shape: str, args) -> tuple[int, int, int]:
-    return tuple(int(x) for x in args.mesh.split(",")) if args.mesh else SHAPES[shape]["mesh"]
+    return _mesh_of(SHAPES[shape], args)
+
+
+def _mesh_of(spec: dict, args) -> tuple[int, int, int]:
+    return tuple(int(x) for x in args.mesh.split(",")) if args.mesh else spec["mesh"]
 
 
 def _gib(n: float) -> str:
@@ -170,6 +178,8 @@ def aot_config(shape: str, layout: str, args):
     from flan_jax import default_config
 
     spec = SHAPES[shape]
+    if "config" in spec:
+        return _config_file_row(spec, layout, args)
     config = default_config.get_config()
     config.model.family = "llama"
     for key, value in spec["model"].items():
@@ -185,11 +195,29 @@ def aot_config(shape: str, layout: str, args):
     return config
 
 
+def _config_file_row(spec: dict, layout: str, args):
+    """A shape given by one of configs/ (file, argument), with the row's mesh and any --remat/--dtype."""
+    import importlib.util
+
+    if layout != "unrolled":
+        sys.exit(f"{spec['config'][0]} has no scanned layout (its family's stacks are unrolled): use :unrolled")
+    filename, argument = spec["config"]
+    loader = importlib.util.spec_from_file_location("aot_row_config", os.path.join(ROOT, "configs", filename))
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    config = module.get_config(argument)
+    if args.remat:
+        config.model.remat = args.remat
+    config.model.dtype = args.dtype
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = _mesh_of(spec, args)
+    return config
+
+
 def run_row(shape: str, layout: str, args) -> dict:
     config = aot_config(shape, layout, args)
     started = time.perf_counter()
     report = aot_lib.compile_train_step(config)
-    from flan_jax import model as model_lib
+    from flan_jax.model import registry
 
     return {
         "shape": shape,
@@ -198,8 +226,9 @@ def run_row(shape: str, layout: str, args) -> dict:
         "remat": config.model.remat,
         "dtype": config.model.dtype,
         "seq_len": int(config.data.seq_len),
+        "targets_len": int(config.data.get("targets_len", 0) or 0),
         "batch": int(config.data.batch_size),
-        "params": model_lib.ModelConfig.from_config(config.model).num_params,
+        "params": registry.config_from(config.model).num_params,
         "total_s": round(time.perf_counter() - started, 1),
         "lower_s": round(report.lower_s, 1),
         "compile_s": round(report.compile_s, 1),

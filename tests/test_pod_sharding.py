@@ -76,6 +76,21 @@ def test_embedding_and_logits_compile_without_involuntary_rematerialisation_and_
     assert not report.replicated_large_leaves
 
 
+def test_a_t5_step_compiles_on_its_own_row_shapes_with_bf16_gathers_and_no_remat_warning(capfd):
+    config = train_fakes.demo_config({}, config_file="flan_t5_demo.py")
+    config.model.update(vocab_size=256, d_model=64, n_heads=4, head_dim=16, d_ff=128, dtype="bfloat16")
+    config.data.seq_len, config.data.targets_len, config.data.batch_size = 32, 16, 8
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    report = aot.compile_train_step(config)
+    # The encoder-decoder converter's rows: decoder features are targets_len long, not seq_len.
+    assert report.batch_shapes["encoder_input_tokens"] == (8, 32)
+    assert report.batch_shapes["decoder_target_tokens"] == report.batch_shapes["decoder_loss_weights"] == (8, 16)
+    warnings = [line[:800] for line in capfd.readouterr().err.splitlines() if aot.INVOLUNTARY_REMAT in line]
+    assert not warnings, warnings
+    assert set(report.all_gathered_matrix_dtypes) == {"bf16"}, report.collectives
+    assert not report.replicated_large_leaves
+
+
 def test_the_aot_fit_benchmark_reports_bf16_gathers_and_no_remat_warning_on_a_2x2x2_mesh(tmp_path, capfd):
     """benchmarks/aot_fit.py end to end (its child process's XLA log is read for the warning)."""
     out = tmp_path / "aot.json"

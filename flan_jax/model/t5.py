@@ -47,7 +47,7 @@ from flax import nnx
 
 from flan_jax import sharding
 from flan_jax.model.t5_config import T5Config
-from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm
+from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm, gathered_table
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -397,7 +397,8 @@ class T5(nnx.Module):
 
     # ------------------------------------------------------------------ pieces
     def _embed(self, tokens: jax.Array, rng) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        # Cast, then gather the embed dimension before the lookup, as the decoder does (gathered_table).
+        x = jnp.take(gathered_table(self.embed[...], jnp.dtype(self.cfg.dtype), "vocab"), tokens, axis=0)
         return sharding.constrain(dropout(x, self.cfg.dropout_rate, rng), ("batch", "length", "act_embed"))
 
     def _scale(self, hidden: jax.Array) -> jax.Array:

@@ -219,6 +219,15 @@ def attention_mask(
     return mask[:, None, :, :]
 
 
+def _attention_probs(scores: jax.Array, mask: jax.Array, softcap: float) -> jax.Array:
+    """Softmax over keys of float32 scores [B, KV, G, T, S] (soft-capped first if `softcap`), with
+    the keys `mask` [B, 1, T, S] hides given no weight."""
+    if softcap:
+        scores = softcap * jnp.tanh(scores / softcap)
+    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, softcap: float = 0.0) -> jax.Array:
     """Plain softmax attention with grouped-query heads, float32 scores; the tests' reference, and
     the kernel of soft-capped attention (Gemma 2: scores -> cap * tanh(scores / cap)).
@@ -229,10 +238,7 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
-    if softcap:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _attention_probs(scores, mask, softcap).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
@@ -249,10 +255,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax
     kv = keys.shape[1]
     q = jnp.moveaxis(q.reshape(b, t, kv, h // kv, d), 1, 3)  # [B, KV, G, T, D]
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) / math.sqrt(d)
-    if softcap:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = jnp.where(mask[:, :, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    probs = _attention_probs(scores, mask, softcap).astype(values.dtype)
     out = jnp.einsum("bkgts,bksd->bkgtd", probs, values)
     return jnp.moveaxis(out, 3, 1).reshape(b, t, h, d)
 
@@ -357,7 +360,7 @@ class Block(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "act_embed")), cache
 
 
-def _gathered(table: jax.Array, dtype, rows: str) -> jax.Array:
+def gathered_table(table: jax.Array, dtype, rows: str) -> jax.Array:
     """A lookup table [rows, embed] in the compute dtype, gathered over its `embed` sharding.
 
     Why: the table's embed dimension is FSDP-sharded while the looked-up activations are sharded
@@ -518,11 +521,11 @@ class Transformer(nnx.Module):
         """Embedding, blocks and final norm: the hidden states the head is applied to."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        x = jnp.take(_gathered(self.embed[...], dtype, "vocab"), tokens, axis=0)
+        x = jnp.take(gathered_table(self.embed[...], dtype, "vocab"), tokens, axis=0)
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.embed_multiplier, dtype)
         if self.pos_embed is not None:
-            x = x + jnp.take(_gathered(self.pos_embed[...], dtype, "positions"), positions, axis=0)
+            x = x + jnp.take(gathered_table(self.pos_embed[...], dtype, "positions"), positions, axis=0)
         x = sharding.constrain(x, ("batch", "length", "act_embed"))
         # One rope table per rope a kind of layer uses (Gemma 3: local and global bases).
         ropes = ({local: rope_angles(positions, cfg, local) for local in dict.fromkeys(k.local_rope for k in self.kinds)}

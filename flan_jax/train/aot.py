@@ -39,6 +39,7 @@ INVOLUNTARY_REMAT = "Involuntary full rematerialization"
 
 @dataclasses.dataclass
 class StepReport:
+    batch_shapes: dict[str, tuple[int, ...]]  # the abstract batch the step was compiled for
     lower_s: float
     compile_s: float
     param_bytes_per_device: int
@@ -83,11 +84,33 @@ class StepReport:
         }
 
 
+def abstract_batch(config: Any, objective: Any, sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The objective's batch features as abstract [batch_size, ...] arrays, shaped and typed like the
+    rows its family's feature converter builds (an empty row of `converter.row_shape`); features no
+    converter row holds (an objective's own, e.g. RL's advantages) are [batch_size, seq_len],
+    float32 for `*weights` and int32 otherwise."""
+    from flan_jax.data import features as features_lib
+
+    converter = getattr(objective, "converter", None)
+    row: dict[str, np.ndarray] = {}
+    if converter is not None:
+        row = converter.build_row([], converter.row_shape(features_lib.FeatureConfig.from_data_config(config.data)))
+    rows = int(config.data.batch_size)
+    out = {}
+    for key in objective.features:
+        if key in row:
+            out[key] = jax.ShapeDtypeStruct((rows, *row[key].shape), row[key].dtype, sharding=sharding)
+        else:
+            dtype = jnp.float32 if key.endswith("weights") else jnp.int32
+            out[key] = jax.ShapeDtypeStruct((rows, int(config.data.seq_len)), dtype, sharding=sharding)
+    return out
+
+
 def compile_train_step(config: Any, *, devices: list | None = None) -> StepReport:
     """Lowers and compiles the trainer's jitted step for `config` on abstract state and batch.
 
-    The batch holds the objective's features as [batch_size, seq_len] arrays (float32 for
-    `*weights`, int32 otherwise), which is the SFT layout of docs/design.md §4.
+    The batch holds the objective's features in the layout its feature converter builds (see
+    `abstract_batch`: e.g. T5's decoder rows are `data.targets_len` long, not `seq_len`).
     `config.model.scan_layers=None` is resolved as on an accelerator (the CPU exception of
     `default_scan_layers` is about running on CPU, not compiling for a pod).
     """
@@ -95,7 +118,8 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
     from flan_jax.model.registry import config_from
     from flan_jax.train import loop, objectives, optimizer, partitioning, state as state_lib, step as step_lib
 
-    if "scan_layers" in config.model and config.model.scan_layers is None:  # as the target accelerator would pick
+    family_has_scan = hasattr(config_from(config.model), "scan_layers")  # T5's stacks are always unrolled
+    if family_has_scan and config.model.get("scan_layers", False) is None:  # as the target accelerator would pick
         config = config.copy_and_resolve_references()
         config.model.scan_layers = default_scan_layers(config_from(config.model), backend="accelerator")
     objective = objectives.get_objective(config)
@@ -110,12 +134,7 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
     )
     state = state.replace(frozen={slot: frozen_params for slot in objective.frozen_slots})
     train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules, objective)
-    batch_sharding = partitioning.batch_sharding(mesh, rules)
-    rows = (int(config.data.batch_size), int(config.data.seq_len))
-    batch = {
-        key: jax.ShapeDtypeStruct(rows, jnp.float32 if key.endswith("weights") else jnp.int32, sharding=batch_sharding)
-        for key in objective.features
-    }
+    batch = abstract_batch(config, objective, partitioning.batch_sharding(mesh, rules))
     with tempfile.TemporaryDirectory(prefix="flan_jax_aot_") as dump, jax.set_mesh(mesh):
         started = time.perf_counter()
         lowered = train_step.lower(state, batch)
@@ -128,6 +147,7 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
     opt_bytes, largest_opt, replicated_opt = _per_device(state.opt_state)
     memory = compiled.memory_analysis()
     return StepReport(
+        batch_shapes={key: tuple(value.shape) for key, value in batch.items()},
         lower_s=lower_s,
         compile_s=compile_s,
         param_bytes_per_device=param_bytes,

@@ -13,6 +13,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from flan_jax import sharding
+
 
 def token_weights(batch: Mapping[str, jax.Array], normalization: str) -> tuple[jax.Array, jax.Array]:
     """(per-token weights [B, L], denominator) for the chosen loss normalization.
@@ -88,29 +90,33 @@ def _head_cross_entropy_bwd(label_smoothing, z_loss, residuals, g):
     hidden, head, targets, logits, log_z = residuals
     vocab = logits.shape[-1]
     # d loss / d logits = softmax * (1 + 2 z log_z) - (1 - eps) * one_hot - eps / vocab, times g.
-    # The softmax part goes through the two matmuls; the one-hot and uniform parts are applied to
-    # their results directly (a gather of the target columns of the head, a scatter-add of hidden
-    # rows into them), so no [B, L, V] one-hot is built: XLA:CPU materialises it as a separate
-    # tensor whenever it fuses the softmax into the d_hidden matmul, which it does when the head
-    # is frozen (LoRA), and writing it cost as much as that matmul.
+    # d_hidden takes the softmax part through its matmul and the target part as a gather of the
+    # head's target columns, so it needs no [B, L, V] one-hot: XLA:CPU materialises that one-hot as
+    # a separate tensor whenever it fuses the softmax into the d_hidden matmul, which it does when
+    # the head is frozen (LoRA), and writing it cost as much as that matmul. d_head (trained heads
+    # only) keeps the one-hot, fused into its own operand: the scatter-add it would otherwise need
+    # makes GSPMD replicate the token-sharded rows.
     probs = jnp.exp(logits - log_z[..., None])
     if z_loss:
         probs = probs * (1.0 + 2.0 * z_loss * log_z)[..., None]
     d_softmax = (probs * g[..., None]).astype(hidden.dtype)
     on_target = (1.0 - label_smoothing) * g  # [B, L] float32: subtracted at each token's target logit
     targets = targets.astype(jnp.int32)
-    target_columns = jnp.take(head.T, targets, axis=0).astype(jnp.float32)  # [B, L, D]: head[:, target]
+    # [B, L, D]: head[:, target], looked up like the embedding (model/transformer.py `gathered_table`):
+    # with the table's embed dimension gathered first, GSPMD does a masked local lookup over the
+    # vocab shards instead of gathering the (batch-sharded) token ids.
+    table = sharding.constrain(head.T, ("vocab", None))
+    target_columns = jnp.take(table, targets, axis=0).astype(jnp.float32)
     d_hidden = jnp.einsum("blv,dv->bld", d_softmax, head, preferred_element_type=jnp.float32)
     d_hidden = d_hidden - on_target[..., None] * target_columns
-    hidden_f32 = hidden.astype(jnp.float32)
-    d_head = jnp.einsum("bld,blv->dv", hidden, d_softmax, preferred_element_type=jnp.float32)
-    d_head = d_head - jax.ops.segment_sum(
-        (on_target[..., None] * hidden_f32).reshape(-1, hidden.shape[-1]), targets.reshape(-1), num_segments=vocab
-    ).T
+    is_target = jnp.arange(vocab, dtype=jnp.int32) == targets[..., None]
+    d_logits = probs - jnp.where(is_target, 1.0 - label_smoothing, 0.0)
     if label_smoothing:
         uniform = label_smoothing / vocab * g  # [B, L]: subtracted from every logit's gradient
         d_hidden = d_hidden - uniform[..., None] * jnp.sum(head.astype(jnp.float32), axis=1)
-        d_head = d_head - jnp.einsum("bld,bl->d", hidden_f32, uniform)[:, None]
+        d_logits = d_logits - label_smoothing / vocab
+    d_logits = (d_logits * g[..., None]).astype(hidden.dtype)
+    d_head = jnp.einsum("bld,blv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
     return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), None
 
 
