@@ -12,6 +12,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from flan_jax import sharding
 
@@ -70,38 +71,60 @@ def head_cross_entropy(
     """`cross_entropy(hidden @ head, targets)` [B, L] with a hand-written backward pass.
 
     hidden [B, L, D] and head [D, V] in the compute dtype; logits are float32. Same values as the
-    two-step version, but the gradient is written as the softmax tensor fed to two plain matmuls,
-    with the target terms applied to their results (see the backward). XLA's autodiff of
-    take_along_axis + dot instead scatters into a zero [B*L, V] tensor and transposes it; on the
-    7m CPU benchmark (vocab 8000) the hand-written version makes the head + loss forward/backward
-    1.5x faster (docs/training.md, "CPU performance").
+    two-step version, but the gradient is written as the softmax tensor fed to plain matmuls (see
+    the backward). XLA's autodiff of take_along_axis + dot instead scatters into a zero [B*L, V]
+    tensor and transposes it; on the 7m CPU benchmark (vocab 8000) the hand-written version makes
+    the head + loss forward/backward 1.5x faster (docs/training.md, "CPU performance").
+    The backward depends on which inputs are differentiated (`symbolic_zeros`: the forward sees
+    whether the head is trained or frozen, as in LoRA), so each case builds only what it needs.
     """
-    return _head_cross_entropy_fwd(hidden, head, targets, label_smoothing, z_loss)[0]
+    return _forward(hidden, head, targets, label_smoothing, z_loss)[0]
 
 
-def _head_cross_entropy_fwd(hidden, head, targets, label_smoothing, z_loss):
+def _forward(hidden, head, targets, label_smoothing, z_loss):
     logits = jnp.dot(hidden, head, preferred_element_type=jnp.float32)
     loss = cross_entropy(logits, targets, label_smoothing=label_smoothing, z_loss=z_loss)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     return loss, (hidden, head, targets, logits, log_z)
 
 
-def _head_cross_entropy_bwd(label_smoothing, z_loss, residuals, g):
-    hidden, head, targets, logits, log_z = residuals
+def _head_cross_entropy_fwd(hidden, head, targets, label_smoothing, z_loss):
+    # With symbolic_zeros the primals arrive as CustomVJPPrimal(value, perturbed). Which gradients
+    # are wanted is static, so it travels in the residuals' structure (a key present or absent).
+    loss, residuals = _forward(hidden.value, head.value, targets.value, label_smoothing, z_loss)
+    wanted = {name: () for name, primal in (("hidden", hidden), ("head", head)) if primal.perturbed}
+    return loss, (residuals, wanted)
+
+
+def _head_cross_entropy_bwd(label_smoothing, z_loss, saved, g):
+    (hidden, head, targets, logits, log_z), wanted = saved
+    if isinstance(g, SymbolicZero) or not wanted:
+        return None, None, None
     vocab = logits.shape[-1]
+    targets = targets.astype(jnp.int32)
     # d loss / d logits = softmax * (1 + 2 z log_z) - (1 - eps) * one_hot - eps / vocab, times g.
-    # d_hidden takes the softmax part through its matmul and the target part as a gather of the
-    # head's target columns, so it needs no [B, L, V] one-hot: XLA:CPU materialises that one-hot as
-    # a separate tensor whenever it fuses the softmax into the d_hidden matmul, which it does when
-    # the head is frozen (LoRA), and writing it cost as much as that matmul. d_head (trained heads
-    # only) keeps the one-hot, fused into its own operand: the scatter-add it would otherwise need
-    # makes GSPMD replicate the token-sharded rows.
     probs = jnp.exp(logits - log_z[..., None])
     if z_loss:
         probs = probs * (1.0 + 2.0 * z_loss * log_z)[..., None]
+    if "head" in wanted:
+        # A trained head: one [B, L, V] tensor with the target terms fused in feeds both matmuls.
+        is_target = jnp.arange(vocab, dtype=jnp.int32) == targets[..., None]
+        d_logits = probs - jnp.where(is_target, 1.0 - label_smoothing, 0.0)
+        if label_smoothing:
+            d_logits = d_logits - label_smoothing / vocab
+        d_logits = (d_logits * g[..., None]).astype(hidden.dtype)
+        d_head = jnp.einsum("bld,blv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
+        d_hidden = None
+        if "hidden" in wanted:
+            d_hidden = jnp.einsum("blv,dv->bld", d_logits, head, preferred_element_type=jnp.float32)
+            d_hidden = d_hidden.astype(hidden.dtype)
+        return d_hidden, d_head.astype(head.dtype), None
+    # A frozen head (LoRA): d_hidden alone. The softmax part goes through the matmul and the target
+    # part is a gather of the head's target columns, so no [B, L, V] one-hot is built: XLA:CPU
+    # materialises that one-hot as a separate tensor when it fuses the softmax into this matmul,
+    # and writing it cost as much as the matmul.
     d_softmax = (probs * g[..., None]).astype(hidden.dtype)
     on_target = (1.0 - label_smoothing) * g  # [B, L] float32: subtracted at each token's target logit
-    targets = targets.astype(jnp.int32)
     # [B, L, D]: head[:, target], looked up like the embedding (model/transformer.py `gathered_table`):
     # with the table's embed dimension gathered first, GSPMD does a masked local lookup over the
     # vocab shards instead of gathering the (batch-sharded) token ids.
@@ -109,18 +132,13 @@ def _head_cross_entropy_bwd(label_smoothing, z_loss, residuals, g):
     target_columns = jnp.take(table, targets, axis=0).astype(jnp.float32)
     d_hidden = jnp.einsum("blv,dv->bld", d_softmax, head, preferred_element_type=jnp.float32)
     d_hidden = d_hidden - on_target[..., None] * target_columns
-    is_target = jnp.arange(vocab, dtype=jnp.int32) == targets[..., None]
-    d_logits = probs - jnp.where(is_target, 1.0 - label_smoothing, 0.0)
     if label_smoothing:
         uniform = label_smoothing / vocab * g  # [B, L]: subtracted from every logit's gradient
         d_hidden = d_hidden - uniform[..., None] * jnp.sum(head.astype(jnp.float32), axis=1)
-        d_logits = d_logits - label_smoothing / vocab
-    d_logits = (d_logits * g[..., None]).astype(hidden.dtype)
-    d_head = jnp.einsum("bld,blv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
-    return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), None
+    return d_hidden.astype(hidden.dtype), None, None
 
 
-head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd)
+head_cross_entropy.defvjp(_head_cross_entropy_fwd, _head_cross_entropy_bwd, symbolic_zeros=True)
 
 
 def weighted_head_loss_sum(
