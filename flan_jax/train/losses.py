@@ -108,6 +108,8 @@ def _head_cross_entropy_bwd(label_smoothing, z_loss, saved, g):
         probs = probs * (1.0 + 2.0 * z_loss * log_z)[..., None]
     if "head" in wanted:
         # A trained head: one [B, L, V] tensor with the target terms fused in feeds both matmuls.
+        # (Not a scatter-add of the target terms into d_head: that makes GSPMD replicate the
+        # token-sharded rows on a pod mesh; tests/test_pod_sharding.py catches it.)
         is_target = jnp.arange(vocab, dtype=jnp.int32) == targets[..., None]
         d_logits = probs - jnp.where(is_target, 1.0 - label_smoothing, 0.0)
         if label_smoothing:
