@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 from flan_jax.model import kernels, layout
-from flan_jax.model.kernels.matmul import dense_dot
+from flan_jax.model.kernels.matmul import dense_dot, lora_dense_dot
 from flan_jax.model.transformer import Dense
 
 # The projections, by their module names (the decoder's; T5's attention and feed-forward use the
@@ -142,14 +142,21 @@ class LoRADense(Dense):
         self.dropout_key = DropoutKey(jnp.zeros((*shape[:stack], *key_shape), jnp.uint32)) if self.dropout_rate else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = super().__call__(x)
         if not self.enabled:
-            return y
-        h = x
+            return super().__call__(x)
         if self.dropout_rate and not self.deterministic:
-            keep = 1.0 - self.dropout_rate
-            mask = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), keep, x.shape)
-            h = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+            return self._with_dropout(x)
+        # x W + s x A B as one matmul over the merged kernel (kernels.matmul.lora_dense_dot says why).
+        y = lora_dense_dot(x, self.kernel[...], self.lora_a[...], self.lora_b[...], self.scale, self.n_in,
+                           self.dtype, self.axes)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
+
+    def _with_dropout(self, x: jax.Array) -> jax.Array:
+        """x W (+ b) + s dropout(x) A B: the adapter sees another input than the base, so no merge."""
+        y = super().__call__(x)
+        keep = 1.0 - self.dropout_rate
+        mask = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), keep, x.shape)
+        h = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
         impl = kernels.resolve(getattr(self, "kernel_choice", "auto"))  # the wrapped Dense's choice
         down = dense_dot(h, self.lora_a[...], self.n_in, self.dtype, impl)
         down = down * jnp.asarray(self.scale, down.dtype)

@@ -76,3 +76,84 @@ def _f32_accumulated_dot_bwd(n_in, kernel_axes, residuals, g):
 
 
 _f32_accumulated_dot.defvjp(_f32_accumulated_dot_fwd, _f32_accumulated_dot_bwd)
+
+
+def lora_dense_dot(
+    x: jax.Array, kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: float, n_in: int,
+    dtype: jnp.dtype, kernel_axes: tuple[str, ...] | None = None,
+) -> jax.Array:
+    """`x . W + scale * (x . A) . B` as one matmul over the merged kernel `W + scale * A . B`.
+
+    Shapes: x [..., *in], W [*in, *out], A [*in, r], B [r, *out]; result [..., *out] in `dtype`.
+
+    Why merge on the fly: the unmerged form runs the base matmul plus four thin rank-r matmuls and
+    two full-size adds per projection, forward and backward, and the thin ones are memory-bound
+    passes over the activations that run one after another. The merged kernel costs in*out*r
+    multiply-adds (about r / tokens of the base matmul) and leaves one matmul forward and one for
+    dx backward; the adapters' gradients need only the rank-r products (see the backward), never
+    the full-size weight gradient that autodiff of `x . (W + s A B)` would build. With B = 0 the
+    merged kernel is W exactly, so step 0 still equals the base model bitwise.
+
+    Every matmul takes `dtype` operands and accumulates in float32, as `dense_dot`'s "cpu" path;
+    the merge itself is float32. Only the gradients of differentiated inputs are built (a frozen
+    base kernel, as in LoRA, gets none).
+    """
+    return _lora_dot(x.astype(dtype), kernel, lora_a, lora_b, float(scale), int(n_in), kernel_axes)
+
+
+def _merged_kernel(kernel, lora_a, lora_b, scale, dtype, kernel_axes):
+    delta = jnp.tensordot(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), axes=1)
+    merged = kernel.astype(jnp.float32) + jnp.asarray(scale, jnp.float32) * delta
+    return sharding.cast_sharded(merged, dtype, kernel_axes)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _lora_dot(x, kernel, lora_a, lora_b, scale, n_in, kernel_axes):
+    return _lora_forward(x, kernel, lora_a, lora_b, scale, n_in, kernel_axes)
+
+
+def _lora_forward(x, kernel, lora_a, lora_b, scale, n_in, kernel_axes):
+    return _contract_last(x, _merged_kernel(kernel, lora_a, lora_b, scale, x.dtype, kernel_axes), n_in).astype(x.dtype)
+
+
+def _lora_dot_fwd(x, kernel, lora_a, lora_b, scale, n_in, kernel_axes):
+    # symbolic_zeros: the primals arrive as CustomVJPPrimal(value, perturbed); which gradients are
+    # wanted is static and travels to the backward in the residuals' structure.
+    values = (x.value, kernel.value, lora_a.value, lora_b.value)
+    y = _lora_forward(*values, scale, n_in, kernel_axes)
+    primals = zip(("x", "kernel", "lora_a", "lora_b"), (x, kernel, lora_a, lora_b))
+    wanted = {name: () for name, primal in primals if primal.perturbed}
+    return y, (values, wanted)
+
+
+def _lora_dot_bwd(scale, n_in, kernel_axes, saved, g):
+    (x, kernel, lora_a, lora_b), wanted = saved
+    if isinstance(g, jax.custom_derivatives.SymbolicZero) or not wanted:
+        return None, None, None, None
+    g = g.astype(x.dtype)
+    n_out = kernel.ndim - n_in
+    out_dims = tuple(range(g.ndim - n_out, g.ndim))
+    lead = tuple(range(x.ndim - n_in))
+    f32 = jnp.float32
+    dx = dkernel = da = db = None
+    if "x" in wanted:
+        w = _merged_kernel(kernel, lora_a, lora_b, scale, x.dtype, kernel_axes)
+        dx = jax.lax.dot_general(g, w, ((out_dims, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=f32)
+        dx = dx.astype(x.dtype)
+    if "kernel" in wanted:  # the base trained too (unusual with LoRA, but allowed by the filter)
+        dkernel = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=f32).astype(kernel.dtype)
+    s = jnp.asarray(scale, f32)
+    if "lora_a" in wanted:
+        # dA = s * x^T (g B^T): the rank-r product first, then one contraction over the tokens.
+        b = lora_b.astype(x.dtype)
+        gb = jax.lax.dot_general(g, b, ((out_dims, tuple(range(1, b.ndim))), ((), ())), preferred_element_type=f32)
+        gb = gb.astype(x.dtype)
+        da = (s * jax.lax.dot_general(x, gb, ((lead, lead), ((), ())), preferred_element_type=f32)).astype(lora_a.dtype)
+    if "lora_b" in wanted:
+        # dB = s * (x A)^T g.
+        xa = _contract_last(x, lora_a.astype(x.dtype), n_in).astype(x.dtype)
+        db = (s * jax.lax.dot_general(xa, g, ((lead, lead), ((), ())), preferred_element_type=f32)).astype(lora_b.dtype)
+    return dx, dkernel, da, db
+
+
+_lora_dot.defvjp(_lora_dot_fwd, _lora_dot_bwd, symbolic_zeros=True)
