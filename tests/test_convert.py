@@ -226,7 +226,11 @@ def test_scanned_families_with_per_layer_kinds_match_transformers(name, tmp_path
     ids = random_ids((2, 12), seed=3)
     got = np.asarray(scanned(jnp.asarray(ids)))
     np.testing.assert_allclose(got, hf_logits(hf, ids), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(got, np.asarray(unrolled(jnp.asarray(ids))), atol=1e-5, rtol=1e-5)
+    # Scanned and unrolled programs fuse differently, so float32 sums run in another order; how far
+    # that moves the logits depends on the host's matmul kernels (2e-5 of logits ~4 on a Zen 3 CPU
+    # without AVX-512): a tolerance relative to the logits' scale, tighter than the HF check's.
+    scale = float(np.abs(got).max())
+    np.testing.assert_allclose(got, np.asarray(unrolled(jnp.asarray(ids))), atol=2e-5 * scale, rtol=1e-5)
     prompts = [[5, 9, 3, 17, 22, 40, 41], [7, 1, 60]]
     a = generate.generate_arrays(scanned, prompts, max_new_tokens=6, eos_id=-1, return_logits=True)
     b = generate.generate_arrays(unrolled, prompts, max_new_tokens=6, eos_id=-1, return_logits=True)
