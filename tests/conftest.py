@@ -16,6 +16,31 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+SLOW_ENV = "FLAN_JAX_SLOW_TESTS"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", default=False,
+                     help=f"also run the tests marked slow (or set {SLOW_ENV}=1); `make test-all` does")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "slow: an end-to-end check whose parts the default suite covers more cheaply; skipped unless --slow "
+        "(docs/testing.md lists them and why)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests are reported as skipped, with the way to run them, rather than deselected silently."""
+    if config.getoption("--slow") or os.environ.get(SLOW_ENV, "") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason=f"slow check: run with `make test-all` (pytest --slow or {SLOW_ENV}=1)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 
 @pytest.fixture
 def clean_registry():

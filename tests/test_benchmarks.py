@@ -1,11 +1,19 @@
-"""The training-throughput benchmark runs end to end (its --tiny preset) and reports every row."""
+"""The benchmark scripts run end to end (their tiny presets) and report every row.
+
+Marked slow: they check the measuring tools, not the library (whose train step, data pipeline and
+T5 decoding the default suite tests directly), and cost minutes of child processes and torch runs.
+"""
 
 import json
 import subprocess
 import sys
 
+import pytest
+
 from flan_jax import host_memory
 from tests import train_fakes
+
+pytestmark = pytest.mark.slow
 
 
 def test_train_throughput_tiny_reports_every_variant_and_peer(tmp_path):

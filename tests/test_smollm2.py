@@ -198,6 +198,7 @@ def test_chat_template_renders_like_apply_chat_template(smollm2, reference):
                 reference.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+@pytest.mark.slow  # the CLI recipe on 135M weights; bf16 steps, init_from and export run on tiny models elsewhere
 def test_recipe_tunes_in_bf16_and_transformers_generates_our_tokens_from_the_export(smollm2, tmp_path):
     """configs/smollm2_sft.py on the built-in mixture through the command line (one CPU device, as a
     user runs it; the tests' 8 simulated devices would hold 8 replicas of the optimizer state),
