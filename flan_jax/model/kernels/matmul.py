@@ -56,6 +56,22 @@ def _contract_last(a: jax.Array, b: jax.Array, n: int) -> jax.Array:
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _contract_output(g: jax.Array, w: jax.Array, n_in: int) -> jax.Array:
+    """g [..., *out] . w [*in, *out] over the output dims (the input gradient), float32 accumulated."""
+    n_out = w.ndim - n_in
+    dims = ((tuple(range(g.ndim - n_out, g.ndim)), tuple(range(n_in, w.ndim))), ((), ()))
+    return jax.lax.dot_general(g, w, dims, preferred_element_type=jnp.float32)
+
+
+def _contract_leading(a: jax.Array, b: jax.Array, n_lead: int) -> jax.Array:
+    """a . b over their first n_lead (batch, length, ...) dims (a weight gradient), float32 accumulated.
+
+    One dot_general over every leading dim lets XLA's CPU backend skip the transposed copy of the
+    activations that autodiff of `tensordot` asks for (see the module docstring)."""
+    lead = tuple(range(n_lead))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _f32_accumulated_dot_fwd(x, kernel, n_in, kernel_axes):
     y = _contract_last(x, sharding.cast_sharded(kernel, x.dtype, kernel_axes), n_in).astype(x.dtype)
     return y, (x, kernel)
@@ -64,14 +80,9 @@ def _f32_accumulated_dot_fwd(x, kernel, n_in, kernel_axes):
 def _f32_accumulated_dot_bwd(n_in, kernel_axes, residuals, g):
     x, kernel = residuals
     w = sharding.cast_sharded(kernel, x.dtype, kernel_axes)
-    n_out = w.ndim - n_in
     g = g.astype(x.dtype)
-    # dx: contract g's output dims with the kernel's output dims.
-    out_dims = tuple(range(g.ndim - n_out, g.ndim))
-    dx = jax.lax.dot_general(g, w, ((out_dims, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=jnp.float32)
-    # dkernel: contract over every leading (batch, length, ...) dim of x and g.
-    lead = tuple(range(x.ndim - n_in))
-    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+    dx = _contract_output(g, w, n_in)
+    dw = _contract_leading(x, g, x.ndim - n_in)
     return dx.astype(x.dtype), dw.astype(kernel.dtype)
 
 
@@ -134,28 +145,21 @@ def _lora_dot_bwd(scale, n_in, kernel_axes, saved, g):
     if isinstance(g, jax.custom_derivatives.SymbolicZero) or not wanted:
         return None, None, None, None
     g = g.astype(x.dtype)
-    n_out = kernel.ndim - n_in
-    out_dims = tuple(range(g.ndim - n_out, g.ndim))
-    lead = tuple(range(x.ndim - n_in))
-    f32 = jnp.float32
+    n_lead = x.ndim - n_in
+    s = jnp.asarray(scale, jnp.float32)
     dx = dkernel = da = db = None
     if "x" in wanted:
-        w = _merged_kernel(kernel, lora_a, lora_b, scale, x.dtype, kernel_axes)
-        dx = jax.lax.dot_general(g, w, ((out_dims, tuple(range(n_in, w.ndim))), ((), ())), preferred_element_type=f32)
-        dx = dx.astype(x.dtype)
+        dx = _contract_output(g, _merged_kernel(kernel, lora_a, lora_b, scale, x.dtype, kernel_axes), n_in).astype(x.dtype)
     if "kernel" in wanted:  # the base trained too (unusual with LoRA, but allowed by the filter)
-        dkernel = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=f32).astype(kernel.dtype)
-    s = jnp.asarray(scale, f32)
+        dkernel = _contract_leading(x, g, n_lead).astype(kernel.dtype)
     if "lora_a" in wanted:
         # dA = s * x^T (g B^T): the rank-r product first, then one contraction over the tokens.
-        b = lora_b.astype(x.dtype)
-        gb = jax.lax.dot_general(g, b, ((out_dims, tuple(range(1, b.ndim))), ((), ())), preferred_element_type=f32)
-        gb = gb.astype(x.dtype)
-        da = (s * jax.lax.dot_general(x, gb, ((lead, lead), ((), ())), preferred_element_type=f32)).astype(lora_a.dtype)
+        gb = _contract_output(g, lora_b.astype(x.dtype), 1).astype(x.dtype)
+        da = (s * _contract_leading(x, gb, n_lead)).astype(lora_a.dtype)
     if "lora_b" in wanted:
         # dB = s * (x A)^T g.
         xa = _contract_last(x, lora_a.astype(x.dtype), n_in).astype(x.dtype)
-        db = (s * jax.lax.dot_general(xa, g, ((lead, lead), ((), ())), preferred_element_type=f32)).astype(lora_b.dtype)
+        db = (s * _contract_leading(xa, g, n_lead)).astype(lora_b.dtype)
     return dx, dkernel, da, db
 
 
