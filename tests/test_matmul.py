@@ -105,6 +105,10 @@ def test_lora_dot_frozen_base_builds_no_full_size_weight_gradient():
     full_size = ("tensor<16x24xf32>", "tensor<24x16xf32>")
     assert batch_contractions
     assert not any(shape in line.split("->")[-1] for line in batch_contractions for shape in full_size)
+    # The operand a token contraction transposes (its left one) is the thin [tokens, r] product,
+    # never the [tokens, 16] activations: dA is computed as ((g B^T)^T x)^T.
+    left_operands = [line.split(": (")[-1].split(",")[0] for line in batch_contractions]
+    assert all(operand.endswith("x3xf32>") for operand in left_operands), left_operands
 
 
 def test_lora_dot_bf16_matches_float32():
