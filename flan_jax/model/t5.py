@@ -47,7 +47,7 @@ from flax import nnx
 
 from flan_jax import sharding
 from flan_jax.model.t5_config import T5Config
-from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm, gathered_table
+from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm, gated_activation, gathered_table
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -204,7 +204,7 @@ class T5MLP(nnx.Module):
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         act = _ACTIVATIONS[self.cfg.activation]
-        h = act(self.up(x)) if self.gate is None else act(self.gate(x)) * self.up(x)
+        h = gated_activation(act, None if self.gate is None else self.gate(x), self.up(x))
         h = sharding.constrain(dropout(h, self.cfg.dropout_rate, rng), ("batch", "length", "act_mlp"))
         return self.down(h)
 

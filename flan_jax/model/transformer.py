@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -329,11 +329,24 @@ class MLP(nnx.Module):
         return jax.nn.gelu(x, approximate=self.cfg.activation == "gelu_tanh")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.activation(self.up(x) if self.gate is None else self.gate(x))
-        if self.gate is not None:
-            h = h * self.up(x)
+        h = gated_activation(self.activation, None if self.gate is None else self.gate(x), self.up(x))
         h = sharding.constrain(h, ("batch", "length", "act_mlp"))
         return self.down(h)
+
+
+def gated_activation(act: Callable[[jax.Array], jax.Array], gate: jax.Array | None, up: jax.Array) -> jax.Array:
+    """`act(gate) * up` (a gated MLP), or `act(up)` without a gate, recomputed in the backward pass.
+
+    Why recompute: autodiff of the elementwise chain keeps its intermediates (for silu: sigmoid(gate),
+    act(gate) and their products) as residuals, [tokens, d_ff] each, the widest activations of a
+    layer. Under `jax.checkpoint` only the inputs are kept and the cheap elementwise part runs again
+    in the backward pass: with the down projection's input, three d_ff-wide tensors per layer
+    instead of six (SmolLM2-135M's shape, 1024 tokens: the float32 step's temp memory 3.0 -> 2.5 GiB
+    at the same step time on CPU; benchmarks/RESULTS.md). The values are unchanged.
+    """
+    if gate is None:
+        return jax.checkpoint(act)(up)
+    return jax.checkpoint(lambda g, u: act(g) * u)(gate, up)
 
 
 class Block(nnx.Module):
