@@ -17,7 +17,9 @@ Two sets of glibc tunables fix that:
   faults after the first step (713 per step before), kernel time 0.13 -> 0.004 s per step, and
   the step's spikes gone (bf16 median 0.66 -> 0.60 s, mean 0.69 -> 0.61 s). The price: the
   process keeps its peak heap, holes included (the 7M benchmark: ~2 GB, flat; the demo config's
-  training with evaluations: 3.1 GB peak resident against 1.6 GB with huge pages alone).
+  training with evaluations: 3.1 GB peak resident against 1.6 GB with huge pages alone), and
+  with larger buffers it can keep growing: a SmolLM2-135M-shape LoRA step went 4.3 -> 8.0 GB
+  resident within 25 steps, against a flat 3.3 GB without the tunables (benchmarks/RESULTS.md).
 * `HUGE_PAGES` (`hugetlb=1`) puts large allocations on 2 MiB transparent huge pages: fewer TLB
   misses, and when memory is faulted in, 512x fewer faults. Before the reuse tunables it made
   the 7M benchmark's step 12-20% faster; with them it is still worth 3-6% in bf16.
