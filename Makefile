@@ -39,9 +39,13 @@ demo: $(VENV)/.demo-installed
 demo-real: $(VENV)/.real-installed
 	$(PY) -m flan_jax.demo --real --workdir=workdirs/demo_real
 
+# --dist loadfile: each test file runs on one worker, start to end, so a module-scoped fixture (a
+# trained workdir, a converted model) is built once. (`loadgroup` + `xdist_group` marks no longer
+# group anything with pytest 9.2 and pytest-xdist 3.8.0: xdist renames `item._nodeid`, which pytest
+# 9.2 no longer reads; the modules' fixtures were built on both workers, or twice on one.)
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # Everything, the slow end-to-end checks included (docs/testing.md).
 test-all: $(VENV)/.test-installed
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15 --slow tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 --slow tests

@@ -33,7 +33,6 @@ from flan_jax.model.generate import generate_arrays  # noqa: E402
 
 from test_convert import our_model  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("smollm2")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is the capital of France?",
