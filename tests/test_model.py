@@ -330,7 +330,10 @@ def test_rope_tables_keep_the_batch_sharding():
 def test_gated_mlp_saves_only_its_inputs_and_the_down_projection_input(family, capsys):
     # gated_activation recomputes act(gate) * up in the backward pass: of the d_ff-wide tensors,
     # only gate(x), up(x) and down's input stay as residuals (autodiff of the plain chain adds the
-    # activation's intermediates: three more for silu). Gradients equal the plain chain's.
+    # activation's intermediates: three more for silu, five for gelu_tanh). Gradients equal the
+    # plain chain's.
+    from jax import ad_checkpoint
+
     from flan_jax.model.transformer import MLP, gated_activation
 
     cfg = tiny(family)
@@ -338,8 +341,6 @@ def test_gated_mlp_saves_only_its_inputs_and_the_down_projection_input(family, c
     graphdef, params = nnx.split(mlp)
     x = jax.random.normal(jax.random.key(1), (2, 5, cfg.d_model))
     loss = lambda params, x: jnp.sum(jnp.sin(nnx.merge(graphdef, params)(x)))  # noqa: E731
-    from jax import ad_checkpoint
-
     ad_checkpoint.print_saved_residuals(loss, params, x)
     wide = [line for line in capsys.readouterr().out.splitlines() if f"[2,5,{cfg.d_ff}]" in line]
     assert len(wide) == 3, wide
