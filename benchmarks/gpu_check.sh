@@ -8,7 +8,8 @@
 # Expects jax with CUDA, flax, optax, torch and transformers installed; missing pure-Python
 # packages (ml_collections on the lent machines here) may come as wheels in .whl/. Use the flax
 # that matches the installed jax: flax 0.12.8 fails to import under jax 0.11.2. Each stage has its own time limit so that one
-# stuck stage leaves the others' numbers; logs and JSON land in OUTDIR.
+# stuck stage leaves the others' numbers; logs and JSON land in OUTDIR. All stages take more than
+# one 15-minute lease: STAGES="lora_1b gpu_tests" bash benchmarks/gpu_check.sh OUTDIR runs only those.
 set -u
 out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -23,6 +24,10 @@ python3 -c "import jax, flax, optax, torch, transformers; print('jax', jax.__ver
 stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it ended
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${STAGES:-}" && " $STAGES " != *" $name "* ]]; then
+    echo "=== $name: skipped (not in STAGES)"
+    return
+  fi
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
@@ -33,6 +38,10 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it 
 
 stage bench_1b_cudnn 300 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
   --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
+# Issue 16: LoRA r=16 on every projection of the ~1B Llama (bf16 compute) against full
+# fine-tuning and PEFT + torch on the same GPU: train state, peak device memory, step time.
+stage lora_1b 420 python3 benchmarks/lora_memory.py --presets=1b --dtype=bfloat16 --malloc=reuse \
+  --steps=5 --windows=3 --warmup=2 --json="$out/lora_1b.json"
 stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
 # Issue 21 item 4: the FSDP gradient reduction as XLA:GPU compiles it (8 mock GPUs on this one; compile only).
 stage gpu_collectives 180 python3 benchmarks/gpu_collectives.py --json="$out/gpu_collectives.json"

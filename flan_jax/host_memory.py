@@ -19,7 +19,8 @@ Two sets of glibc tunables fix that:
   process keeps its peak heap, holes included (the 7M benchmark: ~2 GB, flat; the demo config's
   training with evaluations: 3.1 GB peak resident against 1.6 GB with huge pages alone), and
   with larger buffers it can keep growing: a SmolLM2-135M-shape LoRA step went 4.3 -> 8.0 GB
-  resident within 25 steps, against a flat 3.3 GB without the tunables (benchmarks/RESULTS.md).
+  resident within 25 steps on one host and to 6.1-11.5 GB on another, against 3.3 GB peak
+  without the tunables (benchmarks/RESULTS.md; benchmarks/lora_memory.py measures both ways).
 * `HUGE_PAGES` (`hugetlb=1`) puts large allocations on 2 MiB transparent huge pages: fewer TLB
   misses, and when memory is faulted in, 512x fewer faults. Before the reuse tunables it made
   the 7M benchmark's step 12-20% faster; with them it is still worth 3-6% in bf16.

@@ -79,3 +79,27 @@ def test_t5_benchmark_tiny_trains_and_decodes_both_sides_on_the_same_weights(tmp
     assert ours["tokens_per_sec"] > 0 and theirs["tokens_per_sec"] > 0 and ours["mfu_of_cpu_matmul_peak"] > 0
     assert report["decode"]["greedy_token_agreement"] == 1.0
     assert "train float32: flan_jax / transformers =" in result.stdout
+
+
+def test_lora_memory_tiny_measures_every_row_under_both_malloc_settings(tmp_path):
+    """benchmarks/lora_memory.py end to end (--tiny): each run of each side under glibc's default
+    malloc and under the reuse tunables, the same parameter counts on both sides."""
+    out = tmp_path / "lora.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/lora_memory.py", "--tiny", f"--json={out}"],
+        cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["malloc"], r["run"]): r for r in json.loads(out.read_text())["rows"]}
+    runs = ("flan_jax full", "flan_jax LoRA", "torch full", "PEFT LoRA")
+    assert set(rows) == {(malloc, run) for malloc in ("default", "reuse") for run in runs}
+    for (malloc, _), row in rows.items():
+        assert row["step_seconds"] > 0 and row["peak_rss_bytes"] > 0
+        tunables = row["glibc_tunables"].split(":") if row["glibc_tunables"] else []
+        assert all((t in tunables) == (malloc == "reuse") for t in host_memory.REUSE_TUNABLES)
+        assert host_memory.HUGE_PAGES not in tunables
+    for malloc in ("default", "reuse"):
+        ours, theirs = rows[(malloc, "flan_jax LoRA")], rows[(malloc, "PEFT LoRA")]
+        assert ours["trainable_params"] == theirs["trainable_params"] < rows[(malloc, "flan_jax full")]["trainable_params"]
+        assert rows[(malloc, "flan_jax full")]["trainable_params"] == rows[(malloc, "torch full")]["trainable_params"]
+    assert "| tiny | default | flan_jax LoRA |" in result.stdout and "| tiny | reuse | PEFT LoRA |" in result.stdout
