@@ -118,8 +118,8 @@ def malloc_environ(malloc: str) -> dict[str, str]:
     the reuse tunables without huge pages: torch measured slower with those)."""
     from flan_jax import host_memory
 
-    # On a GPU each child takes the device memory it needs instead of 75% up front.
-    plain = {**host_memory.environ_without(dict(os.environ)), "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    # On a GPU each child takes the device memory it needs instead of 75% up front (unless told otherwise).
+    plain = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **host_memory.environ_without(dict(os.environ))}
     return plain if malloc == "default" else host_memory.environ_with(plain, host_memory.REUSE_TUNABLES)
 
 
