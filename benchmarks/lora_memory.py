@@ -107,10 +107,13 @@ def main() -> None:
         for preset in args.presets.split(","):
             for run in args.runs.split(","):
                 rows.append({**child(preset, run, args, malloc_environ(malloc)), "malloc": malloc})
+                if args.json:  # after every row: a run stopped at a time limit keeps the rows it measured
+                    with open(args.json, "w") as f:
+                        json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
     report(rows, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "args": vars(args)}, f, indent=2)
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        sys.exit(f"{len(failed)} of {len(rows)} rows failed: " + "; ".join(f"{r['preset']} {r['run']}: {r['error']}" for r in failed))
 
 
 def malloc_environ(malloc: str) -> dict[str, str]:
@@ -124,13 +127,16 @@ def malloc_environ(malloc: str) -> dict[str, str]:
 
 
 def child(preset: str, run: str, args: argparse.Namespace, environ: dict[str, str]) -> dict:
-    """One row, measured in a fresh process (its own peak RSS)."""
+    """One row, measured in a fresh process (its own peak RSS). A child that fails gives a row with
+    its exit status under "error" (its traceback is on stderr), so the other rows still run."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         forwarded = [f"--rank={args.rank}", f"--alpha={args.alpha}", f"--frozen_dtype={args.frozen_dtype}", f"--dtype={args.dtype}",
                      f"--steps={args.steps}", f"--windows={args.windows}", f"--warmup={args.warmup}"]
-        subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, f"--child={preset}|{run}|{out}"],
-                       env=environ, check=True)
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *forwarded, f"--child={preset}|{run}|{out}"],
+                              env=environ)
+        if done.returncode != 0:
+            return {"preset": preset, "run": run, "error": f"child exited with status {done.returncode}"}
         with open(out) as f:
             return json.load(f)
 
@@ -282,6 +288,7 @@ def measure_torch(shape: dict, *, lora: bool, args) -> dict:
 def report(rows: list[dict], args) -> None:
     import platform
 
+    rows = [r for r in rows if "error" not in r]  # main() names the failed ones
     devices = {r["run"]: r.get("device", "cpu") for r in rows}
     on_gpu = "gpu" in devices.values()
     if len(set(devices.values())) > 1:

@@ -103,3 +103,21 @@ def test_lora_memory_tiny_measures_every_row_under_both_malloc_settings(tmp_path
         assert ours["trainable_params"] == theirs["trainable_params"] < rows[(malloc, "flan_jax full")]["trainable_params"]
         assert rows[(malloc, "flan_jax full")]["trainable_params"] == rows[(malloc, "torch full")]["trainable_params"]
     assert "| tiny | default | flan_jax LoRA |" in result.stdout and "| tiny | reuse | PEFT LoRA |" in result.stdout
+
+
+def test_lora_memory_keeps_the_other_rows_when_one_child_fails(tmp_path):
+    """A row whose child fails (here: a rank larger than the tiny model's dimensions) is named in
+    the exit status and the JSON, and the rows before and after it are still measured and kept (a
+    GPU lease stopped by one bad row keeps the others' numbers)."""
+    out = tmp_path / "lora.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/lora_memory.py", "--tiny", "--malloc=default", "--rank=1000",
+         "--runs=flan_jax LoRA,flan_jax full", f"--json={out}"],
+        cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "1 of 2 rows failed: tiny flan_jax LoRA: child exited with status" in result.stderr
+    rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "error" in rows["flan_jax LoRA"] and "step_seconds" not in rows["flan_jax LoRA"]
+    assert rows["flan_jax full"]["step_seconds"] > 0
+    assert "| tiny | default | flan_jax full |" in result.stdout and "| tiny | default | flan_jax LoRA |" not in result.stdout
