@@ -5,11 +5,17 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR
 #
-# Expects jax with CUDA, flax, optax, torch and transformers installed; missing pure-Python
-# packages (ml_collections on the lent machines here) may come as wheels in .whl/. Use the flax
-# that matches the installed jax: flax 0.12.8 fails to import under jax 0.11.2. Each stage has its own time limit so that one
-# stuck stage leaves the others' numbers; logs and JSON land in OUTDIR. All stages take more than
-# one 15-minute lease: STAGES="lora_1b gpu_tests" bash benchmarks/gpu_check.sh OUTDIR runs only those.
+# Expects jax with CUDA, flax, optax, orbax-checkpoint, torch, transformers and peft installed;
+# missing packages come as wheels in .whl/ (on the lent H200s here: ml_collections, and for the
+# LoRA stages, which build the model through the trainer's loop, grain and its array-record and
+# portpicker), fetched on this side for the device's Python 3.12:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     ml_collections==1.1.0 grain==0.2.18 array-record==0.8.6 portpicker==1.6.0
+# Use the flax that matches the installed jax: flax 0.12.8 fails to import under jax 0.11.2. Each
+# stage has its own time limit so that one stuck stage leaves the others' numbers; logs and JSON
+# land in OUTDIR. All stages take more than one 15-minute lease:
+# STAGES="lora_1b gpu_tests" bash benchmarks/gpu_check.sh OUTDIR runs only those.
 set -u
 out=${1:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -39,9 +45,15 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it 
 stage bench_1b_cudnn 300 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
   --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
 # Issue 16: LoRA r=16 on every projection of the ~1B Llama (bf16 compute) against full
-# fine-tuning and PEFT + torch on the same GPU: train state, peak device memory, step time.
+# fine-tuning and PEFT + torch on the same GPU: train state, peak device memory, step time
+# (four child processes: 254 s on an H200 on 2026-12-04).
 stage lora_1b 420 python3 benchmarks/lora_memory.py --presets=1b --dtype=bfloat16 --malloc=reuse \
   --steps=5 --windows=3 --warmup=2 --json="$out/lora_1b.json"
+# The same LoRA row with the frozen base held in bf16 (did not finish within 100 s on 2026-12-04:
+# this limit leaves room, and PYTHONFAULTHANDLER makes a timeout's SIGABRT print where it was).
+PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false stage lora_1b_bf16_base 240 timeout -s ABRT 230 \
+  python3 benchmarks/lora_memory.py --presets=1b --dtype=bfloat16 --frozen_dtype=bfloat16 --steps=5 --windows=3 \
+  --warmup=2 --child="1b|flan_jax LoRA|$out/lora_1b_bf16_base.json"
 stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
 # Issue 21 item 4: the FSDP gradient reduction as XLA:GPU compiles it (8 mock GPUs on this one; compile only).
 stage gpu_collectives 180 python3 benchmarks/gpu_collectives.py --json="$out/gpu_collectives.json"
