@@ -121,3 +121,22 @@ def test_lora_memory_keeps_the_other_rows_when_one_child_fails(tmp_path):
     assert "error" in rows["flan_jax LoRA"] and "step_seconds" not in rows["flan_jax LoRA"]
     assert rows["flan_jax full"]["step_seconds"] > 0
     assert "| tiny | default | flan_jax full |" in result.stdout and "| tiny | default | flan_jax LoRA |" not in result.stdout
+
+
+def test_lora_projection_tiny_times_every_variant_of_every_projection(tmp_path):
+    """benchmarks/lora_projection.py end to end (--tiny): the seven projection shapes, four
+    variants each, and the layer row their sum."""
+    out = tmp_path / "projection.json"
+    result = subprocess.run(
+        [sys.executable, "benchmarks/lora_projection.py", "--tiny", "--dtype=float32", f"--json={out}"],
+        cwd=train_fakes.ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["projection"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["q", "k", "v", "o", "gate", "up", "down", "layer"]
+    assert (rows["gate"]["in"], rows["gate"]["out"]) == (64, 128) and (rows["down"]["in"], rows["down"]["out"]) == (128, 64)
+    variants = ("full", "frozen", "merged", "unmerged")
+    assert all(rows[p][v] > 0 for p in rows for v in variants)
+    for v in variants:
+        assert abs(rows["layer"][v] - sum(r[v] for name, r in rows.items() if name != "layer")) < 1e-9
+    assert "| layer | - |" in result.stdout
