@@ -56,7 +56,7 @@ PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false stage lora_1b_bf16_base
   --warmup=2 --child="1b|flan_jax LoRA|$out/lora_1b_bf16_base.json"
 # Where the LoRA step's time goes: one projection's forward + backward per shape of the ~1B model,
 # full fine-tuning against LoRA (merged, as flan_jax runs it, and PEFT's unmerged form).
-stage lora_projection 150 bash -c "python3 benchmarks/lora_projection.py --preset=1b --json=$out/lora_projection.json \
+stage lora_projection 200 bash -c "python3 benchmarks/lora_projection.py --preset=1b --json=$out/lora_projection.json \
   && python3 benchmarks/lora_projection.py --preset=1b --frozen_dtype=bfloat16 --json=$out/lora_projection_bf16_base.json"
 stage gpu_tests 90 python3 -m pytest -q -p no:cacheprovider -rA tests/test_gpu.py tests/test_matmul.py tests/test_causal_block_attention.py
 # Issue 21 item 4: the FSDP gradient reduction as XLA:GPU compiles it (8 mock GPUs on this one; compile only).
