@@ -17,6 +17,12 @@ rows (default: the preset's batch x length). "layer" sums the seven. A LoRA step
 adapters on every projection costs about `merged / full` of full fine-tuning's time in these
 matmuls; `merged / frozen` is what the adapters add over a frozen projection.
 
+The adapters' backward reads the projection's input x and output gradient g twice more each
+(g B^T, x^T (g B^T); x A, (x A)^T g): memory-bound rank-r products. "adapter GB/s" is those
+2 T (in + out) elements in the compute dtype over the time merged adds to frozen: near the
+device's memory bandwidth, the rank-r products run as fast as they can and the remaining cost is
+intrinsic to training adapters; far below it, they are where to look.
+
 Times: the median over `--repeats` of `--iters` back-to-back calls (one device sync per repeat),
 after a warm-up call. Prints a Markdown table; --json writes the rows.
 """
@@ -122,6 +128,11 @@ def time_variant(variant: str, in_out: tuple[int, int], args) -> float:
     return statistics.median(times)
 
 
+def _bandwidth(row: dict) -> str:
+    added = row["merged"] - row["frozen"]
+    return f"{row['adapter_bytes'] / added / 1e9:,.0f}" if added > 0 else "-"
+
+
 def main() -> None:
     args = parse_args()
     import jax
@@ -133,18 +144,22 @@ def main() -> None:
         for variant in VARIANTS:
             row[variant] = time_variant(variant, in_out, args)
         rows.append(row)
-    rows.append({"projection": "layer", "in": None, "out": None, **{v: sum(r[v] for r in rows) for v in VARIANTS}})
     tokens = args.tokens or PRESETS[args.preset]["batch"] * PRESETS[args.preset]["seq_len"]
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    for row in rows:
+        row["adapter_bytes"] = 2 * tokens * (row["in"] + row["out"]) * itemsize
+    rows.append({"projection": "layer", "in": None, "out": None, "adapter_bytes": sum(r["adapter_bytes"] for r in rows),
+                 **{v: sum(r[v] for r in rows) for v in VARIANTS}})
     print(f"\n{jax.devices()[0].device_kind} ({jax.default_backend()}); {args.preset}, {tokens} tokens, {args.dtype} "
           f"compute, W in {args.frozen_dtype} (full: float32), r={args.rank}; median of {args.repeats} x {args.iters} calls")
     print("\n| projection | in x out | full (ms) | frozen (ms) | merged (ms) | unmerged (ms) | merged / full | "
-          "merged / frozen | unmerged / merged |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "merged / frozen | unmerged / merged | adapter GB/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         dims = f"{r['in']} x {r['out']}" if r["in"] else "-"
         print(f"| {r['projection']} | {dims} | {r['full'] * 1e3:.3f} | {r['frozen'] * 1e3:.3f} | {r['merged'] * 1e3:.3f} | "
               f"{r['unmerged'] * 1e3:.3f} | {r['merged'] / r['full']:.2f}x | {r['merged'] / r['frozen']:.2f}x | "
-              f"{r['unmerged'] / r['merged']:.2f}x |")
+              f"{r['unmerged'] / r['merged']:.2f}x | {_bandwidth(r)} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "args": vars(args), "device": jax.devices()[0].device_kind}, f, indent=2)
