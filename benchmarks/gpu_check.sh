@@ -51,9 +51,10 @@ stage lora_1b 420 python3 benchmarks/lora_memory.py --presets=1b --dtype=bfloat1
   --steps=5 --windows=3 --warmup=2 --json="$out/lora_1b.json"
 # The same LoRA row with the frozen base held in bf16 (did not finish within 100 s on 2026-12-04:
 # this limit leaves room, and PYTHONFAULTHANDLER makes a timeout's SIGABRT print where it was).
-PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false stage lora_1b_bf16_base 240 timeout -s ABRT 230 \
-  python3 benchmarks/lora_memory.py --presets=1b --dtype=bfloat16 --frozen_dtype=bfloat16 --steps=5 --windows=3 \
-  --warmup=2 --child="1b|flan_jax LoRA|$out/lora_1b_bf16_base.json"
+# (--child: one row in this process, its JSON printed after; compare with lora_1b's float32-base row.)
+PYTHONFAULTHANDLER=1 XLA_PYTHON_CLIENT_PREALLOCATE=false stage lora_1b_bf16_base 240 bash -c \
+  "timeout -s ABRT 230 python3 benchmarks/lora_memory.py --dtype=bfloat16 --frozen_dtype=bfloat16 --steps=5 --windows=3 \
+  --warmup=2 --child='1b|flan_jax LoRA|$out/lora_1b_bf16_base.json' && cat $out/lora_1b_bf16_base.json"
 # Where the LoRA step's time goes: one projection's forward + backward per shape of the ~1B model,
 # full fine-tuning against LoRA (merged, as flan_jax runs it, and PEFT's unmerged form).
 stage lora_projection 200 bash -c "python3 benchmarks/lora_projection.py --preset=1b --json=$out/lora_projection.json \
