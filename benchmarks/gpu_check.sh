@@ -44,6 +44,9 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it, keeps its log, says how it 
 
 stage bench_1b_cudnn 300 python3 benchmarks/train_throughput.py --preset=1b --variants=bf16 --devices=1 \
   --steps=10 --warmup=2 --json="$out/bench_1b_cudnn.json"
+# The ~1B step scanned (the default from 8 layers on since 2026-12-01) against unrolled (what the
+# November MFU rows ran): the 2026-12-04 full-fine-tuning row was 8% under them.
+stage scan_1b 300 python3 benchmarks/scan_layers.py --presets=1b --dtype=bfloat16
 # Issue 16: LoRA r=16 on every projection of the ~1B Llama (bf16 compute) against full
 # fine-tuning and PEFT + torch on the same GPU: train state, peak device memory, step time
 # (four child processes: 254 s on an H200 on 2026-12-04).

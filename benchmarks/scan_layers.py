@@ -2,13 +2,15 @@
 
     python benchmarks/scan_layers.py                        # demo, 7m, 8- and 16-layer presets, float32
     python benchmarks/scan_layers.py --presets=demo --dtype=bfloat16 --remat=full --windows=5
+    python benchmarks/scan_layers.py --presets=1b --dtype=bfloat16   # on a GPU (gpu_check.sh)
 
 The measurement behind `config.model.scan_layers=None` (scan from `SCAN_MIN_LAYERS` layers on,
 flan_jax/model/config.py). For each preset both layouts are built from the same seed with the
 trainer's own pieces (`loop.build_model`, `step.make_train_step`), compiled (timed), then timed in
 interleaved windows of `--steps` steps each (unrolled, scanned, unrolled, ...), so both sides see
 the same machine load. Reported: compile s and the median tokens/s over the windows. Runs with
-the launchers' malloc tunables, as the trainer does.
+the launchers' malloc tunables, as the trainer does. On a GPU the attention is cuDNN's, as a
+user there would pick (`model.attention="cudnn"`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ PRESETS = {
     "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
     "8l": dict(vocab_size=8000, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
     "16l": dict(vocab_size=8000, d_model=256, n_layers=16, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
+    # benchmarks/train_throughput.py --preset=1b (its GPU row; scanned by default there since 2026-12-01)
+    "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632, batch=8,
+               seq_len=2048),
 }
 
 
@@ -79,6 +84,8 @@ def measure(preset: str, args) -> list[dict]:
                             scan_layers=layout == "scanned")
         config.data.seq_len, config.data.batch_size = seq_len, batch_size
         config.mesh.data = 1
+        if jax.default_backend() == "gpu":
+            config.model.attention = "cudnn"
         mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
         rules = partitioning.axis_rules(config.mesh)
         _, parts = loop.build_model(config, mesh, rules)

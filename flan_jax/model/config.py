@@ -209,7 +209,9 @@ def default_scan_layers(cfg: ModelConfig, backend: str | None = None) -> bool:
     Except on CPU with bf16 / f16 compute and no remat, where XLA:CPU turns the stacked bf16
     activations saved for the backward pass into float32 and the backward matmuls leave its fast
     bf16 path (the step ran at half speed scanned, at 4 and 16 layers alike). `backend` defaults
-    to `jax.default_backend()`; "cpu" is the only one treated differently.
+    to `jax.default_backend()`; "cpu" is the only one treated differently. On GPUs the step-time
+    side is not yet measured (benchmarks/gpu_check.sh, stage scan_1b); set `scan_layers=False`
+    to compare there.
     """
     if cfg.n_layers < SCAN_MIN_LAYERS:
         return False
