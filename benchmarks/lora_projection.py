@@ -68,15 +68,13 @@ def projection_shapes(shape: dict) -> dict[str, tuple[int, int]]:
 
 
 def variant_fn(variant: str, *, dtype, impl: str, scale: float):
-    """(forward over the differentiated arguments, names of those arguments) for one variant."""
+    """(forward of (x, w, a, b), the names of the arguments it is differentiated by) for one variant."""
     import jax.numpy as jnp
 
     from flan_jax.model.kernels.matmul import dense_dot, lora_dense_dot
 
     if variant in ("full", "frozen"):
-        if variant == "full":
-            return (lambda x, w: dense_dot(x, w, 1, dtype, impl)), ("x", "w")
-        return (lambda x, w: dense_dot(x, w, 1, dtype, impl)), ("x",)
+        return (lambda x, w, a, b: dense_dot(x, w, 1, dtype, impl)), ("x", "w") if variant == "full" else ("x",)
     if variant == "merged":
         return (lambda x, w, a, b: lora_dense_dot(x, w, a, b, scale, 1, dtype)), ("x", "a", "b")
 
@@ -85,6 +83,10 @@ def variant_fn(variant: str, *, dtype, impl: str, scale: float):
         return (dense_dot(x, w, 1, dtype, impl) + jnp.asarray(scale, dtype) * dense_dot(xa, b, 1, dtype, impl)).astype(dtype)
 
     return unmerged, ("x", "a", "b")
+
+
+def token_count(args) -> int:
+    return args.tokens or PRESETS[args.preset]["batch"] * PRESETS[args.preset]["seq_len"]
 
 
 def time_variant(variant: str, in_out: tuple[int, int], args) -> float:
@@ -97,7 +99,7 @@ def time_variant(variant: str, in_out: tuple[int, int], args) -> float:
     n_in, n_out = in_out
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 5)
-    tokens = args.tokens or PRESETS[args.preset]["batch"] * PRESETS[args.preset]["seq_len"]
+    tokens = token_count(args)
     inputs = {
         "x": jax.random.normal(keys[0], (tokens, n_in), dtype),
         "w": (jax.random.normal(keys[1], (n_in, n_out)) * 0.02).astype(args.frozen_dtype if variant != "full" else jnp.float32),
@@ -106,13 +108,11 @@ def time_variant(variant: str, in_out: tuple[int, int], args) -> float:
     }
     cotangent = jax.random.normal(keys[4], (tokens, n_out), dtype)
     forward, wrt = variant_fn(variant, dtype=dtype, impl=kernels.resolve("auto"), scale=2.0)
-    order = ("x", "w") if variant in ("full", "frozen") else ("x", "w", "a", "b")
 
     @jax.jit
     def forward_backward(values, g):
         def differentiated(*diff):
-            full = dict(values, **dict(zip(wrt, diff)))
-            return forward(*(full[name] for name in order))
+            return forward(**{**values, **dict(zip(wrt, diff))})
 
         y, vjp = jax.vjp(differentiated, *(values[name] for name in wrt))
         return y, vjp(g)
@@ -144,7 +144,7 @@ def main() -> None:
         for variant in VARIANTS:
             row[variant] = time_variant(variant, in_out, args)
         rows.append(row)
-    tokens = args.tokens or PRESETS[args.preset]["batch"] * PRESETS[args.preset]["seq_len"]
+    tokens = token_count(args)
     itemsize = 2 if args.dtype == "bfloat16" else 4
     for row in rows:
         row["adapter_bytes"] = 2 * tokens * (row["in"] + row["out"]) * itemsize

@@ -24,16 +24,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.train_throughput import PRESETS as _THROUGHPUT  # noqa: E402  (the same model shapes)
+
 PRESETS = {
-    # configs/demo.py's model and batch
-    "demo": dict(vocab_size=1024, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=384, batch=32, seq_len=256),
-    # benchmarks/train_throughput.py --preset=7m
-    "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
-    "8l": dict(vocab_size=8000, d_model=256, n_layers=8, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
-    "16l": dict(vocab_size=8000, d_model=256, n_layers=16, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
-    # benchmarks/train_throughput.py --preset=1b (its GPU row; scanned by default there since 2026-12-01)
-    "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632, batch=8,
-               seq_len=2048),
+    "demo": _THROUGHPUT["demo"],  # configs/demo.py's model and batch
+    "7m": _THROUGHPUT["7m"],
+    "8l": {**_THROUGHPUT["7m"], "n_layers": 8},
+    "16l": {**_THROUGHPUT["7m"], "n_layers": 16},
+    "1b": _THROUGHPUT["1b"],  # its GPU row; scanned by default there since 2026-12-01
 }
 
 
