@@ -42,6 +42,7 @@ from flan_jax.train import (
     partitioning,
     state as state_lib,
     step as step_lib,
+    step_loop,
 )
 from flan_jax.train.nonfinite import NonfiniteGuard
 
@@ -168,59 +169,39 @@ def train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption) ->
     batch_sharding = partitioning.batch_sharding(mesh, rules)
     run_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), rollout_lib.ROLLOUT_SALT)
 
-    def evaluate(step: int) -> dict | None:
+    def evaluate(step: int, state) -> dict | None:
         return train_loop.run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step)
 
-    logged: dict[str, Any] = {}
-    eval_results = None
-    try:
-        with jax.set_mesh(mesh):
-            if preemption.requested_before_start(start_step):
-                return logged
-            if start_step == 0 and config.eval.at_start:
-                evaluate(0)
-            for step in range(start_step + 1, num_steps + 1):
-                started = time.perf_counter()
-                step_prompts = next(run_state)
-                rollout = roller(state.params, state.frozen, step_prompts, jax.random.fold_in(run_key, step))
-                run_state.counters["bad_rewards"] = rewards.bad_count
-                generated = time.perf_counter()
-                update_metrics = []
-                for minibatch in minibatches(rollout.batch, config, step):
-                    if run_state.ptx is not None:
-                        minibatch.update({f"ptx_{k}": v for k, v in next(run_state.ptx).items()})
-                    if step == start_step + 1 and not update_metrics:
-                        step_lib.check_batch(minibatch, config, mesh, objective)
-                    state, metrics = train_step(state, partitioning.global_batch(minibatch, batch_sharding))
-                    guard.record(metrics)
-                    update_metrics.append(metrics)
-                checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
-                values = mean_metrics(jax.device_get(update_metrics), epochs=int(config.rl.epochs))
-                updated = time.perf_counter()
-                if step == start_step + 1:
-                    reporter.restart_timer(step, state.step)
+    def take_step(step: int, state) -> step_loop.StepOutcome:
+        """One rollout with the current policy, then `rl.epochs x rl.minibatches` updates on it."""
+        started = time.perf_counter()
+        step_prompts = next(run_state)
+        rollout = roller(state.params, state.frozen, step_prompts, jax.random.fold_in(run_key, step))
+        run_state.counters["bad_rewards"] = rewards.bad_count
+        generated = time.perf_counter()
+        update_metrics = []
+        for minibatch in minibatches(rollout.batch, config, step):
+            if run_state.ptx is not None:
+                minibatch.update({f"ptx_{k}": v for k, v in next(run_state.ptx).items()})
+            if step == start_step + 1 and not update_metrics:
+                step_lib.check_batch(minibatch, config, mesh, objective)
+            state, metrics = train_step(state, partitioning.global_batch(minibatch, batch_sharding))
+            guard.record(metrics)
+            update_metrics.append(metrics)
+        values = mean_metrics(jax.device_get(update_metrics), epochs=int(config.rl.epochs))
+        updated = time.perf_counter()
 
-                last = step == num_steps
-                if step % config.train.log_every == 0 or last:
-                    guard.check(checkpoints)
-                    extra = {**rollout.metrics, **prompt_iter.counts(), "bad_rewards": rewards.bad_count}
-                    extra.update(timing(rollout, started, generated, updated))
-                    if config_changes and not logged:  # the first record after a resume that changed the config
-                        extra["config_changes"] = config_changes
-                    logged = reporter.log(step, values, extra=extra)
+        def extra() -> dict[str, Any]:
+            return {**rollout.metrics, **prompt_iter.counts(), "bad_rewards": rewards.bad_count,
+                    **timing(rollout, started, generated, updated)}
 
-                eval_results, stop = train_loop.end_of_step(
-                    step, last, state, run_state, config, checkpoints=checkpoints, guard=guard, reporter=reporter,
-                    preemption=preemption, evaluate=evaluate, eval_results=eval_results, fingerprints=fingerprints,
-                )
-                if stop:
-                    break
-    finally:
-        try:
-            checkpoints.close()  # waits for pending async saves (and writes their checksums)
-        finally:
-            reporter.close()
-    return logged
+        return step_loop.StepOutcome(state, values, extra)
+
+    return step_loop.run_steps(
+        take_step, state, start_step=start_step, config=config, mesh=mesh, data_iter=run_state, checkpoints=checkpoints,
+        reporter=reporter, guard=guard, preemption=preemption, evaluate=evaluate, fingerprints=fingerprints,
+        config_changes=config_changes,
+    )
 
 
 def train_tasks(config) -> list[Any]:

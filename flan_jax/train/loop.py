@@ -1,8 +1,8 @@
 """The training loop: mesh -> data -> state (fresh, resumed or from converted weights) -> jit step -> loop.
 
 Read top to bottom; the pieces it wires live beside it (partitioning, optimizer, losses, step,
-checkpointing, metrics). Hooks run at step boundaries in this order: log, evaluate, checkpoint,
-preemption. A restart with the same workdir resumes from the newest usable checkpoint and
+checkpointing, metrics). The hooks at step boundaries (log, evaluate, checkpoint, preemption, in
+that order) are step_loop.py's, shared with the online RL loop. A restart with the same workdir resumes from the newest usable checkpoint and
 continues bit for bit (same batches, same RNG, same compiled step).
 
 Run safety, in the order it happens: the SIGTERM handler is installed first (a preemption during
@@ -37,6 +37,7 @@ from flan_jax.train import (
     partitioning,
     state as state_lib,
     step as step_lib,
+    step_loop,
 )
 from flan_jax.train.exit_codes import ConfigMismatchError, NonFiniteError, WorkdirLockedError  # noqa: F401  (NonFiniteError: re-exported)
 from flan_jax.train.nonfinite import NonfiniteGuard
@@ -125,7 +126,7 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
     guard = NonfiniteGuard(config.train, skipped_before=int(state.nonfinite_steps))
     batch_sharding = partitioning.batch_sharding(mesh, rules)
 
-    def eval_reference():
+    def eval_reference(state):
         """The initial policy, for the implicit rewards of DPO-family runs: the policy with its
         adapters switched off (LoRA), the held reference slot, or rebuilt from its source."""
         from flan_jax.train.objectives.pairwise import ADAPTERS_OFF
@@ -138,49 +139,23 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path, preemption: P
             return parts.merge(state.frozen["reference"], state.frozen.get("base"))
         return parts.merge(initial_params(config, parts, mesh, model_cfg))
 
-    def evaluate(step: int) -> dict | None:
-        reference = eval_reference if getattr(objective, "compares_with_reference", False) else None
+    def evaluate(step: int, state) -> dict | None:
+        reference = (lambda: eval_reference(state)) if getattr(objective, "compares_with_reference", False) else None
         return run_evaluation(config, parts.merge(state.params, state.frozen.get("base")), tokenizer, workdir, step, reference)
 
-    logged: dict[str, Any] = {}
-    eval_results = None
-    try:
-        with jax.set_mesh(mesh):
-            if preemption.requested_before_start(start_step):
-                return logged
-            if start_step == 0 and config.eval.at_start:
-                evaluate(0)
-            for step in range(start_step + 1, num_steps + 1):
-                batch = next(data_iter)
-                if step == start_step + 1:
-                    step_lib.check_batch(batch, config, mesh, objective)
-                state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
-                guard.record(step_metrics)
-                checkpoints.poll()  # a failed asynchronous save is reported here, one step after it
-                if step == start_step + 1:  # throughput excludes the compiling first step
-                    reporter.restart_timer(step, step_metrics)
+    def take_step(step: int, state) -> step_loop.StepOutcome:
+        batch = next(data_iter)
+        if step == start_step + 1:
+            step_lib.check_batch(batch, config, mesh, objective)
+        state, step_metrics = train_step(state, partitioning.global_batch(batch, batch_sharding))
+        guard.record(step_metrics)
+        return step_loop.StepOutcome(state, step_metrics, extra=lambda: data_counts(data_iter))
 
-                last = step == num_steps
-                if step % config.train.log_every == 0 or last:
-                    values = jax.device_get(step_metrics)
-                    guard.check(checkpoints)
-                    extra = data_counts(data_iter)
-                    if config_changes and not logged:  # the first record after a resume that changed the config
-                        extra["config_changes"] = config_changes
-                    logged = reporter.log(step, values, extra=extra)
-
-                eval_results, stop = end_of_step(
-                    step, last, state, data_iter, config, checkpoints=checkpoints, guard=guard, reporter=reporter,
-                    preemption=preemption, evaluate=evaluate, eval_results=eval_results, fingerprints=frozen_fingerprints,
-                )
-                if stop:
-                    break
-    finally:
-        try:
-            checkpoints.close()  # waits for pending async saves (and writes their checksums)
-        finally:
-            reporter.close()
-    return logged
+    return step_loop.run_steps(
+        take_step, state, start_step=start_step, config=config, mesh=mesh, data_iter=data_iter, checkpoints=checkpoints,
+        reporter=reporter, guard=guard, preemption=preemption, evaluate=evaluate, fingerprints=frozen_fingerprints,
+        config_changes=config_changes,
+    )
 
 
 def check_model_fits(config, model_cfg, tokenizer) -> None:
@@ -233,34 +208,6 @@ def start_state(
     if jax.process_index() == 0:  # only now: a restart refused above leaves the run's config.json as it was
         atomic_write.write_text(workdir / "config.json", json.dumps(checkpointing.config_to_dict(config), indent=2) + "\n")
     return state, fingerprints, config_changes
-
-
-def end_of_step(
-    step: int, last: bool, state, data_iter, config, *, checkpoints, guard, reporter, preemption, evaluate,
-    eval_results: dict | None, fingerprints: dict[str, str],
-) -> tuple[dict | None, bool]:
-    """The hooks after a step's log, in order: evaluate, checkpoint, preemption (SIGTERM: save and
-    stop). Returns (the newest evaluation results, whether the run stops now)."""
-    eval_due = bool(config.eval.mixtures) and (
-        (config.eval.every_steps and step % config.eval.every_steps == 0) or (last and config.eval.at_end)
-    )
-    if eval_due:
-        eval_results = evaluate(step)
-    ckpt_due = step % config.checkpoint.every_steps == 0 or last or (eval_due and config.checkpoint.keep_best_metric)
-    if ckpt_due:
-        guard.check(checkpoints)
-        checkpoints.save(
-            step, state, data_iter, config,
-            metrics=best_metric(eval_results, config, eval_due), frozen_fingerprints=fingerprints,
-        )
-    if eval_due or ckpt_due:  # tokens/s measures training only
-        reporter.restart_timer(step, state.step)
-    if preemption.requested(step, config.train.log_every):
-        logging.warning("SIGTERM received: saving a checkpoint at step %d and exiting", step)
-        guard.check(checkpoints)
-        checkpoints.save(step, state, data_iter, config, frozen_fingerprints=fingerprints)
-        return eval_results, True
-    return eval_results, False
 
 
 def _default_config_dict() -> dict:
@@ -618,17 +565,6 @@ def run_evaluation(config, model, tokenizer, workdir, step: int, reference=None)
     results = evaluator.evaluate(model, tokenizer, config, workdir=os.fspath(workdir), step=step, **extra)
     logging.info("Evaluation at step %d took %.1fs: %s", step, time.perf_counter() - started, results.get("summary"))
     return results
-
-
-def best_metric(eval_results: dict | None, config, eval_ran_now: bool) -> dict | None:
-    """The metric Orbax ranks checkpoints by, when this step was just evaluated."""
-    name = config.checkpoint.keep_best_metric
-    if not (name and eval_ran_now and eval_results):
-        return None
-    summary = eval_results.get("summary", {})
-    if name not in summary:
-        raise KeyError(f"config.checkpoint.keep_best_metric={name!r} is not an eval summary key: {sorted(summary)}")
-    return {name: float(summary[name])}
 
 
 def maybe_initialize_distributed(dist_config: Any) -> bool:
