@@ -23,6 +23,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import common  # noqa: E402
 
 # Llama shapes (untied head); batch rows per step.
 PRESETS = {
@@ -95,10 +96,9 @@ def run_child(row: str, args) -> dict:
 
 def run_row(preset: str, remat: str, args) -> dict:
     import jax
-    import numpy as np
 
     from flan_jax import default_config
-    from flan_jax.train import loop, metrics, optimizer, partitioning, state as state_lib, step as step_lib
+    from flan_jax.train import metrics
 
     on_gpu = jax.devices()[0].platform == "gpu"
     config = default_config.get_config()
@@ -106,22 +106,9 @@ def run_row(preset: str, remat: str, args) -> dict:
                         scan_layers=True, attention="cudnn" if on_gpu else "xla")
     config.data.seq_len, config.data.batch_size = args.seq_len, args.batch
     config.mesh.data = 1
-    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
-    rules = partitioning.axis_rules(config.mesh)
-    model_cfg, parts = loop.build_model(config, mesh, rules)
-    tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
-    shardings = state_lib.state_shardings(parts, tx, mesh)
-    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
-    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, model_cfg.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
-    shape = (args.batch, args.seq_len)
-    batch = partitioning.global_batch({
-        "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
-        "segment_ids": np.ones(shape, np.int32),
-        "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape).copy(),
-        "loss_weights": np.ones(shape, np.float32), "prefix_mask": np.zeros(shape, np.int32),
-    }, partitioning.batch_sharding(mesh, rules))
+    trainer = common.trainer_step(config)
+    mesh, model_cfg, parts, state, train_step = trainer.mesh, trainer.model_cfg, trainer.parts, trainer.state, trainer.step
+    batch = trainer.place(common.random_batch(args.batch, args.seq_len, model_cfg.vocab_size))
     with jax.set_mesh(mesh):
         for _ in range(args.warmup):
             state, out = train_step(state, batch)

@@ -50,18 +50,20 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+from benchmarks.train_throughput import PRESETS as _THROUGHPUT  # noqa: E402  (the same model shapes)
+
+_UNTIED = dict(tie=False, rope_theta=10000.0)  # as train_throughput's models (flan_jax's and transformers' defaults)
 PRESETS = {
     # HuggingFaceTB/SmolLM2-135M's architecture (Llama, tied embeddings), random weights.
     "smollm2_135m": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
                          tie=True, rope_theta=100000.0, batch=4, seq_len=256),
-    # benchmarks/train_throughput.py's ~1B Llama (its GPU row): LoRA on a model that needs a GPU.
-    "1b": dict(vocab_size=32000, d_model=2048, n_layers=16, n_heads=16, n_kv_heads=8, head_dim=128, d_ff=5632, tie=False,
-               rope_theta=10000.0, batch=8, seq_len=2048),
-    # benchmarks/train_throughput.py's ~7M configuration.
-    "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, tie=False,
-               rope_theta=10000.0, batch=8, seq_len=512),
-    "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=2, n_kv_heads=2, head_dim=32, d_ff=128, tie=False,
-                 rope_theta=10000.0, batch=4, seq_len=64),
+    # train_throughput's ~1B Llama (its GPU row): LoRA on a model that needs a GPU.
+    "1b": {**_THROUGHPUT["1b"], **_UNTIED},
+    # train_throughput's ~7M configuration.
+    "7m": {**_THROUGHPUT["7m"], **_UNTIED},
+    "tiny": {**_THROUGHPUT["tiny"], **_UNTIED},
 }
 RUNS = ("flan_jax full", "flan_jax LoRA", "torch full", "PEFT LoRA")
 MALLOC = ("default", "reuse")  # the children's glibc malloc: as a process gets it, or with host_memory.REUSE_TUNABLES
@@ -93,7 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if args.child:
         preset, run, out = args.child.split("|")
         row = measure(PRESETS[preset], run, args)
@@ -141,17 +142,8 @@ def child(preset: str, run: str, args: argparse.Namespace, environ: dict[str, st
             return json.load(f)
 
 
-def _batch(shape: dict):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    b, n = shape["batch"], shape["seq_len"]
-    tokens = rng.integers(1, shape["vocab_size"], size=(b, n + 1)).astype(np.int32)
-    return {
-        "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
-        "segment_ids": np.ones((b, n), np.int32), "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
-        "loss_weights": np.ones((b, n), np.float32), "prefix_mask": np.zeros((b, n), np.int32),
-    }
+def _batch(shape: dict) -> dict:
+    return common.random_batch(shape["batch"], shape["seq_len"], shape["vocab_size"])
 
 
 def _timed(step, args) -> float:
@@ -187,7 +179,6 @@ def measure_flan_jax(shape: dict, *, lora: bool, args) -> dict:
     import numpy as np
 
     from flan_jax import default_config
-    from flan_jax.train import loop, optimizer, partitioning, state as state_lib, step as step_lib
 
     config = default_config.get_config()
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "rope_theta"):
@@ -202,18 +193,11 @@ def measure_flan_jax(shape: dict, *, lora: bool, args) -> dict:
     if lora:
         config.lora.rank, config.lora.alpha = args.rank, args.alpha
         config.trainable.frozen_dtype = args.frozen_dtype
-    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
-    rules = partitioning.axis_rules(config.mesh)
-    _, parts = loop.build_model(config, mesh, rules)
-    tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
-    shardings = state_lib.state_shardings(parts, tx, mesh)
-    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
-    if parts.has_base:
-        state = state.replace(frozen={state_lib.BASE: state_lib.init_base(parts, mesh)})
-    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
-    batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
+    trainer = common.trainer_step(config)
+    mesh, train_step = trainer.mesh, trainer.step
+    batch = trainer.place(_batch(shape))
 
-    holder = {"state": state}
+    holder = {"state": trainer.state}
 
     def one_step():
         holder["state"], metrics = train_step(holder["state"], batch)

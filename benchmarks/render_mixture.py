@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import time
 
 from flan_jax import data

@@ -99,7 +99,6 @@ def _best(run, args) -> tuple[float, dict]:
 
 def run_flan_jax(args) -> dict:
     import jax
-    import numpy as np
     from flax import nnx
 
     sys.path.insert(0, HERE)

@@ -24,6 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks import common  # noqa: E402
 from benchmarks.train_throughput import PRESETS as _THROUGHPUT  # noqa: E402  (the same model shapes)
 
 PRESETS = {
@@ -59,22 +60,12 @@ def main() -> None:
 
 def measure(preset: str, args) -> list[dict]:
     import jax
-    import numpy as np
 
     from flan_jax import default_config
-    from flan_jax.train import loop, optimizer, partitioning, state as state_lib, step as step_lib
 
     shape = dict(PRESETS[preset])
     batch_size, seq_len = shape.pop("batch"), shape.pop("seq_len")
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(4, shape["vocab_size"], (batch_size, seq_len + 1)).astype(np.int32)
-    batch = {
-        "input_tokens": tokens[:, :-1], "target_tokens": tokens[:, 1:],
-        "segment_ids": np.ones((batch_size, seq_len), np.int32),
-        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy(),
-        "loss_weights": np.ones((batch_size, seq_len), np.float32),
-        "prefix_mask": np.zeros((batch_size, seq_len), np.int32),
-    }
+    batch = common.random_batch(batch_size, seq_len, shape["vocab_size"])
     runs = {}
     for layout in ("unrolled", "scanned"):
         config = default_config.get_config()
@@ -84,17 +75,11 @@ def measure(preset: str, args) -> list[dict]:
         config.mesh.data = 1
         if jax.default_backend() == "gpu":
             config.model.attention = "cudnn"
-        mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
-        rules = partitioning.axis_rules(config.mesh)
-        _, parts = loop.build_model(config, mesh, rules)
-        tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
-        shardings = state_lib.state_shardings(parts, tx, mesh)
-        state = state_lib.init_state(parts, tx, shardings, 0, mesh)
-        train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
-        placed = partitioning.global_batch(batch, partitioning.batch_sharding(mesh, rules))
+        trainer = common.trainer_step(config)
+        mesh, state, placed = trainer.mesh, trainer.state, trainer.place(batch)
         with jax.set_mesh(mesh):
             started = time.perf_counter()
-            compiled = train_step.lower(state, placed).compile()
+            compiled = trainer.step.lower(state, placed).compile()
             compile_s = time.perf_counter() - started
             state, metrics = compiled(state, placed)
             jax.block_until_ready(metrics)

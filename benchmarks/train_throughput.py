@@ -43,6 +43,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
 PRESETS = {
     # The issue's configuration: ~7M parameters.
     "7m": dict(vocab_size=8000, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=768, batch=8, seq_len=512),
@@ -86,7 +89,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from flan_jax import host_memory
 
     if args.torch_rows_to:
@@ -234,22 +236,6 @@ def _config(shape: dict, variant: str, attention: str = "auto", remat: str = "no
     return config
 
 
-def _batch(shape: dict, seed: int = 0) -> dict:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    b, n = shape["batch"], shape["seq_len"]
-    tokens = rng.integers(1, shape["vocab_size"], size=(b, n + 1)).astype(np.int32)
-    return {
-        "input_tokens": tokens[:, :-1],
-        "target_tokens": tokens[:, 1:],
-        "segment_ids": np.ones((b, n), np.int32),
-        "positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)).copy(),
-        "loss_weights": np.ones((b, n), np.float32),
-        "prefix_mask": np.zeros((b, n), np.int32),
-    }
-
-
 def _timing(args: argparse.Namespace) -> dict:
     return {"steps": args.steps, "warmup": args.warmup, "windows": args.windows}
 
@@ -260,22 +246,14 @@ def run_flan_jax(
 ) -> dict:
     """Tokens/s of the trainer's jitted step (params, optimizer state and batch sharded as in training)."""
     import jax
-    from flax import nnx
 
-    from flan_jax import model as model_lib
     from flan_jax.model import kernels as kernels_lib
-    from flan_jax.train import metrics, optimizer, partitioning, state as state_lib, step as step_lib
+    from flan_jax.train import metrics
 
     config = _config(shape, variant, attention, remat, grad_accum, kernels)
-    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:n_devices])
-    rules = partitioning.axis_rules(config.mesh)
-    model_cfg = model_lib.ModelConfig.from_config(config.model)
-    parts = state_lib.ModelParts(lambda: model_lib.Transformer(model_cfg, rngs=nnx.Rngs(0)), mesh, rules)
-    tx, schedule = optimizer.make_optimizer(config.optimizer, 1000)
-    shardings = state_lib.state_shardings(parts, tx, mesh)
-    state = state_lib.init_state(parts, tx, shardings, 0, mesh)
-    train_step = step_lib.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)
-    batch = partitioning.global_batch(_batch(shape), partitioning.batch_sharding(mesh, rules))
+    trainer = common.trainer_step(config, n_devices)
+    mesh, model_cfg, parts, state, train_step = trainer.mesh, trainer.model_cfg, trainer.parts, trainer.state, trainer.step
+    batch = trainer.place(common.random_batch(shape["batch"], shape["seq_len"], shape["vocab_size"]))
     with jax.set_mesh(mesh):
         for _ in range(warmup):
             state, m = train_step(state, batch)
@@ -347,7 +325,7 @@ def run_torch(
     model.train()
     fused = {"fused": True} if device == "cuda" else {}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, **fused)
-    batch = _batch(shape)
+    batch = common.random_batch(shape["batch"], shape["seq_len"], shape["vocab_size"])
     inputs = torch.from_numpy(batch["input_tokens"]).long().to(device)
     labels = torch.from_numpy(batch["target_tokens"]).long().to(device)
 

@@ -14,7 +14,6 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from flan_jax import convert  # noqa: E402
-from flan_jax import model as fm  # noqa: E402
 from flan_jax.convert import gguf_import  # noqa: E402
 from flan_jax.convert.__main__ import main  # noqa: E402
 from flan_jax.data.tokenizer import HFTokenizer  # noqa: E402

@@ -141,7 +141,6 @@ def test_packed_rows_match_unpacked_tokenized_examples():
     config = FeatureConfig(seq_len=128)
     rendered = fake_examples(60)
     examples = [featurize(e, tok, config)[0] for e in rendered]
-    source = grain.MapDataset.source(examples).to_iter_dataset()
     rows = packing.pack_list(examples, seq_len=128, num_open_rows=4)
     texts = []
     for row in rows:

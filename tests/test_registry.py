@@ -235,7 +235,7 @@ def test_errors_after_loading_point_at_the_file_line(tmp_path):
     source = data.JsonlSource({"train": path})
     with pytest.raises(data.DataError) as error:
         data.Task("reg_pre", source, [("{q}", "{a}")], preprocessors=[needs_str_answer]).num_examples("train")
-    assert f"qa.jsonl:3, record 1, field 'a'" in str(error.value) and "needs_str_answer" in str(error.value)
+    assert "qa.jsonl:3, record 1, field 'a'" in str(error.value) and "needs_str_answer" in str(error.value)
 
     drop_b = data.Task("reg_tpl", source, [("{q}", "{a}")], preprocessors=[lambda r: None if r["q"] == "b" else r])
     with pytest.raises(data.DataError) as error:  # the last record is in the sample get_dataset renders first

@@ -151,7 +151,7 @@ def test_flops_per_token_follows_the_documented_formula():
     from flax import nnx
 
     from flan_jax import model as fm
-    from flan_jax.train import metrics, step
+    from flan_jax.train import metrics
 
     config = train_fakes.demo_config({})
     cfg = fm.ModelConfig.from_config(config.model)

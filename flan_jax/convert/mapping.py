@@ -137,7 +137,7 @@ def _llama_rules(cfg: ModelConfig) -> Iterator[Rule]:
 
 
 def _gpt2_rules(cfg: ModelConfig) -> Iterator[Rule]:
-    d, h, hd, f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
+    d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
     yield same("transformer.wte.weight", ("embed",))
     yield same("transformer.wpe.weight", ("pos_embed",))
     for i in range(cfg.n_layers):
