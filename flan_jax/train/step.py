@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flan_jax import sharding
-from flan_jax.train import objectives as objectives_lib, partitioning
+from flan_jax.train import objectives as objectives_lib, partitioning, xla_options
 from flan_jax.train.state import ModelParts, TrainState
 
 
@@ -135,6 +135,7 @@ def make_train_step(
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated),
         donate_argnums=(0,),
+        compiler_options=xla_options.train_step_options(parts, config.model.dtype, mesh.devices.flat[0].platform) or None,
     )
 
 
