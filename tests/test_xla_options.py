@@ -11,7 +11,7 @@ from flax.nnx import traversals
 from flan_jax import model as fm
 from flan_jax.model import lora, registry
 from flan_jax.train import optimizer, partitioning, state as state_lib, step, trainable, xla_options
-from tests import train_fakes
+from tests import t5_fakes, train_fakes
 
 DISABLED = {"xla_disable_hlo_passes": xla_options.CPU_BF16_NORMALIZATION}
 
@@ -31,15 +31,32 @@ def _parts(frozen_dtype="bfloat16", family="llama", lora_rank=4, paths=(r"attn/"
     return config, mesh, rules, parts
 
 
-def _train(config, mesh, rules, parts, options_fn, monkeypatch, steps=3):
+def _t5_parts():
+    """A tiny T5 (unrolled: its stacks do not scan) with LoRA adapters and the base in bf16."""
+    config = train_fakes.tiny_config()
+    config.model.family = "t5"
+    config.model.update(vocab_size=64, d_model=32, n_layers=1, n_decoder_layers=1, n_heads=4, head_dim=8, d_ff=64,
+                        relative_buckets=8, relative_max_distance=16)
+    config.data.targets_len = 8
+    mesh = partitioning.make_mesh(config.mesh, jax.devices()[:1])
+    rules = partitioning.axis_rules(config.mesh)
+    cfg = registry.config_from(config.model)
+    spec = trainable.Spec(lora=True, frozen_dtype="bfloat16")
+    parts = state_lib.ModelParts(lambda: registry.build_model(cfg, rngs=nnx.Rngs(0), lora=lora.LoRAConfig(rank=4, alpha=8.0)),
+                                 mesh, rules, trainable=spec)
+    return config, mesh, rules, parts
+
+
+def _train(config, mesh, rules, parts, options_fn, monkeypatch, steps=2, make_batch=None):
     """Params, metrics and the compiled step's temp bytes after `steps` steps, the step's options from `options_fn`."""
+    make_batch = make_batch or (lambda seed: train_fakes.packed_batch(seed, length=16))
     monkeypatch.setattr(xla_options, "train_step_options", options_fn)
     tx, schedule = optimizer.make_optimizer(config.optimizer, int(config.train.num_steps))
     shardings = state_lib.state_shardings(parts, tx, mesh)
     state = state_lib.init_state(parts, tx, shardings, 0, mesh).replace(frozen={"base": state_lib.init_base(parts, mesh)})
     train_step = step.make_train_step(parts, tx, schedule, config, shardings, mesh, rules)  # calls options_fn
     batch_sharding = partitioning.batch_sharding(mesh, rules)
-    batches = [partitioning.global_batch(train_fakes.packed_batch(seed, length=16), batch_sharding) for seed in range(steps)]
+    batches = [partitioning.global_batch(make_batch(seed), batch_sharding) for seed in range(steps)]
     with jax.set_mesh(mesh):
         compiled = train_step.lower(state, batches[0]).compile()  # with the jit's compiler options
         temp = compiled.memory_analysis().temp_size_in_bytes
@@ -67,11 +84,24 @@ def test_the_step_is_bitwise_the_same_and_holds_no_float32_copy_of_the_base(fami
     assert xla_options.train_step_options(parts, config.model.dtype, "cpu") == DISABLED
     with_pass = _train(config, mesh, rules, parts, lambda *a: {}, monkeypatch)
     without = _train(config, mesh, rules, parts, lambda *a: DISABLED, monkeypatch)
-    for ours, reference in zip(jax.tree.leaves(without[0]), jax.tree.leaves(with_pass[0])):
-        assert ours.tobytes() == reference.tobytes()
-    for ours, reference in zip(without[1], with_pass[1]):
-        assert {k: v.tobytes() for k, v in ours.items()} == {k: v.tobytes() for k, v in reference.items()}
+    _assert_bitwise_equal(without, with_pass)
     # What the pass costs: a float32 copy of every stacked frozen kernel, for the whole step.
     stacked = traversals.flatten_mapping(parts.base_abstract["layers"])
     kernels_f32_bytes = sum(4 * int(np.prod(x.shape)) for path, x in stacked.items() if path[-1] == "kernel")
     assert with_pass[2] - without[2] >= kernels_f32_bytes > 0
+
+
+def _assert_bitwise_equal(ours, reference):
+    for a, b in zip(jax.tree.leaves(ours[0]), jax.tree.leaves(reference[0])):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(ours[1], reference[1]):
+        assert {k: v.tobytes() for k, v in a.items()} == {k: v.tobytes() for k, v in b.items()}
+
+
+def test_a_t5_lora_step_with_a_bf16_base_is_bitwise_the_same(monkeypatch):
+    config, mesh, rules, parts = _t5_parts()
+    assert xla_options.train_step_options(parts, config.model.dtype, "cpu") == DISABLED
+    batch = lambda seed: t5_fakes.random_packed_batch(seed, enc_len=16, dec_len=8)  # noqa: E731
+    reference = _train(config, mesh, rules, parts, lambda *a: {}, monkeypatch, make_batch=batch)
+    ours = _train(config, mesh, rules, parts, lambda *a: DISABLED, monkeypatch, make_batch=batch)
+    _assert_bitwise_equal(ours, reference)
