@@ -113,8 +113,9 @@ def get_config() -> ml_collections.ConfigDict:
     # cpu | xla: force one (both compute the same model; benchmarks/RESULTS.md measures them).
     model.kernels = "auto"
     # Layers as one stacked block run by lax.scan (True: compile time independent of depth) or a
-    # Python loop (False); None: scanned from 8 layers on, except on CPU with bf16 compute and no
-    # remat (flan_jax/model/config.py default_scan_layers: measured there). The parameter layout
+    # Python loop (False), for the decoder's stack and each of T5's two; None: scanned from 8 layers
+    # (T5: encoder layers) on, except on CPU with bf16 compute and no remat
+    # (flan_jax/model/family_config.py default_scan_layers: measured there). The parameter layout
     # follows; checkpoints in the other layout are converted when loaded.
     model.scan_layers = ml_collections.config_dict.placeholder(bool)
 

@@ -175,3 +175,35 @@ def subprocess_env(cache_dir: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+def counting_iterator():
+    """A grain iterator of {"x": [i, i]}: a data position a checkpoint saves and restores."""
+    import grain
+
+    return iter(grain.MapDataset.range(100).map(lambda i: {"x": np.full((2,), i)}).to_iter_dataset())
+
+
+def save_then_restore(directory, state, config, abstract):
+    """Saves `state` as step 1 (data one element in) and restores the newest checkpoint into
+    `abstract` (e.g. another layer layout's abstract state): the restored train state."""
+    from flan_jax.train import checkpointing
+
+    it = counting_iterator()
+    next(it)
+    ckpt = checkpointing.Checkpointer(directory, config.checkpoint)
+    ckpt.save(1, state, it, config)
+    ckpt.close()
+    return checkpointing.Checkpointer(directory, config.checkpoint).restore_latest(abstract, counting_iterator())
+
+
+def run_steps(train_step, state, batches, mesh, rules):
+    """(state, losses) after one `train_step` per host batch (placed as the trainer places it)."""
+    from flan_jax.train import partitioning
+
+    losses = []
+    with jax.set_mesh(mesh):
+        for batch in batches:
+            state, metrics = train_step(state, partitioning.global_batch(batch, partitioning.batch_sharding(mesh, rules)))
+            losses.append(float(metrics["loss"]))
+    return state, losses

@@ -96,7 +96,7 @@ def abstract_params(cfg: ModelConfig) -> dict[tuple, jax.ShapeDtypeStruct]:
 def unrolled_flat(params: Mapping | nnx.State) -> dict[tuple, Any]:
     """Flat {path: array} of `params` (flat, nested or nnx.State; either layer layout), per layer."""
     flat = flatten(params)
-    if any(p[0] == layout.LAYERS and len(p) > 1 and not isinstance(p[1], int) for p in flat):
+    if layout.is_stacked(nest(flat)):  # the decoder's `layers`, T5's `encoder/layers` and `decoder/layers`
         flat = flatten(layout.unstack(nest(flat)))
     return flat
 
@@ -265,7 +265,7 @@ def load_converted(
     stacked = cfg.scanned if stacked is None else stacked
     cfg = cfg.replace(scan_layers=stacked) if stacked != cfg.scanned else cfg
     if stacked:
-        flat = layout.stack_flat(flat, cfg.n_layers)
+        flat = layout.stack_flat(flat)
     state = nnx.state(nnx.eval_shape(lambda: registry.build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)  # cfg's layout
     nnx.replace_by_pure_dict(state, nest(flat))
     return cfg, state

@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from flan_jax.model.family_config import FamilyConfig
+from flan_jax.model.family_config import SCAN_MIN_LAYERS, FamilyConfig, default_scan_layers  # noqa: F401 (re-exported)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
 LAYER_TYPES = ("full", "sliding")
@@ -28,9 +28,6 @@ LAYER_TYPES = ("full", "sliding")
 # Fields that say how to run a model rather than what the model is: an experiment config may
 # change them for a converted checkpoint (see `ModelConfig.with_runtime`).
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "kernels", "scan_layers")
-
-# `scan_layers=None` scans models with at least this many layers (see `default_scan_layers`).
-SCAN_MIN_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +97,6 @@ class ModelConfig(FamilyConfig):
             qk_norm=("none", "head", "full"), block_norms=("pre", "sandwich", "post"),
         )
         self.check_runtime_choices()
-        if self.scan_layers not in (None, True, False):
-            raise ValueError(f"ModelConfig.scan_layers={self.scan_layers!r}; expected True, False or None (by depth)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}"
@@ -186,40 +181,9 @@ class ModelConfig(FamilyConfig):
         total += self.max_positions * d if self.position == "learned" else 0
         return total
 
-    def unrolled(self) -> "ModelConfig":
-        return self.replace(scan_layers=False)
-
-    @property
-    def scanned(self) -> bool:
-        """Whether the layers are stacked and scanned: `scan_layers`, or when None,
-        `default_scan_layers` for the backend jax runs on."""
-        return self.scan_layers if self.scan_layers is not None else default_scan_layers(self)
-
     @property
     def embed_multiplier(self) -> float:
         return math.sqrt(self.d_model) if self.embed_scale else 1.0
-
-
-def default_scan_layers(cfg: ModelConfig, backend: str | None = None) -> bool:
-    """What `scan_layers=None` means, from measurements (docs/training.md, "Scanned or unrolled").
-
-    Scanned from SCAN_MIN_LAYERS layers on: compile time then no longer grows with depth (a
-    Llama-3-8B step 55 s instead of 560 s on a CPU host), and on CPU in float32 an 8- or
-    16-layer step also ran 10-14% faster scanned, while a 4-layer one ran 12-25% slower.
-    Except on CPU with bf16 / f16 compute and no remat, where XLA:CPU turns the stacked bf16
-    activations saved for the backward pass into float32 and the backward matmuls leave its fast
-    bf16 path (the step ran at half speed scanned, at 4 and 16 layers alike). `backend` defaults
-    to `jax.default_backend()`; "cpu" is the only one treated differently. On GPUs the step-time
-    side is not yet measured (benchmarks/gpu_check.sh, stage scan_1b); set `scan_layers=False`
-    to compare there.
-    """
-    if cfg.n_layers < SCAN_MIN_LAYERS:
-        return False
-    if backend is None:
-        import jax  # local import: the rest of this module stays dependency-free
-
-        backend = jax.default_backend()
-    return not (backend == "cpu" and cfg.dtype != "float32" and cfg.remat == "none")
 
 
 _LLAMA = dict(

@@ -62,6 +62,13 @@ def stack_modules(modules: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, stacked)
 
 
+def map_layers(stacked: nnx.Module, fn: Callable[[nnx.Module], Any]) -> Any:
+    """`fn(layer)` for every layer of a stacked module, the outputs stacked along a new axis 0
+    (one `lax.map`, so one compiled body; e.g. T5's per-layer cross-attention keys and values)."""
+    graphdef, state = nnx.split(stacked)
+    return jax.lax.map(lambda layer_state: fn(nnx.merge(graphdef, layer_state)), state)
+
+
 def pattern_period(kinds: Sequence[Hashable]) -> int:
     """Smallest p with kinds[i] == kinds[i % p] for every layer (len(kinds) if none is shorter)."""
     n = len(kinds)

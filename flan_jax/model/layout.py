@@ -63,24 +63,37 @@ def unstack(tree: Any) -> Any:
     return to_layout(tree, stacked=False)
 
 
-def stack_flat(flat: dict[tuple, Any], n_layers: int) -> dict[tuple, Any]:
-    """Stacks a flat {path: numpy array} dict with per-layer paths `("layers", i, *rest)`.
+def stack_flat(flat: dict[tuple, Any]) -> dict[tuple, Any]:
+    """Stacks a flat {path: numpy array} dict with per-layer paths `(*stack, "layers", i, *rest)`.
 
-    The same result as `stack` on the nested dict, but each per-layer array is dropped from
-    `flat` (which is emptied) as soon as its stack is built, so converting a large model on the
-    host needs one stacked parameter more than the model, not a second model.
+    Every stack (the decoder's top-level `layers`, T5's `encoder/layers` and `decoder/layers`) is
+    stacked over the layer indices it holds, which must be 0..n-1 for every parameter of it. The
+    same result as `stack` on the nested dict, but each per-layer array is dropped from `flat`
+    (which is emptied) as soon as its stack is built, so converting a large model on the host
+    needs one stacked parameter more than the model, not a second model.
     """
-    rests = list(dict.fromkeys(p[2:] for p in flat if p[0] == LAYERS))
-    out = {p: v for p, v in flat.items() if p[0] != LAYERS}
-    for rest in rests:
-        keys = [(LAYERS, i, *rest) for i in range(n_layers)]
-        missing = [k for k in keys if k not in flat]
-        if missing:
-            raise ValueError(f"cannot stack {'/'.join(map(str, (LAYERS, *rest)))}: no {missing[:3]}")
-        out[(LAYERS, *rest)] = np.stack([flat.pop(k) for k in keys])
-    extra = sorted(str(p) for p in flat if p[0] == LAYERS)
-    if extra:
-        raise ValueError(f"layers beyond the {n_layers} expected: {extra[:3]}")
+    def split(path: tuple) -> tuple[tuple, int, tuple] | None:  # (stack prefix, layer index, rest)
+        if LAYERS in path:
+            at = path.index(LAYERS)
+            if at + 1 < len(path) and _is_index(path[at + 1]):
+                return path[:at + 1], int(path[at + 1]), path[at + 2:]
+        return None
+
+    stacks: dict[tuple, dict[tuple, dict[int, tuple]]] = {}  # stack prefix -> rest -> {layer index: path}
+    for path in flat:
+        parts = split(path)
+        if parts is not None:
+            prefix, index, rest = parts
+            stacks.setdefault(prefix, {}).setdefault(rest, {})[index] = path
+    out = {p: flat.pop(p) for p in list(flat) if split(p) is None}
+    for prefix, rests in stacks.items():
+        n = max(max(paths) for paths in rests.values()) + 1
+        for rest, paths in rests.items():
+            missing = sorted(set(range(n)) - set(paths))
+            if missing:
+                name = "/".join(map(str, (*prefix, *rest)))
+                raise ValueError(f"cannot stack {name}: no layer(s) {missing[:3]} of the {n} in {'/'.join(map(str, prefix))}")
+            out[(*prefix, *rest)] = np.stack([flat.pop(paths[i]) for i in range(n)])
     flat.clear()
     return out
 

@@ -26,7 +26,14 @@ decoder's causally), cross-attention links decoder segment s to encoder segment 
 relative positions are differences of the per-token positions, so an example packed with others
 computes what it computes alone (tests/test_t5.py).
 
-Parameter names (LoRA targets select them by name):
+Layers: unrolled (each stack's `layers` is an `nnx.List` of blocks, run by a Python loop) or
+scanned (`cfg.scanned`: one block per stack whose parameters have a leading `[layers]` axis, run by
+`lax.scan`, layer_stack.py), as in the decoder family. Every layer of a stack has the same
+parameters (the relative position table is the stack's, beside its layers), so one scan body serves
+a whole stack; both layouts compute the same function, dropout included (each layer folds its own
+index into the key either way), and model/layout.py converts their parameters.
+
+Parameter names (LoRA targets select them by name; scanned, without the `<i>/`):
   embed, lm_head (absent when tied)
   {encoder,decoder}/rel_bias, {encoder,decoder}/final_norm/scale
   {encoder,decoder}/layers/<i>/attn_norm/scale, .../attn/{q,k,v,o}/kernel
@@ -46,15 +53,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flan_jax import sharding
+from flan_jax.model import layer_stack
 from flan_jax.model.t5_config import T5Config
-from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm, gated_activation, gathered_table
+from flan_jax.model.transformer import _REMAT_POLICIES, Dense, Norm, _write_cache, gated_activation, gathered_table
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 # Keys and values of one attention: (keys, values), each [batch, length, heads, head_dim], or head-major
 # [batch, heads, length, head_dim] when decoding (the self-attention cache and the precomputed
-# cross-attention ones): each step then reads them without a transposed copy.
-LayerCache = tuple[jax.Array, jax.Array]
+# cross-attention ones): each step then reads them without a transposed copy. A scanned decoder's
+# self-attention cache is (keys, values, layer index) with the whole stack's [layers, batch, heads,
+# length, head_dim] arrays, written in place at the layer's row (transformer._write_cache).
+LayerCache = tuple[jax.Array, ...]
+# A decoder's cache (self-attention, or the cross-attention keys/values): one LayerCache per layer
+# (unrolled), or (keys, values) with a leading layer axis (scanned).
+Cache = list[LayerCache] | tuple[jax.Array, jax.Array]
 
 
 # ---------------------------------------------------------------------- relative positions
@@ -173,10 +186,8 @@ class T5Attention(nnx.Module):
         q = sharding.constrain(self.q(x), ("batch", "length", "act_heads", None))
         k, v = keys_values
         if cache is not None:
-            start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(cache[0], k.transpose(0, 2, 1, 3).astype(cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache[1], v.transpose(0, 2, 1, 3).astype(cache[1].dtype), start)
-            cache, head_major = (k, v), True
+            cache, k, v = _write_cache(cache, k, v, cache_index)
+            head_major = True
         out = attend(q, k, v, bias, mask, self.cfg, rng, head_major=head_major)
         out = sharding.constrain(out, ("batch", "length", "act_heads", None))
         return self.o(out), cache
@@ -268,11 +279,15 @@ class T5Stack(nnx.Module):
     def __init__(self, cfg: T5Config, n_layers: int, *, decoder: bool, rngs: nnx.Rngs):
         self.cfg = cfg
         self.decoder = decoder
+        self.n_layers = n_layers
+        # One static kind for every layer: a scanned stack is one scan over all its layers.
+        self.kinds = ("decoder" if decoder else "encoder",) * n_layers
         init = nnx.initializers.normal(cfg.init_scale * cfg.d_model**-0.5)
         table = init(rngs.params(), (cfg.relative_buckets, cfg.n_heads), jnp.dtype(cfg.param_dtype))
         self.rel_bias = nnx.Param(table, logical_axes=(None, "heads"))
         block = DecoderBlock if decoder else EncoderBlock
-        self.layers = nnx.List([block(cfg, rngs) for _ in range(n_layers)])
+        blocks = [block(cfg, rngs) for _ in range(n_layers)]
+        self.layers = layer_stack.stack_modules(blocks) if cfg.scanned else nnx.List(blocks)
         self.final_norm = Norm(cfg, rngs)
 
     def bias(self, query_positions: jax.Array, key_positions: jax.Array) -> jax.Array:
@@ -283,22 +298,40 @@ class T5Stack(nnx.Module):
             return fn
         return nnx.remat(fn, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=True)
 
+    def scan(self, body: layer_stack.LayerBody, x: jax.Array, cache=None, *, remat: bool = False):
+        """A scanned stack's layers in order (layer_stack.run_stacked), each rematerialised with
+        `remat` as the unrolled loop's blocks are; returns (x, cache)."""
+        policy = _REMAT_POLICIES.get(self.cfg.remat)
+        return layer_stack.run_stacked(self.layers, self.kinds, body, x, cache, remat=remat, policy=policy)
+
     def encode(self, x, positions, segment_ids, rng=None):
         bias = self.bias(positions, positions)
         mask = segment_mask(segment_ids, segment_ids)
-        run = self._remat(_run_encoder_block)
-        for i, block in enumerate(self.layers):
-            x = run(block, x, bias, mask, _key(rng, i))
-        return dropout(self.final_norm(x), self.cfg.dropout_rate, _key(rng, len(self.layers)))
+        if self.cfg.scanned:
+            def body(block, x, cache, index, kind):
+                return _run_encoder_block(block, x, bias, mask, _key(rng, index)), cache
+
+            x, _ = self.scan(body, x, remat=self.cfg.remat != "none")
+        else:
+            run = self._remat(_run_encoder_block)
+            for i, block in enumerate(self.layers):
+                x = run(block, x, bias, mask, _key(rng, i))
+        return dropout(self.final_norm(x), self.cfg.dropout_rate, _key(rng, self.n_layers))
 
     def decode(self, x, positions, segment_ids, encoded, encoder_segment_ids, rng=None):
         bias = self.bias(positions, positions)
         mask = segment_mask(segment_ids, segment_ids, causal=True)
         cross_mask = segment_mask(segment_ids, encoder_segment_ids)
-        run = self._remat(_run_decoder_block)
-        for i, block in enumerate(self.layers):
-            x = run(block, x, encoded, bias, mask, cross_mask, _key(rng, i))
-        return dropout(self.final_norm(x), self.cfg.dropout_rate, _key(rng, len(self.layers)))
+        if self.cfg.scanned:
+            def body(block, x, cache, index, kind):
+                return _run_decoder_block(block, x, encoded, bias, mask, cross_mask, _key(rng, index)), cache
+
+            x, _ = self.scan(body, x, remat=self.cfg.remat != "none")
+        else:
+            run = self._remat(_run_decoder_block)
+            for i, block in enumerate(self.layers):
+                x = run(block, x, encoded, bias, mask, cross_mask, _key(rng, i))
+        return dropout(self.final_norm(x), self.cfg.dropout_rate, _key(rng, self.n_layers))
 
 
 # ---------------------------------------------------------------------- the model
@@ -314,6 +347,9 @@ class T5(nnx.Module):
     def __init__(self, cfg: T5Config, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ()):
         if heads:
             raise ValueError(f"T5: output head(s) {sorted(heads)} are not supported; the t5 family has its language-model head only")
+        # A built model's config says its layout (`scan_layers=None` resolves by depth, dtype and
+        # backend), as the decoder's does.
+        cfg = cfg if cfg.scan_layers is not None else cfg.replace(scan_layers=cfg.scanned)
         self.cfg = cfg
         dtype = jnp.dtype(cfg.param_dtype)
         self.embed = nnx.Param(
@@ -364,34 +400,52 @@ class T5(nnx.Module):
         return self.encoder.encode(self._embed(tokens, _key(rng, 0)), positions, segment_ids, _key(rng, 1))
 
     # ------------------------------------------------------------------ generation
-    def cross_keys_values(self, encoded: jax.Array) -> list[LayerCache]:
+    def cross_keys_values(self, encoded: jax.Array) -> Cache:
         """Every decoder layer's cross-attention keys/values of the encoder output, computed once,
-        head-major ([B, heads, Le, head_dim]) for the decoding steps."""
-        return [
-            tuple(x.transpose(0, 2, 1, 3) for x in block.cross_attn.keys_values(encoded)) for block in self.decoder.layers
-        ]
+        head-major ([B, heads, Le, head_dim]; scanned: stacked, [layers, B, heads, Le, head_dim])
+        for the decoding steps."""
+        def of(block):
+            return tuple(x.transpose(0, 2, 1, 3) for x in block.cross_attn.keys_values(encoded))
 
-    def init_cache(self, batch: int, length: int) -> list[LayerCache]:
-        """Zeroed decoder self-attention cache, head-major [batch, heads, length, head_dim], compute dtype."""
+        if self.cfg.scanned:
+            return layer_stack.map_layers(self.decoder.layers, of)
+        return [of(block) for block in self.decoder.layers]
+
+    def init_cache(self, batch: int, length: int) -> Cache:
+        """Zeroed decoder self-attention cache, head-major [batch, heads, length, head_dim] per layer
+        (scanned: (keys, values) with a leading layer axis), compute dtype."""
         cfg = self.cfg
         shape = (batch, cfg.n_heads, length, cfg.head_dim)
+        if cfg.scanned:
+            shape = (cfg.n_decoder_layers, *shape)
+            return jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype))
         zeros = lambda: jnp.zeros(shape, jnp.dtype(cfg.dtype))  # noqa: E731
         return [(zeros(), zeros()) for _ in range(cfg.n_decoder_layers)]
 
-    def decode_step(self, tokens, step, cache: list[LayerCache], cross_kv: list[LayerCache], cross_mask):
+    def decode_step(self, tokens, step, cache: Cache, cross_kv: Cache, cross_mask):
         """One decoding step for every row: tokens [B, 1] at position `step` (cache slot `step`).
 
         cross_mask [B, 1, 1, Le] marks the encoder positions each row may read. Returns the logits
         [B, vocab] (float32) of the next token and the updated cache.
         """
-        slots = jnp.arange(cache[0][0].shape[2])
+        slots = jnp.arange(cache[0][0].shape[2])  # the cache length (layer 0's keys, or row 0 of the stacked keys)
         bias = self.decoder.bias(jnp.reshape(step, (1, 1)), slots[None, :])  # [1, H, 1, S]: all rows alike
         mask = (slots <= step)[None, None, None, :]
         x = self._embed(tokens, None)
-        new_cache = []
-        for block, layer_cache, kv in zip(self.decoder.layers, cache, cross_kv):
-            x, layer_cache = block(x, kv, bias, mask, cross_mask, None, layer_cache, step)
-            new_cache.append(layer_cache)
+        if self.cfg.scanned:
+            cross_keys, cross_values = cross_kv
+
+            def body(block, x, stacked_cache, index, kind):
+                kv = (cross_keys[index], cross_values[index])
+                x, layer_cache = block(x, kv, bias, mask, cross_mask, None, (*stacked_cache, index), step)
+                return x, layer_cache[:2]
+
+            x, new_cache = self.decoder.scan(body, x, cache)
+        else:
+            new_cache = []
+            for block, layer_cache, kv in zip(self.decoder.layers, cache, cross_kv):
+                x, layer_cache = block(x, kv, bias, mask, cross_mask, None, layer_cache, step)
+                new_cache.append(layer_cache)
         hidden = self._scale(self.decoder.final_norm(x))
         return jnp.dot(hidden[:, -1], self._head(), preferred_element_type=jnp.float32), new_cache
 

@@ -29,7 +29,7 @@ from flan_jax.model.family_config import FamilyConfig
 
 # Fields that say how to run or regularise a model rather than what it is: an experiment config
 # may change them for a converted checkpoint (dropout: FLAN-T5 checkpoints ship 0.1, a run may use 0).
-T5_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "kernels", "dropout_rate")
+T5_RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "kernels", "scan_layers", "dropout_rate")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
@@ -61,6 +61,10 @@ class T5Config(FamilyConfig):
     # attention adds a relative position bias, which the causal CPU attention kernel has no input
     # for, so it is always the einsum (or cudnn) formulation.
     kernels: str = "auto"
+    # Each stack's layers stacked and run by one lax.scan (True) or a Python loop (False); None: by
+    # the encoder's depth, as the decoder family decides (`scanned`). Changes the parameter layout
+    # (`{encoder,decoder}/layers/...` with a leading layer axis, model/layout.py), not the model.
+    scan_layers: bool | None = None
 
     RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = T5_RUNTIME_FIELDS
     # RMS norm without mean or bias: what the decoder's `Norm` needs to read from a config.

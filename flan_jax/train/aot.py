@@ -114,12 +114,11 @@ def compile_train_step(config: Any, *, devices: list | None = None) -> StepRepor
     `config.model.scan_layers=None` is resolved as on an accelerator (the CPU exception of
     `default_scan_layers` is about running on CPU, not compiling for a pod).
     """
-    from flan_jax.model.config import default_scan_layers
+    from flan_jax.model.family_config import default_scan_layers
     from flan_jax.model.registry import config_from
     from flan_jax.train import loop, objectives, optimizer, partitioning, state as state_lib, step as step_lib
 
-    family_has_scan = hasattr(config_from(config.model), "scan_layers")  # T5's stacks are always unrolled
-    if family_has_scan and config.model.get("scan_layers", False) is None:  # as the target accelerator would pick
+    if config.model.get("scan_layers") is None:  # as the target accelerator would pick
         config = config.copy_and_resolve_references()
         config.model.scan_layers = default_scan_layers(config_from(config.model), backend="accelerator")
     objective = objectives.get_objective(config)
